@@ -1,0 +1,112 @@
+"""`psm model-summary` and `psm bench model`: figures as markdown tables for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+
+import torch
+
+from psm_model.config import ModelConfig
+from psm_model.profile import cpu_latency, describe, summarize, train_step_throughput
+
+log = logging.getLogger(__name__)
+
+VARIANTS = (("hrnet", 4), ("hrnet", 2), ("psm", 4), ("psm", 2))
+
+
+def machine() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def print_model_summary(cfg: ModelConfig) -> list[dict]:
+    rows = []
+    print("| model | params (M) | GMACs | official GFLOPs | input | heatmaps |")
+    print("|---|---:|---:|---:|---|---|")
+    for fusion, stride in VARIANTS:
+        variant = dataclasses.replace(cfg, fusion=fusion, heatmap_stride=stride)
+        s = summarize(variant)
+        mark = " *" if (fusion, stride) == (cfg.fusion, cfg.heatmap_stride) else ""
+        print(
+            f"| {s.name}{mark} | {s.params / 1e6:.2f} | {s.macs / 1e9:.2f} "
+            f"| {s.official_gflops:.2f} "
+            f"| {'x'.join(map(str, s.input_shape))} | {'x'.join(map(str, s.output_shape))} |"
+        )
+        rows.append({**dataclasses.asdict(s), "fusion": fusion, "stride": stride})
+    print(
+        "\nGMACs: multiply-adds / 1e9. Official GFLOPs: multiply-adds / 2^30 "
+        "(as HRNet's get_model_summary)."
+    )
+    return rows
+
+
+def bench_model(
+    cfg: ModelConfig,
+    threads: list[int],
+    batches: list[int],
+    repeats: int,
+    gpu_batch: int,
+    gpu_steps: int,
+    compile: bool = False,
+    json_out: str | None = None,
+    cpu: bool = True,
+) -> dict:
+    """Speed of HRNet (hrnet fusion, stride 4) and the configured variant: same widths and input."""
+    baseline = dataclasses.replace(cfg, fusion="hrnet", heatmap_stride=4, pretrained="")
+    variants = [baseline] + ([dataclasses.replace(cfg, pretrained="")] if cfg != baseline else [])
+    results: dict = {"machine": machine(), "cpu": [], "gpu": []}
+    print(f"machine: {results['machine']}\n")
+    if cpu:
+        print("| model | threads | batch | median ms | img/s | vs HRNet |")
+        print("|---|---:|---:|---:|---:|---:|")
+    for t in threads if cpu else []:
+        for b in batches:
+            base_s = None
+            for v in variants:
+                sec = cpu_latency(v, threads=t, batch=b, repeats=repeats)
+                base_s = base_s or sec
+                print(
+                    f"| {describe(v)} | {t} | {b} | {sec * 1e3:.1f} | {b / sec:.1f} "
+                    f"| {sec / base_s:.2f}x |"
+                )
+                results["cpu"].append(
+                    {"model": describe(v), "threads": t, "batch": b, "seconds": sec}
+                )
+    if torch.cuda.is_available():
+        print(
+            "\n| model | batch | AMP | channels_last | compile | train img/s | step ms | peak GiB |"
+        )
+        print("|---|---:|---|---|---|---:|---:|---:|")
+        settings = [("bf16", True, False), ("bf16", False, False), ("none", False, False)]
+        if compile:  # compiling takes minutes: time only the fastest eager setting compiled
+            settings = [("bf16", True, True)]
+        for v in variants:
+            for amp, cl, comp in settings:
+                torch.cuda.empty_cache()
+                r = train_step_throughput(
+                    v, gpu_batch, steps=gpu_steps, amp=amp, channels_last=cl, compile=comp
+                )
+                print(
+                    f"| {describe(v)} | {gpu_batch} | {amp} | {cl} | {comp} | {r.images_per_s:.0f} "
+                    f"| {r.step_ms:.1f} | {r.peak_memory_gb:.1f} |"
+                )
+                results["gpu"].append(
+                    {
+                        "model": describe(v),
+                        "batch": gpu_batch,
+                        "amp": amp,
+                        "channels_last": cl,
+                        "compile": comp,
+                        **dataclasses.asdict(r),
+                    }  # fmt: skip
+                )
+    else:
+        print("\n(no GPU: train-step images/s is measured where torch.cuda.is_available())")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results

@@ -1,0 +1,364 @@
+"""COCO person keypoints -> per-image records, and the one guarded image decoder.
+
+Instance selection is the official HRNet loader's (`lib/dataset/coco.py`,
+`_load_coco_keypoint_annotation_kernal`), which serves both training and validation with
+ground-truth boxes (`USE_GT_BBOX`):
+
+- only category 1 (person), never `iscrowd`;
+- boxes cleaned to the image: x1 = max(0, x), y1 = max(0, y), x2 = min(W-1, x1 + max(0, w-1)),
+  y2 = min(H-1, y1 + max(0, h-1)); kept if `area` > 0 and x2 >= x1 and y2 >= y1, as [x1, y1, x2-x1,
+  y2-y1] (the box that sets centre and scale);
+- instances without any labelled keypoint are dropped.
+
+Where we are stricter, and why: a box must have w > 0 and h > 0 before cleaning (the design's
+filter; the official code turns w <= 1 into a zero-width box) and must not clean to a single point
+(its crop scale would be 0); "labelled" means v > 0 (official: any non-zero value among the 51,
+which agrees on valid COCO); keypoints must be 51 finite numbers with v in {0, 1, 2}.
+
+`for_training=False` keeps the same instance rules (that is what the official validation with GT
+boxes evaluates, and COCOeval ignores GT persons with num_keypoints == 0 anyway) but keeps images
+left without persons: evaluation and detector-box inference iterate over every image of the file.
+
+Every rejected entry is counted under one reason in `SkipCounts`; only a file that cannot be read as
+COCO at all raises `DataError`. Images are not opened here: decoding happens once, in the Ray
+workers, through `decode_image`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from psm_model.geometry import box_to_center_scale
+
+log = logging.getLogger(__name__)
+
+NUM_JOINTS = 17
+PERSON_CATEGORY_ID = 1
+
+# reason -> what it counts. Image-level reasons count entries of "images", the rest count
+# entries of "annotations"; an annotation of a rejected image counts as 'unknown_image'.
+SKIP_REASONS = {
+    "bad_image": "image entry: not an object, or id / file_name / width / height invalid",
+    "unsafe_file_name": "image entry: file_name absolute or escaping the image folder",
+    "empty_image": "image left without persons (training only)",
+    "bad_annotation": "annotation: not an object, or id not an integer",
+    "unknown_image": "annotation: image_id not among the (accepted) images",
+    "not_person": "annotation: category_id is not 1 (person)",
+    "crowd": "annotation: iscrowd (the official loader never uses crowd regions)",
+    "bad_box": "annotation: bbox not 4 finite numbers, w or h <= 0, area <= 0, outside the image",
+    "bad_keypoints": "annotation: keypoints not 51 finite numbers with v in {0, 1, 2}",
+    "no_keypoints": "annotation: no labelled keypoint (v > 0)",
+}
+# reasons that point at broken data rather than the selection rules: logged as a warning
+_DATA_PROBLEMS = frozenset(SKIP_REASONS) - {"empty_image", "not_person", "crowd", "no_keypoints"}
+
+
+class DataError(ValueError):
+    """An annotation file that cannot be used at all; the message names the file and the field."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded safely; the message starts with its path."""
+
+
+class SkipCounts(Counter):
+    """Skipped entries by reason (keys of SKIP_REASONS); a Counter, so files' counts add up."""
+
+    def skip(self, reason: str) -> None:
+        if reason not in SKIP_REASONS:  # a typo would otherwise invent a new, undocumented reason
+            raise KeyError(f"unknown skip reason {reason!r}")
+        self[reason] += 1
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.items()) if v) or "none"
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: ndarray fields have no tuple equality
+class PersonRecord:
+    ann_id: int
+    box: tuple[float, float, float, float]  # cleaned COCO xywh in image pixels
+    keypoints: np.ndarray  # (17, 3) float32: x, y, v as in COCO (v: 0 unlabelled, 1 hidden, 2 seen)
+    num_keypoints: int  # keypoints with v > 0
+    area: float  # COCO segment area (the OKS scale)
+    center: np.ndarray  # (2,) float32 crop centre, pixels
+    scale: np.ndarray  # (2,) float32 crop size (w, h) in units of PIXEL_STD, padding included
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageRecord:
+    image_id: int
+    file_name: str
+    path: str  # absolute
+    width: int
+    height: int
+    persons: list[PersonRecord]
+
+
+def load_coco_persons(
+    images_dir: str | os.PathLike,
+    annotation_file: str | os.PathLike,
+    input_size_hw: tuple[int, int],
+    padding: float = 1.25,
+    for_training: bool = True,
+) -> tuple[list[ImageRecord], SkipCounts]:
+    """Images with their selected persons (module docstring) and the skips by reason."""
+    ann_path = Path(annotation_file)
+    data = _read_json(ann_path)
+    images_raw = _list_field(data, "images", ann_path)
+    anns_raw = _list_field(data, "annotations", ann_path)
+    root = Path(images_dir).resolve()
+    aspect = input_size_hw[1] / input_size_hw[0]
+    skips = SkipCounts()
+
+    images: dict[int, tuple[str, str, int, int]] = {}
+    for i, entry in enumerate(images_raw):
+        image = _parse_image(entry, root)
+        if isinstance(image, str):
+            skips.skip(image)
+            continue
+        if image[0] in images:  # ambiguous: which entry do its annotations belong to?
+            raise DataError(f"{ann_path}: images[{i}].id: duplicate image id {image[0]}")
+        images[image[0]] = image[1:]
+
+    persons: dict[int, list[PersonRecord]] = {image_id: [] for image_id in images}
+    for ann in anns_raw:
+        parsed = _parse_person(ann, images, aspect, padding)
+        if isinstance(parsed, str):
+            skips.skip(parsed)
+        else:
+            persons[parsed[0]].append(parsed[1])
+
+    records = []
+    for image_id, (file_name, path, width, height) in images.items():
+        if for_training and not persons[image_id]:
+            skips.skip("empty_image")
+            continue
+        records.append(ImageRecord(image_id, file_name, path, width, height, persons[image_id]))
+
+    kept = sum(len(r.persons) for r in records)
+    level = logging.WARNING if any(skips[r] for r in _DATA_PROBLEMS) else logging.INFO
+    log.log(
+        level,
+        "%s: %d images, %d persons; skipped: %s",
+        ann_path,
+        len(records),
+        kept,
+        skips.summary(),
+    )
+    return records, skips
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _list_field(data: dict, field: str, path: Path) -> list:
+    if field not in data:
+        raise DataError(f"{path}: {field}: missing (not a COCO annotation file?)")
+    if not isinstance(data[field], list):
+        raise DataError(f"{path}: {field}: expected a list, got {type(data[field]).__name__}")
+    return data[field]
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):  # JSON true/false are not ids or sizes
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _parse_image(entry: object, root: Path) -> tuple[int, str, str, int, int] | str:
+    """(id, file_name, absolute path, width, height), or the skip reason."""
+    if not isinstance(entry, dict):
+        return "bad_image"
+    image_id, width, height = (_as_int(entry.get(k)) for k in ("id", "width", "height"))
+    file_name = entry.get("file_name")
+    if image_id is None or width is None or height is None or width <= 0 or height <= 0:
+        return "bad_image"
+    if not isinstance(file_name, str) or not file_name:
+        return "bad_image"
+    # Lexical check, not resolve(): symlinks inside the folder are the owner's choice, but a name
+    # must not climb out of it or replace it ('../x.jpg', '/etc/passwd').
+    path = os.path.normpath(root / file_name)
+    if "\x00" in file_name or os.path.isabs(file_name) or not Path(path).is_relative_to(root):
+        return "unsafe_file_name"
+    return image_id, file_name, path, width, height
+
+
+def _finite(values: object, n: int) -> np.ndarray | None:
+    """`values` as float64 if it is a list of exactly n finite JSON numbers."""
+    if not isinstance(values, list) or len(values) != n:
+        return None
+    array = np.asarray(values)  # numbers give an int/float dtype; strings, None, lists do not
+    if array.shape != (n,) or array.dtype.kind not in "iuf":
+        return None
+    array = array.astype(np.float64)
+    return array if np.isfinite(array).all() else None
+
+
+def _clean_box(ann: dict, width: int, height: int) -> tuple[float, float, float, float] | None:
+    box = _finite(ann.get("bbox"), 4)
+    area = ann.get("area")
+    if box is None or type(area) not in (int, float) or not math.isfinite(area) or area <= 0:
+        return None
+    x, y, w, h = box.tolist()
+    if w <= 0 or h <= 0:
+        return None
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2, y2 = min(width - 1.0, x1 + max(0.0, w - 1)), min(height - 1.0, y1 + max(0.0, h - 1))
+    if x2 < x1 or y2 < y1 or (x2 == x1 and y2 == y1):  # outside the image, or a point
+        return None
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+def _parse_person(
+    ann: object, images: dict, aspect: float, padding: float
+) -> tuple[int, PersonRecord] | str:
+    """(image id, record) of one annotation, or the reason it is skipped (checked in this order)."""
+    if not isinstance(ann, dict) or _as_int(ann.get("id")) is None:
+        return "bad_annotation"
+    image_id = _as_int(ann.get("image_id"))
+    image = images.get(image_id)  # (file_name, path, width, height)
+    if image is None:
+        return "unknown_image"
+    if ann.get("category_id") != PERSON_CATEGORY_ID:
+        return "not_person"
+    if ann.get("iscrowd", 0):
+        return "crowd"
+    box = _clean_box(ann, image[2], image[3])
+    if box is None:
+        return "bad_box"
+    flat = _finite(ann.get("keypoints"), NUM_JOINTS * 3)
+    if flat is None or not ((flat[2::3] == 0) | (flat[2::3] == 1) | (flat[2::3] == 2)).all():
+        return "bad_keypoints"
+    keypoints = flat.astype(np.float32).reshape(NUM_JOINTS, 3)  # (17*3,) -> (17, x y v)
+    num_keypoints = int((keypoints[:, 2] > 0).sum())
+    if num_keypoints == 0:
+        return "no_keypoints"
+    center, scale = box_to_center_scale(box, aspect=aspect, padding=padding)
+    for array in (keypoints, center, scale):
+        array.flags.writeable = False  # records are shared by every epoch's augmentation
+    return image_id, PersonRecord(
+        ann_id=_as_int(ann["id"]),
+        box=box,
+        keypoints=keypoints,
+        num_keypoints=num_keypoints,
+        area=float(ann["area"]),
+        center=center,
+        scale=scale,
+    )
+
+
+# --- decoding: header first, so an image that claims a billion pixels is never decompressed ---
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the frame header; also checks an end-of-image marker follows the scan.
+
+    OpenCV 4 decodes a truncated JPEG with only a warning (grey rows), so the EOI check is ours.
+    """
+    i, n, size = 2, len(data), None
+    while True:
+        if i >= n or data[i] != 0xFF:
+            raise ValueError(f"JPEG: no marker at byte {i} (truncated or corrupt header)")
+        while i < n and data[i] == 0xFF:  # fill bytes may precede a marker
+            i += 1
+        if i + 2 >= n:
+            raise ValueError("JPEG: truncated header")
+        marker = data[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers have no length
+            continue
+        if marker == 0xD9:
+            raise ValueError("JPEG: end of image before any scan")
+        length = int.from_bytes(data[i : i + 2], "big")
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                raise ValueError("JPEG: truncated frame header")
+            size = (
+                int.from_bytes(data[i + 5 : i + 7], "big"),
+                int.from_bytes(data[i + 3 : i + 5], "big"),
+            )
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, up to EOI
+            if size is None:
+                raise ValueError("JPEG: scan before any frame header")
+            if data.rfind(b"\xff\xd9") < i + length:
+                raise ValueError("JPEG: no end-of-image marker after the scan (truncated file)")
+            return size
+        if length < 2:
+            raise ValueError(f"JPEG: segment length {length} at byte {i}")
+        i += length
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    if data.startswith(_PNG_SIGNATURE):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("PNG: truncated or missing IHDR header")
+        if data.rfind(b"IEND") < 0:
+            raise ValueError("PNG: no IEND chunk (truncated file)")
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    raise ValueError("not a JPEG or PNG file (the formats read here)")
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a JPEG or PNG; gray, RGBA and CMYK become 3-channel RGB.
+
+    Raises ImageError (message starts with the path) for a missing, truncated or corrupt file, or
+    one whose header declares more than `max_pixels` pixels; the header is read before decoding.
+    EXIF orientation is ignored, as COCO annotations (and the official loader) use stored pixels.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not data:
+        raise ImageError(f"{path}: empty file")
+    try:
+        width, height = _header_size(data)
+    except ValueError as e:
+        raise ImageError(f"{path}: {e}") from None
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        raise ImageError(
+            f"{path}: header declares {width}x{height} pixels; allowed: 1 to {max_pixels:,}"
+        )
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        raise ImageError(f"{path}: cannot decode: {e}") from None
+    if bgr is None:  # check before any colour conversion (cvtColor on None hides the cause)
+        raise ImageError(f"{path}: corrupt or truncated image data")
+    if bgr.shape[:2] != (height, width):
+        raise ImageError(
+            f"{path}: decoded {bgr.shape[1]}x{bgr.shape[0]}, header says {width}x{height}"
+        )
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,96 @@
+"""Heatmap encoding: keypoints in crop pixels -> Gaussian targets, and crops -> network input.
+
+Stride and sigma live in one `HeatmapCodec`, built from the config once; `sigma` is in HEATMAP
+pixels (HRNet: 2 at 64x48, 3 at 96x72). Target semantics are the official HRNet's
+(`JointsDataset.generate_target`), vectorised over batch and joints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from psm_model.config import Config
+
+# ImageNet statistics of RGB images in [0, 1], as the official torchvision Normalize
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def render_targets(
+    keypoints: torch.Tensor,
+    visible: torch.Tensor,
+    heatmap_size_hw: tuple[int, int],
+    stride: int,
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian heatmaps (B, J, h, w) float32 and joint weights (B, J) float32.
+
+    keypoints (B, J, 2) are (x, y) in input-crop pixels; visible (B, J) is > 0 for labelled joints.
+    As official: the peak sits on the integer heatmap pixel floor(x / stride + 0.5) and equals 1
+    exactly; exp(-d^2 / (2 sigma^2)) is cut to the square window |dx|, |dy| <= 3 sigma; a joint
+    gets weight 0 (and an all-zero map) when invisible or when its window misses the map entirely.
+    """
+    h, w = heatmap_size_hw
+    radius = math.floor(3 * sigma)  # official tmp_size = 3 sigma (an integer for sigma 2 or 3)
+    vis = visible > 0
+    # invisible joints may carry any coordinates (0, NaN): park them before the integer cast
+    xy = torch.where(vis[..., None], keypoints.float(), torch.zeros((), device=keypoints.device))
+    mu = torch.floor(xy / stride + 0.5).long()  # (B, J, 2) integer centres in heatmap pixels
+    mu_x, mu_y = mu[..., 0], mu[..., 1]
+
+    # window [mu - r, mu + r] (inclusive) must share at least one pixel with [0, w) x [0, h)
+    overlaps = (
+        (mu_x - radius < w) & (mu_x + radius >= 0) & (mu_y - radius < h) & (mu_y + radius >= 0)
+    )
+    weights = (vis & overlaps).float()  # (B, J)
+
+    # exp(-(dx^2 + dy^2) / 2s^2) = exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2): render two 1-D profiles
+    # and take their outer product; integer offsets keep the peak at exactly 1
+    xs = torch.arange(w, device=keypoints.device)
+    ys = torch.arange(h, device=keypoints.device)
+    dx = xs - mu_x[..., None]  # (B, J, w)
+    dy = ys - mu_y[..., None]  # (B, J, h)
+    gx = torch.exp(-(dx.float() ** 2) / (2 * sigma**2)) * (dx.abs() <= radius)
+    gy = torch.exp(-(dy.float() ** 2) / (2 * sigma**2)) * (dy.abs() <= radius)
+    gy = gy * weights[..., None]  # zero maps for weight-0 joints, as official
+    heatmaps = gy[..., :, None] * gx[..., None, :]  # (B, J, h, w)
+    return heatmaps, weights
+
+
+@dataclass(frozen=True)
+class HeatmapCodec:
+    """Where stride and sigma are defined for training targets (and, later, decoding)."""
+
+    heatmap_size_hw: tuple[int, int]
+    stride: int
+    sigma: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> HeatmapCodec:
+        return cls(cfg.model.heatmap_size, cfg.model.heatmap_stride, cfg.data.sigma)
+
+    def encode(
+        self, keypoints: torch.Tensor, visible: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return render_targets(keypoints, visible, self.heatmap_size_hw, self.stride, self.sigma)
+
+
+def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) -> float32 (B, 3, H, W), ImageNet-normalised as the official loader.
+
+    Run it on the device the batch will be used on: moving uint8 is 4x cheaper than float32.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}"
+        )
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    # a permuted NHWC tensor already has channels_last strides, which elementwise ops keep
+    x = (images.permute(0, 3, 1, 2).float() - mean) / std
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )

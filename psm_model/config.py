@@ -1,0 +1,264 @@
+"""One typed config tree: frozen dataclasses, loaded from YAML, overridden by `section.key=value`.
+
+Every value has one home here; everything else (branch widths, heatmap size) is derived from it.
+Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pms' is not one of
+('hrnet', 'psm')`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 32  # base width C: branches are C, 2C, 4C, 8C (HRNet-W32, -W48, ...)
+    widths: tuple[int, ...] | None = None  # explicit four branch widths; overrides `width`
+    fusion: Literal["hrnet", "psm"] = "psm"  # upward fusion: HRNet's upsample or Pixel Shuffle
+    heatmap_stride: Literal[2, 4] = 2  # 4 = HRNet's final 1x1 conv, 2 = the PSM head
+    input_size: tuple[int, int] = (384, 288)  # (height, width) of the person crop
+    num_joints: int = 17
+    final_conv_kernel: Literal[1, 3] = 1
+    pretrained: str = ""  # ImageNet HRNet classification checkpoint (official key layout)
+
+    def __post_init__(self) -> None:
+        if self.widths is not None and len(self.widths) != 4:
+            raise ValueError(f"widths: expected 4 branch widths, got {len(self.widths)}")
+        if any(w <= 0 for w in self.branch_widths):
+            raise ValueError(f"width(s): must be positive, got {self.branch_widths}")
+        h, w = self.input_size
+        # four branches down to 1/32, and every fusion must land on the exact shape of its target
+        if h <= 0 or w <= 0 or h % 32 or w % 32:
+            raise ValueError(f"input_size: {self.input_size} must be positive multiples of 32")
+
+    @property
+    def branch_widths(self) -> tuple[int, int, int, int]:
+        if self.widths is not None:
+            return tuple(self.widths)  # type: ignore[return-value]
+        return (self.width, 2 * self.width, 4 * self.width, 8 * self.width)
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        """(height, width) of the predicted heatmaps."""
+        return (
+            self.input_size[0] // self.heatmap_stride,
+            self.input_size[1] // self.heatmap_stride,
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/synthetic"  # a COCO-style root: image folders + annotations/
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/person_keypoints_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/person_keypoints_val2017.json"
+    sigma: float = 2.0  # Gaussian target std in heatmap pixels (HRNet: 2 at 64x48, 3 at 96x72)
+    box_padding: float = 1.25  # person box grown to the input aspect, then times this
+    flip: bool = True
+    rotation: float = 45.0  # max degrees; applied with rotation_prob
+    rotation_prob: float = 0.6  # as HRNet
+    scale_min: float = 0.7
+    scale_max: float = 1.35
+    half_body_prob: float = 0.3  # for persons with more than half_body_min_joints visible joints
+    half_body_min_joints: int = 8
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
+
+    def __post_init__(self) -> None:
+        if self.sigma <= 0:
+            raise ValueError(f"sigma: must be positive, got {self.sigma}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(
+                f"scale_min/scale_max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}"
+            )
+        for name in ("rotation_prob", "half_body_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 210
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (170, 200)  # epochs at which lr is multiplied by lr_factor
+    lr_factor: float = 0.1
+    weight_decay: float = 0.0  # the recipe uses Adam without weight decay
+    warmup_epochs: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    ohkm_topk: int = 0  # online hard keypoint mining: keep the k hardest joints; 0 disables
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
+    use_gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
+            raise ValueError("epochs, batch_size, num_workers: must be positive")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    flip_test: bool = True
+    decode: Literal["quarter", "dark"] = "quarter"
+    keypoint_score_threshold: float = 0.2  # keypoints above this enter the pose score
+    oks_nms_threshold: float = 0.9
+    box_score_threshold: float = 0.0
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    detections: str = ""  # COCO results-format person boxes; empty = ground-truth boxes
+    output: str = "results/keypoints.json"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            f.name: _plain(dataclasses.asdict(getattr(self, f.name)))
+            for f in dataclasses.fields(self)
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, e.g. for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides, type-checked."""
+    tree: dict[str, dict[str, Any]] = {}
+    source = str(path) if path else "<defaults>"
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            _section_type(section, source)
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"{path}: {section}: expected a mapping, got {type(values).__name__}"
+                )
+            tree.setdefault(section, {}).update(values)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        _section_type(section, "override")
+        tree.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else ""
+    return _build(tree, f"{source}{' + overrides' if overrides else ''}")
+
+
+def _section_type(section: str, source: str) -> type:
+    types_ = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section not in types_:
+        raise ConfigError(f"{source}: {section}: unknown section (known: {', '.join(types_)})")
+    return typing.get_type_hints(Config)[section]
+
+
+def _build(tree: dict[str, dict[str, Any]], source: str) -> Config:
+    sections = {}
+    for section, values in tree.items():
+        cls = _section_type(section, source)
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: {section}.{key}: unknown key (known: {', '.join(hints)})"
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+        try:
+            sections[section] = cls(**kwargs)
+        except ValueError as e:  # raised by __post_init__ checks, which name the key
+            raise ConfigError(f"{source}: {section}.{e}") from e
+    return Config(**sections)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args or type(value) is not type(args[args.index(value)]):
+            raise ConfigError(f"{where}: {value!r} is not one of {args}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(
+            _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # PyYAML reads `1e-3` (no dot) as a string; accept any text that is a number
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported config type {tp}")  # a bug in this module, not in input
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -1,0 +1,129 @@
+"""Model size and speed: parameters, multiply-adds, CPU latency and GPU train-step throughput.
+
+Used by `psm model-summary` and `psm bench model`; torch only, so it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from psm_model.config import ModelConfig
+from psm_model.hrnet import PoseHRNet, build_model
+from psm_model.loss import joints_mse_loss
+
+
+@dataclass
+class Summary:
+    name: str
+    params: int
+    macs: int  # multiply-adds of one forward pass at the configured input
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    @property
+    def official_gflops(self) -> float:
+        # the HRNet paper's "GFLOPs": conv multiply-adds / 2^30 (its get_model_summary)
+        return self.macs / 2**30
+
+
+def summarize(cfg: ModelConfig, name: str = "") -> Summary:
+    model = PoseHRNet(
+        cfg.branch_widths, cfg.fusion, cfg.heatmap_stride, cfg.num_joints, cfg.final_conv_kernel
+    )
+    model.eval()
+    x = torch.zeros(1, 3, *cfg.input_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        y = model(x)
+    return Summary(
+        name=name or describe(cfg),
+        params=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2,  # FlopCounterMode counts a multiply-add as 2 FLOPs
+        input_shape=tuple(x.shape),
+        output_shape=tuple(y.shape),
+    )
+
+
+def describe(cfg: ModelConfig) -> str:
+    h, w = cfg.input_size
+    widths = f"W{cfg.width}" if cfg.widths is None else "W" + "-".join(map(str, cfg.widths))
+    return f"{cfg.fusion} {widths} {h}x{w} stride {cfg.heatmap_stride}"
+
+
+def cpu_latency(
+    cfg: ModelConfig, threads: int, batch: int, repeats: int = 10, warmup: int = 2
+) -> float:
+    """Median seconds of one eval-mode forward pass on the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(cfg).eval()
+        x = torch.randn(batch, 3, *cfg.input_size)
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class TrainStepResult:
+    images_per_s: float
+    peak_memory_gb: float
+    step_ms: float
+
+
+def train_step_throughput(
+    cfg: ModelConfig,
+    batch: int,
+    steps: int = 20,
+    warmup: int = 5,
+    amp: str = "bf16",
+    channels_last: bool = True,
+    compile: bool = False,
+    device: str = "cuda",
+) -> TrainStepResult:
+    """Images per second of full train steps (forward, JointsMSE, backward, Adam) on random data."""
+    model = build_model(cfg).to(device).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    step_model = torch.compile(model) if compile else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, *cfg.input_size, device=device).to(memory_format=memory_format)
+    target = torch.rand(batch, cfg.num_joints, *cfg.heatmap_size, device=device)
+    weight = torch.ones(batch, cfg.num_joints, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
+
+    def step() -> None:
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None
+        ):
+            loss = joints_mse_loss(step_model(x).float(), target, weight)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return TrainStepResult(batch * steps / elapsed, peak, 1000 * elapsed / steps)

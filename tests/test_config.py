@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+
+from psm_model.config import Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_and_derived_values():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.branch_widths == (32, 64, 128, 256)
+    assert cfg.model.heatmap_size == (192, 144)  # 384x288 at stride 2
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.input_size[0] % 32 == 0
+
+
+def test_shipped_paper_configs():
+    psm = load_config(CONFIGS / "psm_w48_384x288.yaml").model
+    assert (psm.fusion, psm.heatmap_stride, psm.branch_widths) == ("psm", 2, (48, 96, 192, 384))
+    assert psm.heatmap_size == (192, 144)
+    hr = load_config(CONFIGS / "hrnet_w32_256x192.yaml").model
+    assert (hr.fusion, hr.heatmap_stride, hr.heatmap_size) == ("hrnet", 4, (64, 48))
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        CONFIGS / "hrnet_w32_256x192.yaml",
+        ["train.lr=5e-4", "model.fusion=psm", "model.widths=[16,32,48,64]", "train.lr_steps=[3]"],
+    )
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)  # "5e-4" is a string to PyYAML
+    assert cfg.model.fusion == "psm"
+    assert cfg.model.branch_widths == (16, 32, 48, 64)
+    assert cfg.train.lr_steps == (3,)
+    assert cfg.model.input_size == (256, 192)  # untouched values come from the file
+
+
+def test_int_given_for_float_is_accepted():
+    assert load_config(None, ["data.sigma=3"]).data.sigma == 3.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model:\n  widht: 32\n", "model.widht: unknown key"),
+        ("modle:\n  width: 32\n", "modle: unknown section"),
+        ("model:\n  width: wide\n", "model.width: expected an integer, got 'wide'"),
+        ("model:\n  width: 32.5\n", "model.width: expected an integer"),
+        ("model:\n  fusion: pms\n", "model.fusion: 'pms' is not one of ('hrnet', 'psm')"),
+        ("model:\n  heatmap_stride: 3\n", "model.heatmap_stride: 3 is not one of (2, 4)"),
+        (
+            "model:\n  input_size: [250, 192]\n",
+            "model.input_size: (250, 192) must be positive multiples of 32",
+        ),
+        ("model:\n  input_size: [256]\n", "model.input_size: expected 2 values, got 1"),
+        ("model:\n  widths: [8, 16]\n", "model.widths: expected 4 branch widths, got 2"),
+        ("data:\n  sigma: -1\n", "data.sigma: must be positive"),
+        ("train:\n  channels_last: yes please\n", "train.channels_last: expected true or false"),
+        ("- a\n- b\n", "expected a mapping of sections"),
+        ("model: [1, 2]\n", "model: expected a mapping"),
+        ("model: {width: 32\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_file_and_key(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr", "expected section.key=value"),
+        ("lr=1", "expected section.key=value"),
+        ("train.learning_rate=1", "train.learning_rate: unknown key"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ],
+)
+def test_bad_overrides(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        load_config("nope.yaml")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "psm_w48_384x288.yaml", ["train.amp=bf16"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert cfg.flat()["model.width"] == 48 and cfg.flat()["train.amp"] == "bf16"
