@@ -51,6 +51,8 @@ def read_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor],
             obj = torch.load(name, map_location="cpu", weights_only=True)
         except FileNotFoundError as e:
             raise CheckpointError(f"{name}: no such file") from e
+        except OSError as e:  # a directory, no permission, an I/O error
+            raise CheckpointError(f"{name}: cannot read: {e.strerror or e}") from e
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             raise CheckpointError(
                 f"{name}: not a PyTorch checkpoint ({type(e).__name__}: {e})"
@@ -139,7 +141,7 @@ def load_pretrained(model: PoseHRNet, source: str | Path | dict) -> LoadReport:
     report = LoadReport(
         loaded=take,
         skipped=[k for k in state if k not in take],
-        missing=[k for k in own if k not in state and not k.endswith("num_batches_tracked")],
+        missing=[k for k in own if k not in take and not k.endswith("num_batches_tracked")],
     )
     log.info("%s: %s", name, report.summary())
     for label, keys in (("skipped", report.skipped), ("left fresh", report.missing)):
