@@ -40,6 +40,15 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_make_synthetic(args: argparse.Namespace) -> None:
+    from pipelines.synthetic import make_synthetic_coco
+
+    counts = make_synthetic_coco(args.out, args.images, args.seed, args.val_fraction)
+    for split, c in counts.items():
+        print(f"{args.out}/{split}: {c['images']} images, {c['persons']} persons")
+    print(f"annotations: {args.out}/annotations/person_keypoints_{{train,val}}2017.json")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from jobs.demo import run_demo
 
@@ -84,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_model)
+
+    data = sub.add_parser("make-data", help="write datasets (see `psm make-data synthetic --help`)")
+    data_sub = data.add_subparsers(dest="kind", required=True, metavar="KIND")
+    p = data_sub.add_parser(
+        "synthetic",
+        help="a synthetic COCO-format keypoint dataset of drawn people",
+        description="Writes OUT/train2017, OUT/val2017 (JPEG images of drawn people: several per "
+        "image, varied poses, sizes, backgrounds, occlusion) and "
+        "OUT/annotations/person_keypoints_{train,val}2017.json with the exact keypoints.",
+    )
+    p.add_argument("out", help="output COCO root")
+    p.add_argument("--images", type=int, default=200, help="images in both splits together")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val2017")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
 
     p = sub.add_parser(
         "demo",

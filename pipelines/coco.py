@@ -67,7 +67,14 @@ class DataError(ValueError):
 
 
 class ImageError(ValueError):
-    """An image that cannot be decoded safely; the message starts with its path."""
+    """An image that cannot be decoded safely; the message starts with its path.
+
+    `reason` is the skip-count key: missing_image, unreadable_image, corrupt_image, too_large.
+    """
+
+    def __init__(self, message: str, reason: str = "corrupt_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SkipCounts(Counter):
@@ -337,9 +344,9 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise ImageError(f"{path}: file not found", "missing_image") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from e
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}", "unreadable_image") from e
     if not data:
         raise ImageError(f"{path}: empty file")
     try:
@@ -348,7 +355,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         raise ImageError(f"{path}: {e}") from None
     if width <= 0 or height <= 0 or width * height > max_pixels:
         raise ImageError(
-            f"{path}: header declares {width}x{height} pixels; allowed: 1 to {max_pixels:,}"
+            f"{path}: header declares {width}x{height} pixels; allowed: 1 to {max_pixels:,}",
+            "too_large",
         )
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:

@@ -23,3 +23,26 @@ def coco_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real COCO samples not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (2 CPUs, like the CI machine)."""
+    ray = pytest.importorskip("ray")
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic COCO root shared by the data tests (written once per session)."""
+    from pipelines.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, train_images=12, val_images=4, seed=3)
+    return root
