@@ -1,0 +1,308 @@
+"""Ground-truth round trip ("oracle") of the test recipe, without a model and without images.
+
+Each person's GT keypoints go through the crop affine, the training target renderer (and, with the
+flip test, the renderer on the mirrored crop followed by `flip_back`), the decoder, the map back to
+the image, rescoring, OKS-NMS and COCOeval. A network that predicted its training targets
+perfectly would score this: what is lost here (heatmap quantisation, flip shift, decode) is the
+chain's own error, a check of crop -> heatmap -> decode -> image -> COCOeval.
+
+With a detections file, each box gets the keypoints of the GT person it overlaps most (box IoU
+>= 0.5) or none (all-zero heatmaps, score 0): a check of box reading, crops from detector boxes,
+rescoring with real box scores and OKS-NMS of duplicate detections.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+
+from pipelines.coco import ImageError, decode_image, load_coco_persons
+from pipelines.datasets import eval_crops
+from pipelines.samples import count_skips, image_rows
+from pipelines.synthetic import SKELETON
+from psm_model.codec import DecodeMethod, HeatmapCodec, normalize_images
+from psm_model.config import Config, EvalConfig
+from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections, write_results
+from psm_model.geometry import (
+    PIXEL_STD,
+    affine_matrix,
+    box_to_center_scale,
+    flip_keypoints,
+    transform_points,
+)
+
+log = logging.getLogger(__name__)
+
+MATCH_IOU = 0.5  # a detection inherits a GT person's keypoints from this box IoU on
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xywh box with each of (M, 4) xywh boxes."""
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
+    y2 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
+
+
+def _crop_keypoints(
+    keypoints: np.ndarray, centers: np.ndarray, scales: np.ndarray, input_size_hw: tuple[int, int]
+) -> np.ndarray:
+    """(N, J, 2) image keypoints -> input-crop pixels, through each person's test-time crop."""
+    out = np.empty((len(keypoints), keypoints.shape[1], 2))
+    for i, (c, s) in enumerate(zip(centers, scales, strict=True)):
+        out[i] = transform_points(keypoints[i, :, :2], affine_matrix(c, s, 0.0, input_size_hw))
+    return out
+
+
+def _oracle_heatmaps(
+    crop_xy: np.ndarray, visible: np.ndarray, codec: HeatmapCodec, input_width: int, flip: bool
+) -> torch.Tensor:
+    """(N, 17, h, w) heatmaps a perfect network would output for these crops' keypoints."""
+    heatmaps, _ = codec.encode(torch.from_numpy(crop_xy), torch.from_numpy(visible))
+    if not flip:
+        return heatmaps
+    # what the network sees on the mirrored crop: mirrored joints, left and right swapped
+    mirrored = flip_keypoints(np.concatenate([crop_xy, visible[..., None]], -1), input_width)
+    heatmaps_flipped, _ = codec.encode(
+        torch.from_numpy(mirrored[..., :2]), torch.from_numpy(mirrored[..., 2] > 0)
+    )
+    return codec.flip_average(heatmaps, heatmaps_flipped)
+
+
+def _drop_joints_outside_crops(coco: COCO, ann_ids: list[int], outside: np.ndarray) -> int:
+    """Unlabel (v = 0) the GT joints that lie outside their person's crop; returns how many."""
+    dropped = 0
+    for ann_id, out in zip(ann_ids, outside, strict=True):
+        ann = coco.anns[ann_id]  # the same dict as in coco.dataset: COCOeval sees the change
+        kpts = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+        hit = out & (kpts[:, 2] > 0)
+        kpts[hit] = 0.0
+        dropped += int(hit.sum())
+        ann["keypoints"] = kpts.reshape(-1).tolist()
+        ann["num_keypoints"] = int((kpts[:, 2] > 0).sum())
+    return dropped
+
+
+def oracle_eval(
+    images_dir: str | os.PathLike,
+    ann_file: str | os.PathLike,
+    input_size_hw: tuple[int, int],
+    stride: int,
+    sigma: float,
+    decode: DecodeMethod = "quarter",
+    flip: bool = True,
+    detections: str | os.PathLike | None = None,
+    eval_cfg: EvalConfig | None = None,
+    padding: float = 1.25,
+    gt_in_crop_only: bool = False,
+    results_file: str | os.PathLike | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """COCO keypoint metrics of the GT round trip on `ann_file` (GT boxes, or `detections`).
+
+    `gt_in_crop_only` (GT boxes only) also unlabels, for COCOeval, the GT joints that lie outside
+    their person's crop: no heatmap can hold them, so this isolates the chain's own error from
+    annotations that reach beyond the padded box (the recipe's ceiling, not a chain error).
+    """
+    if gt_in_crop_only and detections is not None:
+        raise ValueError("gt_in_crop_only: only defined with GT boxes (detections is set)")
+    cfg = eval_cfg or EvalConfig()
+    records, _ = load_coco_persons(
+        images_dir, ann_file, input_size_hw, padding=padding, for_training=False
+    )
+    h, w = input_size_hw
+    codec = HeatmapCodec((h // stride, w // stride), stride, sigma)
+
+    # one row per crop: (image id, centre, scale, GT keypoints (17, 3), box score, GT ann id)
+    if detections is None:  # GT boxes, box score 1 (the official GT-box validation)
+        persons = [
+            (r.image_id, p.center, p.scale, p.keypoints, 1.0, p.ann_id)
+            for r in records
+            for p in r.persons
+        ]
+    else:
+        by_image = {r.image_id: r for r in records}
+        dets, skips = read_detections(detections, set(by_image), cfg.box_score_threshold)
+        log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
+        persons = []
+        for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
+            gt = by_image[int(image_id)].persons
+            kpts = np.zeros((17, 3), np.float32)  # no GT match: all-zero maps, score 0
+            if gt:
+                iou = _box_iou(box, np.array([p.box for p in gt]))
+                if iou.max() >= MATCH_IOU:
+                    kpts = gt[int(iou.argmax())].keypoints
+            center, scale = box_to_center_scale(box, aspect=w / h, padding=padding)
+            persons.append((int(image_id), center, scale, kpts, float(score), -1))
+
+    coco = load_gt(ann_file)
+    results: list[dict] = []
+    if persons:
+        image_ids = np.array([p[0] for p in persons], dtype=np.int64)
+        centers = np.stack([p[1] for p in persons]).astype(np.float64)
+        scales = np.stack([p[2] for p in persons]).astype(np.float64)
+        keypoints = np.stack([p[3] for p in persons]).astype(np.float64)
+        box_scores = np.array([p[4] for p in persons])
+        crop_xy = _crop_keypoints(keypoints, centers, scales, input_size_hw)
+        visible = keypoints[..., 2] > 0
+        if gt_in_crop_only:
+            x, y = crop_xy[..., 0], crop_xy[..., 1]
+            outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)  # as the training crop's test
+            n = _drop_joints_outside_crops(coco, [p[5] for p in persons], outside)
+            log.info("%s: %d labelled joints outside their crop left out of COCOeval", ann_file, n)
+        coords, maxvals = [], []
+        for i in range(0, len(persons), batch_size):  # bounded memory: 17 maps per person
+            sl = slice(i, i + batch_size)
+            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, flip)
+            c, m = codec.decode(hm, centers[sl], scales[sl], method=decode)
+            coords.append(c)
+            maxvals.append(m)
+        areas = np.prod(scales * PIXEL_STD, axis=1)  # the official NMS area: the crop box
+        results = make_results(
+            image_ids, np.concatenate(coords), np.concatenate(maxvals), box_scores, areas,
+            cfg.keypoint_score_threshold, cfg.oks_nms_threshold,
+        )  # fmt: skip
+    if results_file is not None:
+        write_results(results, results_file)
+    return coco_eval(coco, results)
+
+
+# ----------------------------------------------------------------------------------------------
+# A model on the val set: Ray Data crops -> heatmaps (+ flip) -> decode -> results -> COCOeval
+# ----------------------------------------------------------------------------------------------
+
+
+def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
+    """Image rows whose boxes are a detector's (COCO results format), with their scores."""
+    h, w = cfg.model.input_size
+    dets, skips = read_detections(
+        detections, {r.image_id for r in records}, cfg.eval.box_score_threshold
+    )
+    log.info("%s: %d person boxes; skipped: %s", detections, len(dets), dict(skips) or "none")
+    rows = []
+    for rec in records:
+        mine = np.flatnonzero(dets.image_ids == rec.image_id)
+        cs = [box_to_center_scale(dets.boxes[i], w / h, cfg.data.box_padding) for i in mine]
+        rows.append(
+            {
+                "image_id": rec.image_id,
+                "path": rec.path,
+                "ann_ids": np.arange(len(mine), dtype=np.int64),
+                "keypoints": np.zeros((len(mine), 17, 3), np.float32),
+                "centers": np.array([c for c, _ in cs], np.float32).reshape(-1, 2),
+                "scales": np.array([s for _, s in cs], np.float32).reshape(-1, 2),
+                "scores": dets.scores[mine].astype(np.float32),
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> torch.Tensor:
+    """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
+    x = normalize_images(torch.from_numpy(images).to(device), cfg.train.channels_last)
+    heatmaps = model(x).float()
+    if cfg.eval.flip_test:
+        codec = HeatmapCodec.from_config(cfg)
+        heatmaps = codec.flip_average(heatmaps, model(x.flip(-1)).float())
+    return heatmaps
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: Config,
+    *,
+    device: str | torch.device = "cpu",
+    results_file: str | os.PathLike | None = None,
+    run_id: str | None = None,
+) -> dict[str, float]:
+    """COCO keypoint metrics of `model` on the val set (GT boxes, or eval.detections).
+
+    Crops come from the Ray Data graph; with `run_id`, a few val images with the predicted poses
+    drawn on them are logged to that MLflow run.
+    """
+    root = Path(cfg.data.root)
+    ann = root / cfg.data.val_annotations
+    records, _ = load_coco_persons(
+        root / cfg.data.val_images, ann, cfg.model.input_size, cfg.data.box_padding, False
+    )
+    if cfg.eval.detections:
+        rows = detection_rows(records, cfg.eval.detections, cfg)
+    else:
+        rows = image_rows(records)
+    codec = HeatmapCodec.from_config(cfg)
+    was_training = model.training
+    model.eval()
+    image_ids, coords, maxvals, scores, areas, skipped = [], [], [], [], [], Counter()
+    for batch in eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).iter_batches(
+        batch_size=cfg.eval.batch_size, batch_format="numpy"
+    ):
+        skipped += count_skips(batch["skip"])
+        keep = batch["skip"] == ""
+        if not keep.any():
+            continue
+        heatmaps = predict(model, batch["image"][keep], cfg, device)
+        c, m = codec.decode(heatmaps, batch["center"][keep], batch["scale"][keep], cfg.eval.decode)
+        image_ids.append(batch["image_id"][keep])
+        coords.append(c)
+        maxvals.append(m)
+        scores.append(batch["score"][keep])
+        areas.append(np.prod(batch["scale"][keep] * PIXEL_STD, axis=1))
+    model.train(was_training)
+    results = []
+    if image_ids:
+        results = make_results(
+            np.concatenate(image_ids), np.concatenate(coords), np.concatenate(maxvals),
+            np.concatenate(scores), np.concatenate(areas),
+            cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
+        )  # fmt: skip
+    if results_file is not None:
+        write_results(results, results_file)
+    metrics = coco_eval(load_gt(ann), results)
+    metrics["skipped_images"] = float(sum(skipped.values()))
+    if run_id and cfg.eval.visualize:
+        _log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
+    return metrics
+
+
+def draw_poses(image: np.ndarray, poses: list[np.ndarray], threshold: float = 0.2) -> np.ndarray:
+    """RGB image with each (17, 3) pose's skeleton and keypoints above `threshold` drawn on it."""
+    out = image.copy()
+    for pose in poses:
+        ok = pose[:, 2] > threshold
+        for a, b in SKELETON:  # 1-based COCO skeleton
+            if ok[a - 1] and ok[b - 1]:
+                pa, pb = pose[a - 1, :2].round().astype(int), pose[b - 1, :2].round().astype(int)
+                cv2.line(out, tuple(int(v) for v in pa), tuple(int(v) for v in pb), (0, 255, 0), 2)
+        for x, y in pose[ok, :2].round().astype(int):
+            cv2.circle(out, (int(x), int(y)), 3, (255, 0, 0), -1)
+    return out
+
+
+def _log_visualizations(records: list, results: list[dict], cfg: Config, run_id: str) -> None:
+    import tempfile
+
+    from jobs import tracking
+
+    with tempfile.TemporaryDirectory() as d:
+        for rec in records:
+            poses = [
+                np.array(r["keypoints"], np.float32).reshape(17, 3)
+                for r in results
+                if r["image_id"] == rec.image_id
+            ]
+            try:
+                image = decode_image(rec.path, cfg.data.max_image_pixels)
+            except ImageError:
+                continue
+            drawn = draw_poses(image, poses, cfg.eval.keypoint_score_threshold)
+            cv2.imwrite(f"{d}/{rec.image_id}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        tracking.log_artifact(cfg, run_id, d, "poses")

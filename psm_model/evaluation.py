@@ -1,0 +1,390 @@
+"""The test recipe after decoding: rescoring, OKS-NMS, COCO results JSON, detections, COCOeval.
+
+Semantics are the official HRNet's (`lib/dataset/coco.py` evaluate, `lib/nms/nms.py`): pose score =
+box score x mean of the keypoint scores above a threshold (0 when none is); greedy OKS-NMS per
+image over all 17 joints, with area = the crop box area (scale x 200)^2; metrics from
+pycocotools' COCOeval `stats`. numpy and pycocotools only: no Ray, no model.
+
+Bad input: a detections file that is not a JSON list raises `EvalError` naming the file and the
+field; a bad entry in it is skipped and counted by reason (`DETECTION_SKIPS`). A results file is
+our output or a submission, so any bad entry in it raises (a skipped pose would change the AP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+log = logging.getLogger(__name__)
+
+NUM_JOINTS = 17
+PERSON_CATEGORY_ID = 1
+# COCO keypoint sigmas (pycocotools' kpt_oks_sigmas), nose .. right ankle
+COCO_SIGMAS = (
+    np.array(
+        [
+            0.26,
+            0.25,
+            0.25,
+            0.35,
+            0.35,
+            0.79,
+            0.79,
+            0.72,
+            0.72,
+            0.62,
+            0.62,
+            1.07,
+            1.07,
+            0.87,
+            0.87,
+            0.89,
+            0.89,
+        ]
+    )  # fmt: skip
+    / 10.0
+)
+# names of COCOeval.stats[0..9] for iouType "keypoints" (maxDets 20; M = medium, L = large)
+METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
+
+DETECTION_SKIPS = {
+    "bad_entry": "not an object, or image_id / category_id / bbox / score missing",
+    "bad_image_id": "image_id not an integer",
+    "unknown_image": "image_id not in the ground-truth file",
+    "not_person": "category_id is not 1",
+    "bad_box": "bbox not 4 finite numbers with w > 0 and h > 0",
+    "bad_score": "score not a finite number",
+    "low_score": "score below the box score threshold",
+}
+
+
+class EvalError(ValueError):
+    """A results, detections or ground-truth file that cannot be used; names the file and field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Rescoring and OKS-NMS
+# ----------------------------------------------------------------------------------------------
+
+
+def rescore(box_scores: np.ndarray, maxvals: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """(N,) pose scores: box score x mean of the keypoint scores > threshold (0 if none is)."""
+    kpt = np.asarray(maxvals, dtype=np.float64)
+    kpt = kpt.reshape(kpt.shape[:2])  # (N, J, 1) -> (N, J)
+    above = kpt > threshold  # NaN compares False: a NaN joint never counts
+    count = above.sum(axis=1)
+    mean = np.where(above, kpt, 0.0).sum(axis=1) / np.maximum(count, 1)
+    return np.asarray(box_scores, dtype=np.float64) * mean
+
+
+def oks_iou(
+    pose: np.ndarray,
+    others: np.ndarray,
+    area: float,
+    other_areas: np.ndarray,
+    sigmas: np.ndarray = COCO_SIGMAS,
+) -> np.ndarray:
+    """OKS of `pose` (J, 2+) with each of `others` (M, J, 2+), over all joints (official oks_iou
+    without a visibility threshold); the scale is the mean of the two areas."""
+    d2 = ((np.asarray(others)[..., :2] - np.asarray(pose)[None, :, :2]) ** 2).sum(-1)  # (M, J)
+    scale = (area + np.asarray(other_areas, dtype=np.float64)) / 2 + np.spacing(1)
+    e = d2 / (2 * sigmas) ** 2 / scale[:, None] / 2
+    return np.exp(-e).mean(axis=1)
+
+
+def oks_nms(
+    keypoints: np.ndarray,
+    scores: np.ndarray,
+    areas: np.ndarray,
+    threshold: float = 0.9,
+    sigmas: np.ndarray = COCO_SIGMAS,
+) -> np.ndarray:
+    """Indices of the poses kept, best first: take the best remaining pose, drop every pose whose
+    OKS with it is > threshold, repeat. Ties in score keep the input order (stable sort; the
+    official argsort leaves that order unspecified)."""
+    keypoints, areas = np.asarray(keypoints), np.asarray(areas, dtype=np.float64)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    keep = []
+    while len(order):
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        oks = oks_iou(keypoints[best], keypoints[rest], areas[best], areas[rest], sigmas)
+        order = rest[oks <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def nms_per_image(
+    image_ids: np.ndarray,
+    keypoints: np.ndarray,
+    scores: np.ndarray,
+    areas: np.ndarray,
+    threshold: float = 0.9,
+) -> np.ndarray:
+    """Indices kept by `oks_nms` run separately on each image's poses, in input order."""
+    image_ids = np.asarray(image_ids)
+    kept = []
+    for image_id in np.unique(image_ids):
+        idx = np.flatnonzero(image_ids == image_id)
+        kept.append(idx[oks_nms(keypoints[idx], scores[idx], areas[idx], threshold)])
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
+def to_coco_results(
+    image_ids: np.ndarray, coords: np.ndarray, maxvals: np.ndarray, scores: np.ndarray
+) -> list[dict]:
+    """COCO keypoint results (test-dev submission format): keypoints = [x, y, maxval] x 17."""
+    kpts = np.concatenate(
+        [
+            np.asarray(coords, np.float64),
+            np.asarray(maxvals, np.float64).reshape(*np.shape(coords)[:2], 1),
+        ],
+        axis=2,
+    )
+    # a NaN map (a diverged model) must not write invalid JSON: score it 0 and keep the pose
+    kpts[..., 2] = np.nan_to_num(kpts[..., 2], nan=0.0)
+    if not np.isfinite(kpts).all() or not np.isfinite(scores).all():
+        bad = int(np.flatnonzero(~np.isfinite(kpts).all(axis=(1, 2)) | ~np.isfinite(scores))[0])
+        raise ValueError(
+            f"pose {bad} (image {int(image_ids[bad])}): non-finite coordinates or score"
+        )
+    return [
+        {
+            "image_id": int(i),
+            "category_id": PERSON_CATEGORY_ID,
+            "keypoints": [float(v) for v in k.reshape(-1)],
+            "score": float(s),
+        }
+        for i, k, s in zip(image_ids, kpts, scores, strict=True)
+    ]
+
+
+def make_results(
+    image_ids: np.ndarray,
+    coords: np.ndarray,
+    maxvals: np.ndarray,
+    box_scores: np.ndarray,
+    areas: np.ndarray,
+    keypoint_threshold: float = 0.2,
+    oks_threshold: float = 0.9,
+) -> list[dict]:
+    """Decoded poses -> COCO results: rescoring, OKS-NMS per image, JSON records.
+
+    `areas` are the crop boxes' areas in image pixels, prod(scale * 200), as the official code.
+    """
+    image_ids, coords, maxvals = np.asarray(image_ids), np.asarray(coords), np.asarray(maxvals)
+    scores = rescore(box_scores, maxvals, keypoint_threshold)
+    keep = nms_per_image(image_ids, coords, scores, np.asarray(areas), oks_threshold)
+    return to_coco_results(image_ids[keep], coords[keep], maxvals[keep], scores[keep])
+
+
+def write_results(results: list[dict], path: str | os.PathLike) -> None:
+    """Write the results JSON atomically (a crash leaves the old file or none, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading detections and results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Person boxes, one row each: COCO xywh in image pixels."""
+
+    image_ids: np.ndarray  # (M,) int64
+    boxes: np.ndarray  # (M, 4) float64
+    scores: np.ndarray  # (M,) float64
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid JSON: {e}") from e
+
+
+def _int_id(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _number(value: object) -> float | None:
+    """A finite JSON number, else None (NaN, infinities, strings, booleans, null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _parse_detection(entry: object, image_ids: set[int] | None) -> tuple | str:
+    """(image id, box, score) or (skip reason, field)."""
+    if not isinstance(entry, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(
+        entry
+    ):
+        return "bad_entry", "entry"
+    image_id = _int_id(entry["image_id"])
+    if image_id is None:
+        return "bad_image_id", "image_id"
+    if image_ids is not None and image_id not in image_ids:
+        return "unknown_image", "image_id"
+    if _int_id(entry["category_id"]) != PERSON_CATEGORY_ID:
+        return "not_person", "category_id"
+    box = entry["bbox"]
+    if not isinstance(box, list) or len(box) != 4 or any(_number(v) is None for v in box):
+        return "bad_box", "bbox"
+    if box[2] <= 0 or box[3] <= 0:
+        return "bad_box", "bbox"
+    score = _number(entry["score"])
+    if score is None:
+        return "bad_score", "score"
+    return image_id, [float(v) for v in box], score
+
+
+def read_detections(
+    path: str | os.PathLike, image_ids: set[int] | None = None, score_threshold: float = 0.0
+) -> tuple[Detections, Counter]:
+    """Person detections (COCO results format: image_id, category_id, bbox xywh, score) and the
+    entries skipped, by reason (`DETECTION_SKIPS`). With `image_ids`, ids outside it are skipped.
+
+    An empty list is valid: every image then yields no poses.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise EvalError(
+            f"{path}: top level: expected a list of detections (COCO results format), "
+            f"got {type(data).__name__}"
+        )
+    skips: Counter = Counter()
+    first: dict[str, str] = {}  # reason -> where it first happened, for the log
+    rows = []
+    for i, entry in enumerate(data):
+        parsed = _parse_detection(entry, image_ids)
+        if isinstance(parsed[0], str):
+            reason, field = parsed
+            skips[reason] += 1
+            first.setdefault(reason, f"[{i}].{field}")
+        elif parsed[2] < score_threshold:
+            skips["low_score"] += 1
+        else:
+            rows.append(parsed)
+    for reason, where in first.items():
+        log.warning("%s: %s: %s; %d entries skipped", path, where, DETECTION_SKIPS[reason],
+                    skips[reason])  # fmt: skip
+    if not rows:
+        log.warning("%s: no usable detections (%d entries): no poses will be produced", path,
+                    len(data))  # fmt: skip
+    detections = Detections(
+        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        boxes=np.array([r[1] for r in rows], dtype=np.float64).reshape(-1, 4),
+        scores=np.array([r[2] for r in rows], dtype=np.float64),
+    )
+    return detections, skips
+
+
+def validate_results(results: object, gt_image_ids: set[int], source: str) -> list[dict]:
+    """Clean copies of COCO keypoint results; raises EvalError naming `source`, index and field."""
+    if not isinstance(results, list):
+        raise EvalError(f"{source}: top level: expected a list of results, got {type(results)}")
+    clean = []
+    for i, r in enumerate(results):
+        where = f"{source}: [{i}]"
+        if not isinstance(r, dict):
+            raise EvalError(f"{where}: expected an object, got {type(r).__name__}")
+        for field in ("image_id", "category_id", "keypoints", "score"):
+            if field not in r:
+                raise EvalError(f"{where}.{field}: missing")
+        image_id = _int_id(r["image_id"])
+        if image_id is None or image_id not in gt_image_ids:
+            raise EvalError(f"{where}.image_id: {r['image_id']!r} is not an image of the GT file")
+        if _int_id(r["category_id"]) != PERSON_CATEGORY_ID:
+            raise EvalError(f"{where}.category_id: expected 1 (person), got {r['category_id']!r}")
+        kpts = r["keypoints"]
+        if not (isinstance(kpts, list) and len(kpts) == 3 * NUM_JOINTS) or any(
+            _number(v) is None for v in kpts
+        ):
+            n = len(kpts) if isinstance(kpts, list) else type(kpts).__name__
+            raise EvalError(f"{where}.keypoints: expected 51 finite numbers, got {n}")
+        score = _number(r["score"])
+        if score is None:
+            raise EvalError(f"{where}.score: expected a finite number, got {r['score']!r}")
+        clean.append(
+            {"image_id": image_id, "category_id": PERSON_CATEGORY_ID,
+             "keypoints": [float(v) for v in kpts], "score": score}
+        )  # fmt: skip
+    return clean
+
+
+# ----------------------------------------------------------------------------------------------
+# COCOeval
+# ----------------------------------------------------------------------------------------------
+
+
+def load_gt(gt_file: str | os.PathLike) -> COCO:
+    """pycocotools COCO of a keypoint annotation file, checked enough for COCOeval and loadRes."""
+    path = Path(gt_file)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise EvalError(f"{path}: top level: expected a JSON object, got {type(data).__name__}")
+    for field in ("images", "annotations", "categories"):
+        if not isinstance(data.get(field), list):
+            raise EvalError(f"{path}: {field}: missing or not a list (not a COCO annotation file?)")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def coco_eval(
+    gt: str | os.PathLike | COCO, results: list[dict] | str | os.PathLike
+) -> dict[str, float]:
+    """COCOeval (keypoints) of `results` (a list, or a results JSON file) against `gt`:
+    {AP, AP50, AP75, APM, APL, AR, AR50, AR75, ARM, ARL} from `COCOeval.stats` (-1: no GT)."""
+    coco = gt if isinstance(gt, COCO) else load_gt(gt)
+    if isinstance(results, (str, os.PathLike)):
+        source = str(results)
+        results = _read_json(Path(results))
+    else:
+        source = "<results>"
+    clean = validate_results(results, set(coco.getImgIds()), source)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        if clean:
+            coco_dt = coco.loadRes(clean)  # adds area, bbox, id to `clean`, a copy
+        else:  # loadRes cannot take an empty list; an empty result set still scores (0)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco.dataset["images"], "annotations": [],
+                               "categories": coco.dataset["categories"]}  # fmt: skip
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco, coco_dt, "keypoints")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    log.debug("COCOeval of %s:\n%s", source, buffer.getvalue())
+    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
