@@ -1,0 +1,569 @@
+"""`psm bench data`: augmented person crops per second per CPU core, and what a sample weighs.
+
+Three in-process figures on one core (no Ray, cv2 limited to one thread), over every training
+person of a COCO-style root:
+
+- ours: `pipelines.samples.train_samples` as the Ray workers run it (decode each image once,
+  `make_training_sample` per person), split into decode (`decode_image`), warp (`warp_crop`, i.e.
+  the one cv2.warpAffine) and everything else (augmentation draws, matrices, keypoints, row dicts);
+- limit: `decode_image` once per image and one cv2.warpAffine per person with a fixed matrix
+  (the person's unaugmented crop, computed before timing): no draws, no keypoint maths;
+- official-HRNet-style: an emulation of `JointsDataset.__getitem__` - per person, cv2.imread of the
+  file again, the whole-image flip, `get_affine_transform`, warpAffine, the per-joint affine loop,
+  ToTensor + Normalize (float32 CHW) and `generate_target` (a Python loop pasting a 6 sigma + 1
+  Gaussian patch per joint into float32 heatmaps at stride 4).
+
+Then end to end through Ray Data (`pipelines.datasets.train_crops`, iter_batches of 32) for each
+worker count, after a warm-up epoch. In-process figures are CPU time of the one thread
+(`time.thread_time`: what one core needs, whatever else the shared machine runs; wall-clock rates
+are printed alongside); the three paths run `repeats` interleaved passes and the fastest pass of
+each is kept. The load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import pipelines.samples as samples_module
+import psm_model.geometry as geometry_module
+from pipelines.coco import NUM_JOINTS, ImageRecord, decode_image, load_coco_persons
+from pipelines.samples import image_rows, train_samples
+from psm_model.codec import IMAGENET_MEAN, IMAGENET_STD
+from psm_model.config import Config
+from psm_model.geometry import (
+    affine_matrix,
+    draw_augmentation,
+    flip_keypoints,
+    half_body_box,
+)
+
+SIZES: tuple[tuple[int, int], ...] = ((384, 288), (256, 192))  # (height, width)
+OFFICIAL_STRIDE = 4  # the official HRNet heatmaps: 96x72 at 384x288, 64x48 at 256x192
+RAY_BATCH = 32
+# In-process stages are timed in CPU time of this thread: on a shared machine wall time also counts
+# the other processes' turns; with cv2 held to one thread this is the time one core needs.
+clock = time.thread_time
+
+
+def official_sigma(input_size_hw: tuple[int, int]) -> float:
+    """The official configs' sigma: 3 for 384x288 (96x72 heatmaps), 2 below."""
+    return 3.0 if input_size_hw[0] >= 384 else 2.0
+
+
+def sample_nbytes(sample: dict) -> int:
+    """Bytes of one sample row: every column's nbytes; a string counts its UTF-8 length."""
+    total = 0
+    for value in sample.values():
+        if isinstance(value, str):
+            total += len(value.encode())
+        else:
+            total += np.asarray(value).nbytes
+    return total
+
+
+def official_nbytes(input_size_hw: tuple[int, int], num_joints: int = NUM_JOINTS) -> int:
+    """Bytes of the official loader's tensors per sample: float32 input (3, H, W), float32 target
+    (J, H/4, W/4) and target_weight (J, 1); the `meta` dict is not counted."""
+    h, w = input_size_hw
+    hh, hw = h // OFFICIAL_STRIDE, w // OFFICIAL_STRIDE
+    return 3 * h * w * 4 + num_joints * hh * hw * 4 + num_joints * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _timed_attr(module: object, name: str, totals: dict, key: str) -> Iterator[None]:
+    """Replace `module.name` by a wrapper that adds its wall time to totals[key] (bench only)."""
+    original: Callable = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = clock()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[key] += clock() - t0
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _cv2_threads(n: int) -> Iterator[None]:
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _best(passes: list[dict]) -> dict:
+    return min(passes, key=lambda p: p["seconds"])
+
+
+def _summary(p: dict, extra: Sequence[str] = ()) -> dict:
+    """crops/s and ms per crop of one timed pass; `other` = total - decode - warp - extras."""
+    n, sec = p["crops"], p["seconds"]
+    out = {"crops": n, "seconds": sec, "crops_per_s": n / sec, "ms_per_crop": 1e3 * sec / n}
+    out["wall_crops_per_s"] = n / p["wall_seconds"]
+    rest = sec
+    for key in ("decode", "warp", *extra):
+        out[f"{key}_ms"] = 1e3 * p[key] / n
+        rest -= p[key]
+    out["other_ms"] = 1e3 * rest / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The three in-process paths
+# ----------------------------------------------------------------------------------------------
+
+
+def time_ours(rows: Sequence[dict], cfg: Config, size: tuple[int, int]) -> tuple[dict, int]:
+    """One pass of train_samples over every row; decode and warp timed by wrappers around the
+    functions it calls. Returns the pass and the bytes of one sample."""
+    totals = {"decode": 0.0, "warp": 0.0}
+    crops = nbytes = 0
+    wall0, t0 = time.perf_counter(), clock()
+    with (
+        _timed_attr(samples_module, "decode_image", totals, "decode"),
+        _timed_attr(geometry_module, "warp_crop", totals, "warp"),
+    ):
+        for row in rows:
+            out = train_samples(row, data=cfg.data, input_size=size, seed=cfg.train.seed, epoch=0)
+            crops += sum(1 for s in out if not s["skip"])
+            if not nbytes and out and not out[0]["skip"]:
+                nbytes = sample_nbytes(out[0])
+    sec, wall = clock() - t0, time.perf_counter() - wall0
+    return {"crops": crops, "seconds": sec, "wall_seconds": wall, **totals}, nbytes
+
+
+def limit_matrices(rows: Sequence[dict], size: tuple[int, int]) -> list[list[np.ndarray]]:
+    """Each person's unaugmented crop matrix, for `time_limit` (computed outside the timing)."""
+    return [
+        [affine_matrix(c, s, 0.0, size) for c, s in zip(r["centers"], r["scales"], strict=True)]
+        for r in rows
+    ]
+
+
+def time_limit(
+    rows: Sequence[dict], mats: Sequence[Sequence[np.ndarray]], cfg: Config, size: tuple[int, int]
+) -> dict:
+    """One pass: decode_image once per image + one warpAffine per person with a fixed matrix."""
+    dsize = (size[1], size[0])
+    decode = warp = 0.0
+    crops = 0
+    wall0 = time.perf_counter()
+    for row, row_mats in zip(rows, mats, strict=True):
+        t0 = clock()
+        image = decode_image(row["path"], cfg.data.max_image_pixels)
+        t1 = clock()
+        for m in row_mats:
+            cv2.warpAffine(image, m, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        t2 = clock()
+        decode += t1 - t0
+        warp += t2 - t1
+        crops += len(row_mats)
+    return {
+        "crops": crops,
+        "seconds": decode + warp,
+        "wall_seconds": time.perf_counter() - wall0,
+        "decode": decode,
+        "warp": warp,
+    }
+
+
+def _official_affine(center, scale, rot_deg: float, size_hw: tuple[int, int]) -> np.ndarray:
+    """The official `get_affine_transform` (shift 0): three points, cv2.getAffineTransform."""
+    out_h, out_w = size_hw
+    src_w = scale[0] * 200.0
+    rot = np.pi * rot_deg / 180
+    sn, cs = np.sin(rot), np.cos(rot)
+    src_dir = np.array([src_w * 0.5 * sn, -src_w * 0.5 * cs])  # get_dir([0, -src_w / 2], rot)
+    dst_dir = np.array([0, out_w * -0.5])
+    src = np.zeros((3, 2), np.float32)
+    dst = np.zeros((3, 2), np.float32)
+    src[0] = center
+    src[1] = center + src_dir
+    dst[0] = [out_w * 0.5, out_h * 0.5]
+    dst[1] = dst[0] + dst_dir
+    for p in (src, dst):  # get_3rd_point
+        d = p[0] - p[1]
+        p[2] = p[1] + np.array([-d[1], d[0]], np.float32)
+    return cv2.getAffineTransform(src, dst)
+
+
+def _official_target(
+    joints: np.ndarray, vis: np.ndarray, size_hw: tuple[int, int], sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The official `generate_target` (gaussian): per joint, a (6 sigma + 1)^2 patch pasted."""
+    hh, hw = size_hw[0] // OFFICIAL_STRIDE, size_hw[1] // OFFICIAL_STRIDE
+    num_joints = len(joints)
+    target_weight = np.ones((num_joints, 1), dtype=np.float32)
+    target_weight[:, 0] = vis
+    target = np.zeros((num_joints, hh, hw), dtype=np.float32)
+    tmp_size = sigma * 3
+    for j in range(num_joints):
+        mu_x = int(joints[j][0] / OFFICIAL_STRIDE + 0.5)
+        mu_y = int(joints[j][1] / OFFICIAL_STRIDE + 0.5)
+        ul = [int(mu_x - tmp_size), int(mu_y - tmp_size)]
+        br = [int(mu_x + tmp_size + 1), int(mu_y + tmp_size + 1)]
+        if ul[0] >= hw or ul[1] >= hh or br[0] < 0 or br[1] < 0:
+            target_weight[j] = 0
+            continue
+        size = 2 * tmp_size + 1
+        x = np.arange(0, size, 1, np.float32)
+        y = x[:, np.newaxis]
+        x0 = y0 = size // 2
+        g = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2))
+        g_x = max(0, -ul[0]), min(br[0], hw) - ul[0]
+        g_y = max(0, -ul[1]), min(br[1], hh) - ul[1]
+        img_x = max(0, ul[0]), min(br[0], hw)
+        img_y = max(0, ul[1]), min(br[1], hh)
+        if target_weight[j] > 0.5:
+            target[j][img_y[0] : img_y[1], img_x[0] : img_x[1]] = g[
+                g_y[0] : g_y[1], g_x[0] : g_x[1]
+            ]
+    return target, target_weight
+
+
+_MEAN = np.array(IMAGENET_MEAN, np.float32)
+_STD = np.array(IMAGENET_STD, np.float32)
+
+
+def time_official(records: Sequence[ImageRecord], cfg: Config, size: tuple[int, int]) -> dict:
+    """One pass of the official loader's per-person work (module docstring), timed by stage."""
+    sigma = official_sigma(size)
+    out_h, out_w = size
+    t = {"decode": 0.0, "warp": 0.0, "to_float": 0.0, "heatmaps": 0.0}
+    crops = 0
+    wall0, t_start = time.perf_counter(), clock()
+    for rec in records:
+        for p in rec.persons:
+            rng = np.random.default_rng([cfg.train.seed, 0, rec.image_id, p.ann_id])
+            t0 = clock()
+            image = cv2.imread(rec.path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            t["decode"] += clock() - t0
+            joints = p.keypoints.astype(np.float64)
+            vis = (joints[:, 2] > 0).astype(np.float32)
+            c, s = p.center.astype(np.float64), p.scale.astype(np.float64)
+            aug = draw_augmentation(rng, cfg.data)
+            if aug.half_body and vis.sum() > cfg.data.half_body_min_joints:
+                box = half_body_box(joints, rng, aspect=out_w / out_h)
+                if box is not None:
+                    c, s = box[0].astype(np.float64), box[1].astype(np.float64)
+            s = s * aug.scale_factor
+            if aug.flip:  # official: data_numpy[:, ::-1, :], fliplr_joints, mirrored centre
+                image = image[:, ::-1, :]
+                joints = flip_keypoints(joints, image.shape[1])
+                c = np.array([image.shape[1] - 1 - c[0], c[1]])
+            trans = _official_affine(c, s, aug.rotation_deg, size)
+            t0 = clock()
+            crop = cv2.warpAffine(image, trans, (out_w, out_h), flags=cv2.INTER_LINEAR)
+            t["warp"] += clock() - t0
+            for j in range(len(joints)):  # official affine_transform, one joint at a time
+                if vis[j] > 0.0:
+                    joints[j, 0:2] = np.dot(trans, np.array([*joints[j, 0:2], 1.0]))
+            t0 = clock()
+            x = np.ascontiguousarray(crop.transpose(2, 0, 1)).astype(np.float32) / 255.0
+            x = (x - _MEAN[:, None, None]) / _STD[:, None, None]  # ToTensor + Normalize
+            t1 = clock()
+            _official_target(joints, vis, size, sigma)
+            t["heatmaps"] += clock() - t1
+            t["to_float"] += t1 - t0
+            crops += 1
+    sec = clock() - t_start
+    return {"crops": crops, "seconds": sec, "wall_seconds": time.perf_counter() - wall0, **t}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Data
+# ----------------------------------------------------------------------------------------------
+
+
+def time_ray(
+    rows: Sequence[dict],
+    cfg: Config,
+    size: tuple[int, int],
+    workers: Sequence[int],
+    epochs: int,
+    min_samples: int,
+) -> list[dict]:
+    """Samples/s of `train_crops` iterated in batches of 32, per worker count, after a warm-up.
+
+    The image rows are repeated until they hold at least `min_samples` persons, so the per-epoch
+    start-up of a graph does not dominate a tiny sample of COCO."""
+    from pipelines.datasets import train_crops  # Ray imports stay out of the in-process part
+
+    persons = sum(len(r["ann_ids"]) for r in rows)
+    repeat = max(1, math.ceil(min_samples / max(1, persons)))
+    tiled = list(rows) * repeat
+    size_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, input_size=size))
+    out = []
+    for n in workers:
+
+        def epoch_run(epoch: int, n: int = n) -> tuple[int, float, int, float | None]:
+            ds = train_crops(tiled, size_cfg, epoch, concurrency=n)
+            count, nbytes = 0, 0
+            t0 = time.perf_counter()
+            for batch in ds.iter_batches(batch_size=RAY_BATCH, batch_format="numpy"):
+                count += len(batch["skip"])
+                if not nbytes:
+                    nbytes = sample_nbytes({k: v[0] for k, v in batch.items()})
+            return count, time.perf_counter() - t0, nbytes, _worker_cpu_seconds(ds)
+
+        epoch_run(0)  # warm-up: worker start, imports, first graph
+        count, sec, nbytes, cpu = 0, 0.0, 0, 0.0
+        for e in range(1, epochs + 1):
+            c, s, nbytes, cpu_e = epoch_run(e)
+            count, sec = count + c, sec + s
+            cpu = None if cpu is None or cpu_e is None else cpu + cpu_e
+        out.append(
+            {
+                "workers": n,
+                "images": len(tiled) * epochs,
+                "samples": count,
+                "seconds": sec,
+                "samples_per_s": count / sec,
+                "per_core": count / sec / n,
+                "worker_cpu_ms_per_sample": None if cpu is None else 1e3 * cpu / count,
+                "bytes_per_sample": nbytes,
+            }
+        )
+    return out
+
+
+def _worker_cpu_seconds(ds) -> float | None:
+    """CPU seconds the train_samples tasks spent, from Ray Data's stats (a private API in Ray
+    2.60: None if it changes). Under load, wall-clock rates also count other processes' turns."""
+    try:
+        ops = ds._get_stats_summary().operators_stats
+        return sum(op.cpu_time.sum for op in ops if "train_samples" in op.operator_name) or None
+    except Exception:  # a figure for context only
+        return None
+
+
+@contextlib.contextmanager
+def _local_ray(num_cpus: int) -> Iterator[None]:
+    import ray
+    from ray.data import DataContext
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# The bench
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, load average (1, 5, 15 min) at start: {load}; "
+        f"OpenCV {cv2.__version__}, numpy {np.__version__}"
+    )
+
+
+def _size_label(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def bench_data(
+    cfg: Config,
+    images_dir: str | os.PathLike,
+    annotations: str | os.PathLike,
+    *,
+    workers: list[int] = [1, 2],  # noqa: B006 - read only
+    epochs: int = 1,
+    json_out: str | None = None,
+    sizes: Sequence[tuple[int, int]] = SIZES,
+    repeats: int = 5,
+    ray_min_samples: int = 1000,
+    label: str = "",
+) -> dict:
+    """Crops/s per core, bytes per sample and the time breakdown on one COCO-style split (module
+    docstring); prints markdown tables and returns the figures (also written to `json_out`).
+
+    `sizes` are (height, width) crops; in-process passes run `repeats` times (fastest kept); the Ray
+    part runs a warm-up and `epochs` timed epochs per worker count (none if `workers` is empty).
+    """
+    label = label or str(images_dir)
+    result: dict = {"dataset": label, "machine": machine_line(), "sizes": {}}
+    print(f"### {label}\n\nmachine: {result['machine']}\n")
+    # loaded per size: the person boxes are grown to the crop aspect
+    for size in sizes:
+        records, skips = load_coco_persons(images_dir, annotations, size, cfg.data.box_padding)
+        rows = image_rows(records)
+        persons = sum(len(r.persons) for r in records)
+        mats = limit_matrices(rows, size)
+        passes: dict[str, list[dict]] = {"ours": [], "limit": [], "official": []}
+        with _cv2_threads(1):
+            for _ in range(repeats):  # interleaved, so that a busy spell hits every path alike
+                p, ours_bytes = time_ours(rows, cfg, size)
+                passes["ours"].append(p)
+                passes["limit"].append(time_limit(rows, mats, cfg, size))
+                passes["official"].append(time_official(records, cfg, size))
+        ours = _summary(_best(passes["ours"]))
+        limit = _summary(_best(passes["limit"]))
+        official = _summary(_best(passes["official"]), extra=("to_float", "heatmaps"))
+        off_bytes = official_nbytes(size)
+        entry = {
+            "images": len(records),
+            "persons": persons,
+            "skipped": dict(skips),
+            "ours": {**ours, "bytes_per_sample": ours_bytes},
+            "limit": limit,
+            "official": {**official, "bytes_per_sample": off_bytes, "sigma": official_sigma(size)},
+            "ours_vs_limit": ours["crops_per_s"] / limit["crops_per_s"],
+            "ours_vs_official": ours["crops_per_s"] / official["crops_per_s"],
+        }
+        _print_in_process(size, entry)
+        if workers:
+            with _local_ray(max(workers)):
+                entry["ray"] = time_ray(rows, cfg, size, workers, epochs, ray_min_samples)
+            _print_ray(size, entry)
+        result["sizes"][_size_label(size)] = entry
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _print_in_process(size: tuple[int, int], e: dict) -> None:
+    print(
+        f"**{_size_label(size)}**, one core, in-process: {e['images']} images, "
+        f"{e['persons']} persons; crops per CPU-second of the one thread (wall-clock crops/s "
+        f"alongside), fastest of the interleaved passes\n"
+    )
+    print(
+        "| path | crops/s | wall crops/s | ms/crop | decode | warp | to float | heatmaps | other "
+        "| vs limit | bytes/sample |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = (
+        ("ours (train_samples)", e["ours"], e["ours"]["bytes_per_sample"]),
+        ("limit (decode + warpAffine)", e["limit"], None),
+        ("official-HRNet-style", e["official"], e["official"]["bytes_per_sample"]),
+    )
+    lim = e["limit"]["crops_per_s"]
+    for name, r, nbytes in rows:
+        to_float = f"{r['to_float_ms']:.2f}" if "to_float_ms" in r else "-"
+        heat = f"{r['heatmaps_ms']:.2f}" if "heatmaps_ms" in r else "-"
+        print(
+            f"| {name} | {r['crops_per_s']:.0f} | {r['wall_crops_per_s']:.0f} "
+            f"| {r['ms_per_crop']:.2f} | {r['decode_ms']:.2f} "
+            f"| {r['warp_ms']:.2f} | {to_float} | {heat} | {r['other_ms']:.2f} "
+            f"| {r['crops_per_s'] / lim:.0%} | {'-' if nbytes is None else f'{nbytes:,}'} |"
+        )
+    print(
+        f"\nms per crop; decode = decode time / persons. ours / limit = {e['ours_vs_limit']:.0%}, "
+        f"ours / official = {e['ours_vs_official']:.2f}x; bytes: ours "
+        f"{e['ours']['bytes_per_sample']:,} (uint8 crop + small columns), official "
+        f"{e['official']['bytes_per_sample']:,} (float32 image + float32 heatmaps at stride 4, "
+        f"sigma {e['official']['sigma']:g}, + weights) = "
+        f"{e['official']['bytes_per_sample'] / max(1, e['ours']['bytes_per_sample']):.1f}x\n"
+    )
+
+
+def _print_ray(size: tuple[int, int], e: dict) -> None:
+    one_core = e["ours"]["crops_per_s"]
+    print(f"**{_size_label(size)}**, Ray Data `train_crops`, iter_batches({RAY_BATCH})\n")
+    print(
+        "| workers | images | samples | s | samples/s | per core | vs 1 core in-process "
+        "| worker CPU ms/sample | bytes |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in e["ray"]:
+        cpu = r["worker_cpu_ms_per_sample"]
+        print(
+            f"| {r['workers']} | {r['images']} | {r['samples']} | {r['seconds']:.2f} "
+            f"| {r['samples_per_s']:.0f} | {r['per_core']:.0f} | {r['per_core'] / one_core:.0%} "
+            f"| {'-' if cpu is None else f'{cpu:.2f}'} | {r['bytes_per_sample']:,} |"
+        )
+    print(
+        "\nWall clock, after a warm-up epoch; the image rows are repeated to reach the samples "
+        "shown. Worker CPU: the train_samples tasks' CPU time (Ray Data stats) per sample, vs "
+        f"{e['ours']['ms_per_crop']:.2f} ms in-process.\n"
+    )
+
+
+def run_bench_data(
+    cfg: Config,
+    coco_root: str | os.PathLike | None,
+    synthetic: int,
+    *,
+    workers: list[int],
+    epochs: int = 1,
+    sizes: Sequence[tuple[int, int]] = SIZES,
+    repeats: int = 5,
+    json_out: str | None = None,
+) -> dict:
+    """`psm bench data`: the real COCO split under `coco_root` (skipped if absent) and a synthetic
+    one of `synthetic` train images written to a temporary folder (skipped if 0)."""
+    results: dict = {"machine": machine_line(), "datasets": []}
+    kwargs = {"workers": workers, "epochs": epochs, "sizes": sizes, "repeats": repeats}
+    with _local_ray(max(workers)) if workers else contextlib.nullcontext():
+        _run_datasets(cfg, coco_root, synthetic, results, kwargs)
+    results["load_at_end"] = list(os.getloadavg())
+    print(
+        "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _run_datasets(
+    cfg: Config, coco_root: str | os.PathLike | None, synthetic: int, results: dict, kwargs: dict
+) -> None:
+    if coco_root:
+        root = Path(coco_root)
+        images, ann = root / cfg.data.train_images, root / cfg.data.train_annotations
+        if ann.is_file() and images.is_dir():
+            results["datasets"].append(bench_data(cfg, images, ann, label=str(images), **kwargs))
+        else:
+            print(f"(no COCO train split at {root}: {ann} or {images} missing; skipped)\n")
+    if synthetic > 0:
+        from pipelines.synthetic import write_split
+
+        print(f"(writing {synthetic} synthetic train images to a temporary folder)\n")
+
+        with tempfile.TemporaryDirectory(prefix="psm-bench-data-") as tmp:
+            write_split(tmp, "train2017", synthetic, seed=cfg.train.seed)
+            label = f"synthetic, {synthetic} train images"
+            results["datasets"].append(
+                bench_data(
+                    cfg,
+                    Path(tmp) / "train2017",
+                    Path(tmp) / "annotations" / "person_keypoints_train2017.json",
+                    label=label,
+                    **kwargs,
+                )
+            )
