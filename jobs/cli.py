@@ -40,6 +40,23 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from jobs.train import run_training
+    from psm_model.config import load_config
+
+    summary = run_training(load_config(args.config, args.overrides))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from jobs.evaluate import run_eval
+    from psm_model.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run_eval(cfg, args.checkpoint, args.dets, args.oracle, args.results)
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
     from pipelines.synthetic import make_synthetic_coco
 
@@ -47,6 +64,35 @@ def cmd_make_synthetic(args: argparse.Namespace) -> None:
     for split, c in counts.items():
         print(f"{args.out}/{split}: {c['images']} images, {c['persons']} persons")
     print(f"annotations: {args.out}/annotations/person_keypoints_{{train,val}}2017.json")
+
+
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from jobs.bench_data import run_bench_data
+    from psm_model.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # `psm bench data data.x=1`
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    run_bench_data(
+        cfg,
+        coco_root=args.coco_root if args.coco_root is not None else cfg.data.root,
+        synthetic=args.synthetic,
+        workers=args.workers,
+        epochs=args.epochs,
+        sizes=args.sizes,
+        repeats=args.repeats,
+        json_out=args.json,
+    )
+
+
+def _size_hw(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) <= 0 or int(w) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHTxWIDTH, e.g. 384x288")
+    return int(h), int(w)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -93,6 +139,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_model)
+    p = bench_sub.add_parser(
+        "data",
+        help="augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
+        description="On one core in-process: our train_samples path (decode each image once, "
+        "augment every person) with its decode / warp / other breakdown, the decode + "
+        "warpAffine-only limit, and an official-HRNet-style loader (decode per person, float "
+        "image and heatmaps); then end to end through Ray Data per worker count. On the COCO "
+        "train split under --coco-root and on a synthetic set, at each --sizes.",
+    )
+    p.add_argument("config", nargs="?", default=None, help="config (default: the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.add_argument(
+        "--coco-root",
+        default=None,
+        help="COCO-style root with data.train_images and data.train_annotations "
+        "(default: data.root; skipped if absent)",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=100,
+        metavar="N",
+        help="also bench N synthetic train images written to a temporary folder (0: skip)",
+    )
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray worker counts")
+    p.add_argument("--epochs", type=int, default=1, help="timed Ray epochs after the warm-up")
+    p.add_argument(
+        "--sizes",
+        type=_size_hw,
+        nargs="+",
+        default=[(384, 288), (256, 192)],
+        metavar="HxW",
+        help="crop sizes (height x width)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="in-process passes (fastest kept)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_data)
+
+    p = sub.add_parser(
+        "train",
+        help="Ray Train DDP training, logged to MLflow",
+        description="Trains with a Ray Train TorchTrainer: train.num_workers workers (one per GPU "
+        "with train.use_gpu=true, NCCL; gloo on CPUs), fed by Ray Data, validated every "
+        "train.val_every epochs, checkpointed every epoch to train.storage_path. An existing "
+        "train.name resumes that run. Runs on the Ray cluster in RAY_ADDRESS, else a local one.",
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="COCO keypoint AP of a checkpoint (or the GT round trip) on the val set",
+        description="Evaluates a checkpoint with the test recipe (flip test, decode, rescoring, "
+        "OKS-NMS, COCOeval) on data.val_annotations, with ground-truth boxes or --dets, and logs "
+        "the metrics to MLflow. --oracle evaluates the ground truth rendered to heatmaps and "
+        "decoded again instead of a model.",
+    )
+    _config_args(p)
+    p.add_argument("--checkpoint", help="a training checkpoint folder or a weights file (.pth)")
+    p.add_argument("--dets", help="person detections, COCO results format (default: GT boxes)")
+    p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
+    p.add_argument("--results", help="also write the keypoint results JSON here")
+    p.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("make-data", help="write datasets (see `psm make-data synthetic --help`)")
     data_sub = data.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -112,11 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the quick-start job on the embedded default",
-        description="Runs what the project can do end to end here with the tiny config: "
-        "synthetic COCO data, model summary, a short CPU training of the tiny PSM model on "
-        "augmented person crops, CPU latency.",
+        description="The quick start on one machine: writes the synthetic COCO dataset (if "
+        "absent), starts a local Ray, trains configs/demo.yaml with 2 gloo workers (Ray Train "
+        "fed by Ray Data), validates with the test recipe, logs to the local MLflow store and "
+        "prints the val AP of the untrained and the trained model.",
     )
-    p.add_argument("config", nargs="?", default=None, help="config (default: the tiny config)")
+    p.add_argument("config", nargs="?", default=None, help="config (default: configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -129,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from pipelines.coco import DataError
     from psm_model.config import ConfigError
+    from psm_model.evaluation import EvalError
     from psm_model.weights import CheckpointError
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError, EvalError) as e:
         print(f"psm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from psm_model.evaluation import json_int
 from psm_model.geometry import box_to_center_scale
 
 log = logging.getLogger(__name__)
@@ -185,21 +186,11 @@ def _list_field(data: dict, field: str, path: Path) -> list:
     return data[field]
 
 
-def _as_int(value: object) -> int | None:
-    if isinstance(value, bool):  # JSON true/false are not ids or sizes
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
 def _parse_image(entry: object, root: Path) -> tuple[int, str, str, int, int] | str:
     """(id, file_name, absolute path, width, height), or the skip reason."""
     if not isinstance(entry, dict):
         return "bad_image"
-    image_id, width, height = (_as_int(entry.get(k)) for k in ("id", "width", "height"))
+    image_id, width, height = (json_int(entry.get(k)) for k in ("id", "width", "height"))
     file_name = entry.get("file_name")
     if image_id is None or width is None or height is None or width <= 0 or height <= 0:
         return "bad_image"
@@ -243,9 +234,9 @@ def _parse_person(
     ann: object, images: dict, aspect: float, padding: float
 ) -> tuple[int, PersonRecord] | str:
     """(image id, record) of one annotation, or the reason it is skipped (checked in this order)."""
-    if not isinstance(ann, dict) or _as_int(ann.get("id")) is None:
+    if not isinstance(ann, dict) or json_int(ann.get("id")) is None:
         return "bad_annotation"
-    image_id = _as_int(ann.get("image_id"))
+    image_id = json_int(ann.get("image_id"))
     image = images.get(image_id)  # (file_name, path, width, height)
     if image is None:
         return "unknown_image"
@@ -267,7 +258,7 @@ def _parse_person(
     for array in (keypoints, center, scale):
         array.flags.writeable = False  # records are shared by every epoch's augmentation
     return image_id, PersonRecord(
-        ann_id=_as_int(ann["id"]),
+        ann_id=json_int(ann["id"]),
         box=box,
         keypoints=keypoints,
         num_keypoints=num_keypoints,

@@ -104,11 +104,24 @@ class TrainConfig:
     sync_bn: bool = False
     num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # CPUs each training worker reserves
+    data_cpus: float = 1.0  # CPUs each Ray Data decode/augment task reserves
+    data_chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
     seed: int = 0
+    val_every: int = 10  # validate (COCO AP) every K epochs and after the last one; 0 = never
+    storage_path: str = "runs"  # checkpoints: a local folder or a pyarrow URI (s3://...)
+    name: str = ""  # run name; an existing name resumes that run. Empty: a new timestamped name
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker failures Ray Train recovers from (restart from checkpoint)
+    mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "psm-pose"
+    registered_model: str = "psm_model"  # MLflow model registry name of the final model
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
             raise ValueError("epochs, batch_size, num_workers: must be positive")
+        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
+            raise ValueError("cpus_per_worker, data_cpus: must be positive")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
 
@@ -121,6 +134,8 @@ class EvalConfig:
     oks_nms_threshold: float = 0.9
     box_score_threshold: float = 0.0
     batch_size: int = 32
+    detections: str = ""  # person boxes (COCO results format) for validation; empty: GT boxes
+    visualize: int = 4  # val images drawn with predicted poses and logged to MLflow
 
 
 @dataclass(frozen=True)
@@ -154,32 +169,38 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then `section.key=value` overrides, type-checked."""
-    tree: dict[str, dict[str, Any]] = {}
-    source = str(path) if path else "<defaults>"
+    text = ""
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        raw = raw or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section, values in raw.items():
-            _section_type(section, source)
-            if not isinstance(values, dict):
-                raise ConfigError(
-                    f"{path}: {section}: expected a mapping, got {type(values).__name__}"
-                )
-            tree.setdefault(section, {}).update(values)
+    return parse_config(text, str(path) if path else "<defaults>", overrides)
+
+
+def parse_config(text: str, source: str = "<text>", overrides: typing.Sequence[str] = ()) -> Config:
+    """A config from YAML text (e.g. the config.yaml saved in a checkpoint), then overrides."""
+    tree: dict[str, dict[str, Any]] = {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        _section_type(section, source)
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{source}: {section}: expected a mapping, got {type(values).__name__}"
+            )
+        tree.setdefault(section, {}).update(values)
     for item in overrides:
-        key, sep, text = item.partition("=")
+        key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         _section_type(section, "override")
-        tree.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else ""
+        tree.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else ""
     return _build(tree, f"{source}{' + overrides' if overrides else ''}")
 
 

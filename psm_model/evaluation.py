@@ -224,8 +224,9 @@ def _read_json(path: Path) -> object:
         raise EvalError(f"{path}: not valid JSON: {e}") from e
 
 
-def _int_id(value: object) -> int | None:
-    if isinstance(value, bool):
+def json_int(value: object) -> int | None:
+    """A JSON integer (also 3.0), else None (booleans, fractions, strings, null)."""
+    if isinstance(value, bool):  # JSON true/false are not ids or sizes
         return None
     if isinstance(value, int):
         return value
@@ -247,12 +248,12 @@ def _parse_detection(entry: object, image_ids: set[int] | None) -> tuple | str:
         entry
     ):
         return "bad_entry", "entry"
-    image_id = _int_id(entry["image_id"])
+    image_id = json_int(entry["image_id"])
     if image_id is None:
         return "bad_image_id", "image_id"
     if image_ids is not None and image_id not in image_ids:
         return "unknown_image", "image_id"
-    if _int_id(entry["category_id"]) != PERSON_CATEGORY_ID:
+    if json_int(entry["category_id"]) != PERSON_CATEGORY_ID:
         return "not_person", "category_id"
     box = entry["bbox"]
     if not isinstance(box, list) or len(box) != 4 or any(_number(v) is None for v in box):
@@ -319,10 +320,10 @@ def validate_results(results: object, gt_image_ids: set[int], source: str) -> li
         for field in ("image_id", "category_id", "keypoints", "score"):
             if field not in r:
                 raise EvalError(f"{where}.{field}: missing")
-        image_id = _int_id(r["image_id"])
+        image_id = json_int(r["image_id"])
         if image_id is None or image_id not in gt_image_ids:
             raise EvalError(f"{where}.image_id: {r['image_id']!r} is not an image of the GT file")
-        if _int_id(r["category_id"]) != PERSON_CATEGORY_ID:
+        if json_int(r["category_id"]) != PERSON_CATEGORY_ID:
             raise EvalError(f"{where}.category_id: expected 1 (person), got {r['category_id']!r}")
         kpts = r["keypoints"]
         if not (isinstance(kpts, list) and len(kpts) == 3 * NUM_JOINTS) or any(

@@ -1,0 +1,102 @@
+"""`psm eval CONFIG --checkpoint CKPT [--dets FILE]` and `psm eval CONFIG --oracle`.
+
+A model checkpoint is evaluated on the val set with the test recipe (Ray Data crops, flip test,
+decode, rescoring, OKS-NMS, COCOeval) and logged to MLflow as its own run. `--oracle` runs the
+ground-truth round trip instead: no model, the whole crop -> heatmap -> decode -> COCOeval chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from jobs import tracking
+from psm_model.checkpoint import checkpoint_config, load_checkpoint
+from psm_model.config import Config
+from psm_model.evaluation import METRIC_NAMES
+from psm_model.hrnet import PoseHRNet, build_model
+from psm_model.weights import from_official_checkpoint, load_strict, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
+    """A training checkpoint directory (its own config wins), an official HRNet pose .pth, or a
+    state_dict file for `cfg.model`."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        ckpt_cfg = checkpoint_config(path)
+        cfg = dataclasses.replace(cfg, model=ckpt_cfg.model)
+        model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+        load_checkpoint(path, model)
+        return model, cfg
+    state, name = read_state_dict(path)
+    # PSM layers and the stride-2 head carry names the official layout never uses
+    if not any(k.startswith("head_") or ".conv.weight" in k for k in state):
+        model = from_official_checkpoint(state)
+        model_cfg = dataclasses.replace(
+            cfg.model, widths=model.widths, fusion="hrnet", heatmap_stride=4, pretrained=""
+        )
+        return model, dataclasses.replace(cfg, model=model_cfg)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    load_strict(model, state, name)
+    return model, cfg
+
+
+def run_eval(
+    cfg: Config,
+    checkpoint: str | None,
+    detections: str | None = None,
+    oracle: bool = False,
+    results_file: str | None = None,
+) -> dict[str, float]:
+    if detections:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, detections=detections))
+    root = Path(cfg.data.root)
+    if oracle:
+        from pipelines.evaluate import oracle_eval
+
+        metrics = oracle_eval(
+            root / cfg.data.val_images,
+            root / cfg.data.val_annotations,
+            cfg.model.input_size,
+            cfg.model.heatmap_stride,
+            cfg.data.sigma,
+            decode=cfg.eval.decode,
+            flip=cfg.eval.flip_test,
+            detections=cfg.eval.detections or None,
+            eval_cfg=cfg.eval,
+            padding=cfg.data.box_padding,
+            results_file=results_file,
+        )
+        kind = "oracle"
+    else:
+        if not checkpoint:
+            raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
+        import ray
+
+        from pipelines.evaluate import evaluate_model
+
+        model, cfg = load_model(checkpoint, cfg)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
+            ray.init()
+        metrics = evaluate_model(model.to(device), cfg, device=device, results_file=results_file)
+        kind = "model"
+    boxes = cfg.eval.detections or "ground-truth boxes"
+    name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_or_resume_run(cfg, name)
+    params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
+    tracking.log_params(cfg, run_id, params)
+    tracking.log_metrics(cfg, run_id, metrics, step=0)
+    tracking.end_run(cfg, run_id)
+    print(f"{kind} evaluation on {root / cfg.data.val_annotations} with {boxes}:")
+    print("| " + " | ".join(METRIC_NAMES) + " |")
+    print("|" + "---:|" * len(METRIC_NAMES))
+    print("| " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_NAMES) + " |")
+    print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
+    return metrics

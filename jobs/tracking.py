@@ -1,0 +1,87 @@
+"""The one module that talks to MLflow. Training calls it from the driver and from rank 0 only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from psm_model.config import Config
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "psm.run_name"  # the Ray Train run name, so a resumed run finds its MLflow run
+
+
+def tracking_uri(cfg: Config) -> str:
+    """config, then $MLFLOW_TRACKING_URI, then a sqlite store in the working directory.
+
+    sqlite rather than ./mlruns: MLflow 3 refuses the file store, and the registry needs a DB.
+    """
+    uri = cfg.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _mlflow(cfg: Config):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow
+
+
+def start_or_resume_run(cfg: Config, run_name: str) -> str:
+    """The MLflow run of this training run (found by its run-name tag), created if new."""
+    mlflow = _mlflow(cfg)
+    experiment = mlflow.set_experiment(cfg.train.experiment)
+    found = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        output_format="list",
+    )
+    if found:
+        log.info("resuming MLflow run %s (%s)", found[0].info.run_id, run_name)
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=run_name, tags={RUN_NAME_TAG: run_name}) as run:
+        mlflow.log_params(cfg.flat())
+        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    return run.info.run_id
+
+
+def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) -> None:
+    _mlflow(cfg).MlflowClient().log_batch(
+        run_id, metrics=[_metric(k, v, step) for k, v in metrics.items()]
+    )
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str | None = None):
+    _mlflow(cfg).MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_params(cfg: Config, run_id: str, params: dict) -> None:
+    client = _mlflow(cfg).MlflowClient()
+    for k, v in params.items():
+        client.log_param(run_id, k, v)
+
+
+def register_model(cfg: Config, run_id: str, model) -> str:
+    """Log the model (pickled with its code, so it loads back as PoseHRNet) and register it."""
+    mlflow = _mlflow(cfg)
+    code = [str(Path(__file__).resolve().parents[1] / "psm_model")]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(), name="model", serialization_format="pickle", code_paths=code
+        )
+    version = mlflow.register_model(info.model_uri, cfg.train.registered_model)
+    log.info("registered %s version %s", cfg.train.registered_model, version.version)
+    return version.version
+
+
+def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    _mlflow(cfg).MlflowClient().set_terminated(run_id, status)
