@@ -66,6 +66,32 @@ def cmd_make_synthetic(args: argparse.Namespace) -> None:
     print(f"annotations: {args.out}/annotations/person_keypoints_{{train,val}}2017.json")
 
 
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from jobs.bench import machine
+    from psm_model.config import load_config
+    from psm_model.profile import describe, train_step_throughput
+
+    cfg = load_config(args.config, args.overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = train_step_throughput(
+        cfg.model,
+        cfg.train.batch_size,
+        steps=args.steps,
+        amp=cfg.train.amp,
+        channels_last=cfg.train.channels_last,
+        compile=cfg.train.compile,
+        device=device,
+    )
+    print(f"machine: {machine()}")
+    print(
+        f"{describe(cfg.model)}: batch {cfg.train.batch_size}, amp {cfg.train.amp}, channels_last "
+        f"{cfg.train.channels_last}, compile {cfg.train.compile}: {r.images_per_s:.1f} img/s, "
+        f"{r.step_ms:.1f} ms/step, peak {r.peak_memory_gb:.2f} GiB"
+    )
+
+
 def cmd_bench_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -139,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_model)
+    p = bench_sub.add_parser(
+        "train",
+        help="train-step images/s and peak memory of the configured model and train settings",
+        description="Full train steps (forward, JointsMSE, backward, Adam) of the configured model "
+        "on random data with train.batch_size, train.amp, train.channels_last and train.compile, "
+        "on the GPU when there is one: images/s, ms per step, peak GPU memory.",
+    )
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    p.set_defaults(func=cmd_bench_train)
     p = bench_sub.add_parser(
         "data",
         help="augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
