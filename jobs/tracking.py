@@ -61,7 +61,12 @@ def _metric(key: str, value: float, step: int):
 
 
 def log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str | None = None):
-    _mlflow(cfg).MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    """A file, or a folder's contents, under `artifact_path` of the run."""
+    client = _mlflow(cfg).MlflowClient()
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 def log_params(cfg: Config, run_id: str, params: dict) -> None:

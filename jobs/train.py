@@ -105,6 +105,7 @@ def train_loop(loop_config: dict) -> None:
             loss_sum += loss * int(keep.sum())
             samples += int(keep.sum())
             state.step += 1
+        batches.close()  # a rank stopped early by the others drops its prefetched chunk here
         scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
         state.epoch = epoch + 1
 

@@ -19,7 +19,8 @@ def _one_cpu_thread():
 @pytest.fixture
 def coco_root() -> Path:
     """Real COCO samples in ../shared/data/coco (its SOURCES.md); absent on users' machines."""
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
+    # resolved: ../shared may be a link, and records carry resolved image paths
+    root = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco").resolve()
     if not root.is_dir():
         pytest.skip(f"real COCO samples not found at {root}")
     return root

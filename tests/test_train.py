@@ -150,3 +150,5 @@ def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_
     assert {"best_checkpoint", "poses", "config.yaml"} <= artifacts
     poses = client.list_artifacts(summary["mlflow_run_id"], "poses")
     assert len(poses) == 2 and all(p.path.endswith(".jpg") for p in poses)
+    best = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "best_checkpoint")}
+    assert best == {"best_checkpoint/model.pt", "best_checkpoint/config.yaml"}
