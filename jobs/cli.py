@@ -53,6 +53,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from jobs.evaluate import run_eval
     from psm_model.config import load_config
 
+    if not args.checkpoint and not args.oracle:
+        raise SystemExit(
+            "psm eval: error: give --checkpoint CKPT, or --oracle for the GT round trip"
+        )
     cfg = load_config(args.config, args.overrides)
     run_eval(cfg, args.checkpoint, args.dets, args.oracle, args.results)
 
