@@ -9,13 +9,12 @@ MLflow. Ray calls are marked `# Ray`; the rest is plain PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from jobs import tracking
 from pipelines.coco import load_coco_persons
-from pipelines.datasets import train_crops
+from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from psm_model.codec import HeatmapCodec, normalize_images
@@ -88,7 +87,12 @@ def train_loop(loop_config: dict) -> None:
         # the same image order on every rank, a new one every epoch; each rank takes every world-th
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
         mine = [rows[i] for i in order[rank::world]]
-        batches = _epoch_batches(mine, cfg, epoch)
+        batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
+            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.train.data_cpus),
+            mine,
+            cfg.train.data_chunk_images,
+            cfg.train.batch_size,
+        )
         model.train()
         loss_sum, samples, skips = 0.0, 0, Counter()
         while True:
@@ -130,28 +134,6 @@ def train_loop(loop_config: dict) -> None:
                 save_checkpoint(d, model, optimizer, scheduler, scaler, state, cfg)
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)  # Ray
-
-
-def _epoch_batches(rows: list[dict], cfg: Config, epoch: int) -> Iterator[dict]:
-    """This rank's batches of one epoch, made by Ray Data in chunks of images, each chunk
-    materialised while the previous one trains.
-
-    Why not stream: a streaming executor whose output is backpressured by a slower consumer has no
-    task to wait on and spins, taking a third of the training thread's time (GIL) on 2 cores.
-    """
-    n = cfg.train.data_chunk_images
-    chunks = [rows[i : i + n] for i in range(0, len(rows), n)]
-
-    def make(chunk: list[dict]) -> ray.data.Dataset:  # Ray Data
-        return train_crops(chunk, cfg, epoch, num_cpus=cfg.train.data_cpus).materialize()
-
-    with ThreadPoolExecutor(max_workers=1) as ahead:
-        future = ahead.submit(make, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            dataset = future.result()
-            if k + 1 < len(chunks):
-                future = ahead.submit(make, chunks[k + 1])
-            yield from dataset.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
 
 
 def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device) -> float:

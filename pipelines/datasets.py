@@ -7,7 +7,8 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray.data import DataContext, TaskPoolStrategy
@@ -62,3 +63,26 @@ def eval_crops(
     )
     compute = TaskPoolStrategy(size=concurrency) if concurrency else None
     return _dataset(rows, num_blocks).flat_map(fn, compute=compute, num_cpus=num_cpus)
+
+
+def iter_chunked(
+    make: Callable[[Sequence[dict]], ray.data.Dataset],
+    rows: Sequence[dict],
+    chunk_rows: int,
+    batch_size: int,
+) -> Iterator[dict]:
+    """Numpy batches of `make(chunk)` over chunks of `rows`, each chunk materialised while the
+    previous one is consumed (order kept).
+
+    Why not stream: a streaming executor whose output is backpressured by a slower consumer (a
+    train step, a model) has no task to wait on and spins; on 2 cores it took a third of the
+    training thread's time (GIL), 12 instead of 32 samples/s.
+    """
+    chunks = [rows[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        future = ahead.submit(lambda c: make(c).materialize(), chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            dataset = future.result()
+            if k + 1 < len(chunks):
+                future = ahead.submit(lambda c: make(c).materialize(), chunks[k + 1])
+            yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy")

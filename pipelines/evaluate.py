@@ -24,7 +24,7 @@ import torch
 from pycocotools.coco import COCO
 
 from pipelines.coco import ImageError, decode_image, load_coco_persons
-from pipelines.datasets import eval_crops
+from pipelines.datasets import eval_crops, iter_chunked
 from pipelines.samples import count_skips, image_rows
 from pipelines.synthetic import SKELETON
 from psm_model.codec import DecodeMethod, HeatmapCodec, normalize_images
@@ -242,9 +242,13 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     image_ids, coords, maxvals, scores, areas, skipped = [], [], [], [], [], Counter()
-    for batch in eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).iter_batches(
-        batch_size=cfg.eval.batch_size, batch_format="numpy"
-    ):
+    batches = iter_chunked(
+        lambda chunk: eval_crops(chunk, cfg, num_cpus=cfg.train.data_cpus),
+        rows,
+        cfg.train.data_chunk_images,
+        cfg.eval.batch_size,
+    )
+    for batch in batches:
         skipped += count_skips(batch["skip"])
         keep = batch["skip"] == ""
         if not keep.any():
