@@ -47,6 +47,8 @@ def train_loop(loop_config: dict) -> None:
     device = get_device()  # Ray: this worker's GPU, or the CPU
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    else:  # fixed input shapes: let cuDNN time its algorithms once (the official CUDNN.BENCHMARK)
+        torch.backends.cudnn.benchmark = True
     ray.data.DataContext.get_current().enable_progress_bars = False  # Ray: no bars in workers
     torch.manual_seed(cfg.train.seed)
 
