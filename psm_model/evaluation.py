@@ -21,10 +21,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm bench` without it
+    from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +357,8 @@ def load_gt(gt_file: str | os.PathLike) -> COCO:
     for field in ("images", "annotations", "categories"):
         if not isinstance(data.get(field), list):
             raise EvalError(f"{path}: {field}: missing or not a list (not a COCO annotation file?)")
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -367,6 +371,9 @@ def coco_eval(
 ) -> dict[str, float]:
     """COCOeval (keypoints) of `results` (a list, or a results JSON file) against `gt`:
     {AP, AP50, AP75, APM, APL, AR, AR50, AR75, ARM, ARL} from `COCOeval.stats` (-1: no GT)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     coco = gt if isinstance(gt, COCO) else load_gt(gt)
     if isinstance(results, (str, os.PathLike)):
         source = str(results)
