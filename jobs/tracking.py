@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from psm_model.config import Config
@@ -53,8 +54,6 @@ def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) 
 
 
 def _metric(key: str, value: float, step: int):
-    import time
-
     from mlflow.entities import Metric
 
     return Metric(key, float(value), int(time.time() * 1000), step)

@@ -1,10 +1,11 @@
-"""Ground-truth round trip ("oracle") of the test recipe, without a model and without images.
+"""The test recipe on the val set: `evaluate_model` (a model on Ray Data crops) and
+`oracle_eval`, the ground-truth round trip without a model and without images.
 
-Each person's GT keypoints go through the crop affine, the training target renderer (and, with the
-flip test, the renderer on the mirrored crop followed by `flip_back`), the decoder, the map back to
-the image, rescoring, OKS-NMS and COCOeval. A network that predicted its training targets
-perfectly would score this: what is lost here (heatmap quantisation, flip shift, decode) is the
-chain's own error, a check of crop -> heatmap -> decode -> image -> COCOeval.
+Oracle: each person's GT keypoints go through the crop affine, the training target renderer
+(and, with the flip test, the renderer on the mirrored crop followed by `flip_back`), the decoder,
+the map back to the image, rescoring, OKS-NMS and COCOeval. A network that predicted its
+training targets perfectly would score this: what is lost here (heatmap quantisation, flip shift,
+decode) is the chain's own error, a check of crop -> heatmap -> decode -> image -> COCOeval.
 
 With a detections file, each box gets the keypoints of the GT person it overlaps most (box IoU
 >= 0.5) or none (all-zero heatmaps, score 0): a check of box reading, crops from detector boxes,

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines.coco import NUM_JOINTS, ImageError, ImageRecord, decode_image
 from psm_model.config import DataConfig
-from psm_model.geometry import make_eval_crop, make_training_sample
+from psm_model.geometry import make_eval_crop, make_training_sample, transform_points
 
 # The one place that names the sample columns (and their per-row shapes / dtypes).
 SAMPLE_COLUMNS = {
@@ -88,7 +88,7 @@ def eval_samples(row: dict, *, input_size: tuple[int, int], max_pixels: int) -> 
     out = []
     for k in range(len(row["ann_ids"])):
         crop, matrix = make_eval_crop(image, row["centers"][k], row["scales"][k], input_size)
-        xy = row["keypoints"][k][:, :2] @ matrix[:, :2].T + matrix[:, 2]  # GT joints, crop pixels
+        xy = transform_points(row["keypoints"][k][:, :2], matrix)  # GT joints, crop pixels
         visible = row["keypoints"][k][:, 2] > 0
         out.append(_sample(row, k, crop, np.where(visible[:, None], xy, 0), visible))
     return out

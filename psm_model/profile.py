@@ -5,6 +5,7 @@ Used by `psm model-summary` and `psm bench model`; torch only, so it runs on a b
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from psm_model.config import ModelConfig
-from psm_model.hrnet import PoseHRNet, build_model
+from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
 
 
@@ -32,10 +33,7 @@ class Summary:
 
 
 def summarize(cfg: ModelConfig, name: str = "") -> Summary:
-    model = PoseHRNet(
-        cfg.branch_widths, cfg.fusion, cfg.heatmap_stride, cfg.num_joints, cfg.final_conv_kernel
-    )
-    model.eval()
+    model = build_model(dataclasses.replace(cfg, pretrained="")).eval()  # sizes need no weights
     x = torch.zeros(1, 3, *cfg.input_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         y = model(x)
