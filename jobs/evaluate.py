@@ -1,7 +1,9 @@
 """`psm eval CONFIG --checkpoint CKPT [--dets FILE]` and `psm eval CONFIG --oracle`.
 
 A model checkpoint is evaluated on the val set with the test recipe (Ray Data crops, flip test,
-decode, rescoring, OKS-NMS, COCOeval) and logged to MLflow as its own run. `--oracle` runs the
+decode, rescoring, OKS-NMS, COCOeval) and logged to MLflow as its own run, with a few val images
+drawn with their poses. The model runs on eval.workers Ray Data actors (one GPU each on a GPU
+cluster); only pose rows come back to this driver, which scores them. `--oracle` runs the
 ground-truth round trip instead: no model, the whole crop -> heatmap -> decode -> COCOeval chain.
 """
 
@@ -11,8 +13,6 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-
-import torch
 
 from jobs import tracking
 from psm_model.checkpoint import checkpoint_config, load_checkpoint
@@ -56,42 +56,48 @@ def run_eval(
 ) -> dict[str, float]:
     if detections:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, detections=detections))
+    if not oracle and not checkpoint:
+        raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
     root = Path(cfg.data.root)
-    if oracle:
-        from pipelines.evaluate import oracle_eval
-
-        metrics = oracle_eval(
-            root / cfg.data.val_images,
-            root / cfg.data.val_annotations,
-            cfg.model.input_size,
-            cfg.model.heatmap_stride,
-            cfg.data.sigma,
-            decode=cfg.eval.decode,
-            flip=cfg.eval.flip_test,
-            detections=cfg.eval.detections or None,
-            eval_cfg=cfg.eval,
-            padding=cfg.data.box_padding,
-            results_file=results_file,
-        )
-        kind = "oracle"
-    else:
-        if not checkpoint:
-            raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
-        import ray
-
-        from pipelines.evaluate import evaluate_model
-
-        model, cfg = load_model(checkpoint, cfg)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
-            ray.init()
-        metrics = evaluate_model(model.to(device), cfg, device=device, results_file=results_file)
-        kind = "model"
+    kind = "oracle" if oracle else "model"
+    weights = None
+    if not oracle:
+        model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        del model
     boxes = cfg.eval.detections or "ground-truth boxes"
-    name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_or_resume_run(cfg, name)
+    # the MLflow run first: evaluation draws poses on a few val images and logs them to it
+    run_id = tracking.start_or_resume_run(cfg, f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
     tracking.log_params(cfg, run_id, params)
+    try:
+        if oracle:
+            from pipelines.evaluate import oracle_eval
+
+            metrics = oracle_eval(
+                root / cfg.data.val_images,
+                root / cfg.data.val_annotations,
+                cfg.model.input_size,
+                cfg.model.heatmap_stride,
+                cfg.data.sigma,
+                decode=cfg.eval.decode,
+                flip=cfg.eval.flip_test,
+                detections=cfg.eval.detections or None,
+                eval_cfg=cfg.eval,
+                padding=cfg.data.box_padding,
+                results_file=results_file,
+            )
+        else:
+            import ray
+
+            from pipelines.evaluate import evaluate_on_actors
+
+            if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
+                ray.init()
+            metrics = evaluate_on_actors(weights, cfg, results_file=results_file, run_id=run_id)
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.end_run(cfg, run_id)
     print(f"{kind} evaluation on {root / cfg.data.val_annotations} with {boxes}:")

@@ -1,4 +1,5 @@
-"""Ray Data graphs: image rows -> person crops, sharded by image across CPU workers.
+"""Ray Data graphs: image rows -> person crops, sharded by image across CPU workers, and crops ->
+poses on an actor pool that holds the model (`psm eval`).
 
 The Ray calls of the data side live here. A graph is built per epoch (the epoch is part of every
 sample's seed), so each epoch draws new augmentations and a resumed epoch redraws exactly the same.
@@ -7,14 +8,19 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
-from ray.data import DataContext, TaskPoolStrategy
+import torch
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+from pipelines.predict import PosePredictor
 from pipelines.samples import eval_samples, train_samples
 from psm_model.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _dataset(rows: Sequence[dict], num_blocks: int | None) -> ray.data.Dataset:
@@ -63,6 +69,38 @@ def eval_crops(
     )
     compute = TaskPoolStrategy(size=concurrency) if concurrency else None
     return _dataset(rows, num_blocks).flat_map(fn, compute=compute, num_cpus=num_cpus)
+
+
+def pose_predictions(
+    rows: Sequence[dict], cfg: Config, weights: dict[str, torch.Tensor]
+) -> ray.data.Dataset:
+    """`eval_crops` -> poses (pipelines.predict.POSE_COLUMNS) on a pool of eval.workers
+    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`.
+
+    Each actor reserves one GPU when the cluster has any, and eval.cpus_per_worker CPUs; the crop
+    tasks reserve train.data_cpus besides (Ray does not fuse a flat_map into a batched map).
+    """
+    total = ray.cluster_resources()  # Ray call
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    need = {"GPU": cfg.eval.workers * gpus}
+    need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + cfg.train.data_cpus
+    short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
+    if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
+        log.warning(
+            "eval.workers=%d actors (eval.cpus_per_worker=%s) and a crop task "
+            "(train.data_cpus=%s) need more than the cluster has now (need, have): %s",
+            cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.train.data_cpus, short,
+        )  # fmt: skip
+    # Ray calls: the weights go to the object store once, and each actor fetches them from there
+    return eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).map_batches(
+        PosePredictor,
+        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(weights)},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.eval.workers),
+        num_cpus=cfg.eval.cpus_per_worker,
+        num_gpus=gpus,
+    )
 
 
 def iter_chunked(

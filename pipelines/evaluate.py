@@ -1,5 +1,6 @@
-"""The test recipe on the val set: `evaluate_model` (a model on Ray Data crops) and
-`oracle_eval`, the ground-truth round trip without a model and without images.
+"""The test recipe on the val set: `evaluate_model` (a model in this process on Ray Data crops),
+`evaluate_on_actors` (the model on Ray Data actors; both share `pipelines.predict.predict_poses`)
+and `oracle_eval`, the ground-truth round trip without a model and without images.
 
 Oracle: each person's GT keypoints go through the crop affine, the training target renderer
 (and, with the flip test, the renderer on the mirrored crop followed by `flip_back`), the decoder,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -25,10 +27,11 @@ import torch
 from pycocotools.coco import COCO
 
 from pipelines.coco import ImageError, decode_image, load_coco_persons
-from pipelines.datasets import eval_crops, iter_chunked
+from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
+from pipelines.predict import predict_poses
 from pipelines.samples import count_skips, image_rows
 from pipelines.synthetic import SKELETON
-from psm_model.codec import DecodeMethod, HeatmapCodec, normalize_images
+from psm_model.codec import DecodeMethod, HeatmapCodec
 from psm_model.config import Config, EvalConfig
 from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections, write_results
 from psm_model.geometry import (
@@ -177,7 +180,7 @@ def oracle_eval(
 
 
 # ----------------------------------------------------------------------------------------------
-# A model on the val set: Ray Data crops -> heatmaps (+ flip) -> decode -> results -> COCOeval
+# A model on the val set: Ray Data crops -> poses (predict_poses) -> results -> COCOeval
 # ----------------------------------------------------------------------------------------------
 
 
@@ -206,15 +209,19 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> torch.Tensor:
-    """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
-    x = normalize_images(torch.from_numpy(images).to(device), cfg.train.channels_last)
-    heatmaps = model(x).float()
-    if cfg.eval.flip_test:
-        codec = HeatmapCodec.from_config(cfg)
-        heatmaps = codec.flip_average(heatmaps, model(x.flip(-1)).float())
-    return heatmaps
+def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
+    """The val records and their image rows: ground-truth boxes, or eval.detections."""
+    root = Path(cfg.data.root)
+    records, _ = load_coco_persons(
+        root / cfg.data.val_images,
+        root / cfg.data.val_annotations,
+        cfg.model.input_size,
+        cfg.data.box_padding,
+        False,
+    )
+    if cfg.eval.detections:
+        return records, detection_rows(records, cfg.eval.detections, cfg)
+    return records, image_rows(records)
 
 
 def evaluate_model(
@@ -225,45 +232,61 @@ def evaluate_model(
     results_file: str | os.PathLike | None = None,
     run_id: str | None = None,
 ) -> dict[str, float]:
-    """COCO keypoint metrics of `model` on the val set (GT boxes, or eval.detections).
+    """COCO keypoint metrics of `model` on the val set (GT boxes, or eval.detections), the model
+    running in this process (validation inside training: rank 0 of a Ray Train worker).
 
     Crops come from the Ray Data graph; with `run_id`, a few val images with the predicted poses
     drawn on them are logged to that MLflow run.
     """
-    root = Path(cfg.data.root)
-    ann = root / cfg.data.val_annotations
-    records, _ = load_coco_persons(
-        root / cfg.data.val_images, ann, cfg.model.input_size, cfg.data.box_padding, False
-    )
-    if cfg.eval.detections:
-        rows = detection_rows(records, cfg.eval.detections, cfg)
-    else:
-        rows = image_rows(records)
-    codec = HeatmapCodec.from_config(cfg)
+    records, rows = _val_rows(cfg)
     was_training = model.training
     model.eval()
-    image_ids, coords, maxvals, scores, areas, skipped = [], [], [], [], [], Counter()
     batches = iter_chunked(
         lambda chunk: eval_crops(chunk, cfg, num_cpus=cfg.train.data_cpus),
         rows,
         cfg.train.data_chunk_images,
         cfg.eval.batch_size,
     )
-    for batch in batches:
+    try:
+        poses = (predict_poses(model, batch, cfg, device) for batch in batches)
+        return _score(poses, records, cfg, results_file, run_id)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_on_actors(
+    weights: dict[str, torch.Tensor],
+    cfg: Config,
+    *,
+    results_file: str | os.PathLike | None = None,
+    run_id: str | None = None,
+) -> dict[str, float]:
+    """`evaluate_model` with the model on eval.workers Ray Data actors (`psm eval`): `weights` is
+    a CPU state_dict for `cfg.model`. Only pose rows come back; scoring stays here."""
+    records, rows = _val_rows(cfg)
+    poses = pose_predictions(rows, cfg, weights).iter_batches(batch_size=None, batch_format="numpy")
+    return _score(poses, records, cfg, results_file, run_id)
+
+
+def _score(
+    poses: Iterable[dict[str, np.ndarray]],
+    records: list,
+    cfg: Config,
+    results_file: str | os.PathLike | None,
+    run_id: str | None,
+) -> dict[str, float]:
+    """Batches of pose rows (POSE_COLUMNS) -> rescoring, OKS-NMS, results JSON, COCOeval."""
+    image_ids, coords, maxvals, scores, areas, skipped = [], [], [], [], [], Counter()
+    for batch in poses:
         skipped += count_skips(batch["skip"])
         keep = batch["skip"] == ""
-        if not keep.any():
-            continue
-        heatmaps = predict(model, batch["image"][keep], cfg, device)
-        c, m = codec.decode(heatmaps, batch["center"][keep], batch["scale"][keep], cfg.eval.decode)
         image_ids.append(batch["image_id"][keep])
-        coords.append(c)
-        maxvals.append(m)
+        coords.append(batch["coords"][keep])
+        maxvals.append(batch["maxvals"][keep])
         scores.append(batch["score"][keep])
-        areas.append(np.prod(batch["scale"][keep] * PIXEL_STD, axis=1))
-    model.train(was_training)
+        areas.append(np.prod(batch["scale"][keep] * PIXEL_STD, axis=1))  # official NMS area
     results = []
-    if image_ids:
+    if image_ids and sum(map(len, image_ids)):
         results = make_results(
             np.concatenate(image_ids), np.concatenate(coords), np.concatenate(maxvals),
             np.concatenate(scores), np.concatenate(areas),
@@ -271,7 +294,7 @@ def evaluate_model(
         )  # fmt: skip
     if results_file is not None:
         write_results(results, results_file)
-    metrics = coco_eval(load_gt(ann), results)
+    metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
     if run_id and cfg.eval.visualize:
         _log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)

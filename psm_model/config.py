@@ -136,6 +136,14 @@ class EvalConfig:
     batch_size: int = 32
     detections: str = ""  # person boxes (COCO results format) for validation; empty: GT boxes
     visualize: int = 4  # val images drawn with predicted poses and logged to MLflow
+    # `psm eval --checkpoint`: the model runs on this many Ray Data actors (one GPU each on a GPU
+    # cluster). Validation inside training runs in its rank-0 worker instead.
+    workers: int = 1
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves; crop tasks need train.data_cpus more
+
+    def __post_init__(self) -> None:
+        if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_size <= 0:
+            raise ValueError("workers, cpus_per_worker, batch_size: must be positive")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,21 @@
 """`psm eval` end to end on the local Ray: a state_dict file, a training checkpoint folder, an
-official HRNet .pth, and the GT oracle; metrics printed and logged to MLflow."""
+official HRNet .pth, and the GT oracle; metrics printed and logged to MLflow. The model runs on
+Ray Data actors and must score as it does in process (validation inside training)."""
 
+import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from official_reference import official_state_dict
 
 from jobs.cli import main
+from pipelines.evaluate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.config import load_config
+from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -77,3 +82,63 @@ def test_oracle_on_synthetic_ground_truth(synthetic_root, tmp_path, capsys):
 def test_eval_needs_a_checkpoint_or_oracle(synthetic_root, tmp_path):
     with pytest.raises(SystemExit, match="give --checkpoint CKPT, or --oracle"):
         main(["eval", TINY, *_args(synthetic_root, tmp_path)])
+
+
+def _poses(results_file: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
+    results = json.loads(results_file.read_text())
+    return (
+        [r["image_id"] for r in results],
+        np.array([r["keypoints"] for r in results]),
+        np.array([r["score"] for r in results]),
+    )
+
+
+@pytest.mark.slow
+def test_eval_on_actors_scores_as_in_process(ray_local, synthetic_root, tmp_path):
+    cfg = load_config(TINY, _args(synthetic_root, tmp_path))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    expected = evaluate_model(model, cfg, results_file=tmp_path / "in_process.json")
+    ids, keypoints, scores = _poses(tmp_path / "in_process.json")
+    assert len(ids) > 0
+    # 2 actors at half a CPU each leave 1 CPU for the crop tasks on the session's 2 CPUs
+    for workers, cpus in ((1, 1.0), (2, 0.5)):
+        results = tmp_path / f"actors{workers}.json"
+        overrides = [f"eval.workers={workers}", f"eval.cpus_per_worker={cpus}"]
+        args = [*_args(synthetic_root, tmp_path), *overrides, "--results", str(results)]
+        assert main(["eval", TINY, *args, "--checkpoint", str(tmp_path / "model.pt")]) == 0
+        run = _last_run(tmp_path)
+        assert run["params.eval.workers"] == str(workers)
+        for k in METRIC_NAMES:
+            assert run[f"metrics.{k}"] == pytest.approx(expected[k], abs=1e-6), k
+        # an untrained model scores ~0 AP, so the poses themselves carry the comparison
+        got_ids, got_keypoints, got_scores = _poses(results)
+        assert got_ids == ids
+        np.testing.assert_allclose(got_keypoints, keypoints, atol=1e-4)
+        np.testing.assert_allclose(got_scores, scores, atol=1e-6)
+        drawn = mlflow.MlflowClient().list_artifacts(run["run_id"], "poses")
+        assert len(drawn) == min(cfg.eval.visualize, 4)  # 4 synthetic val images
+
+
+@pytest.mark.slow
+def test_eval_with_detections_gives_no_pose_to_an_image_without_boxes(
+    ray_local, synthetic_root, tmp_path
+):
+    gt = json.loads((synthetic_root / "annotations" / "person_keypoints_val2017.json").read_text())
+    no_boxes = min(image["id"] for image in gt["images"])
+    dets = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+        if a["image_id"] != no_boxes
+    ]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    results = tmp_path / "results.json"
+    args = [*_args(synthetic_root, tmp_path), "--checkpoint", str(tmp_path / "model.pt")]
+    args += ["--dets", str(tmp_path / "dets.json"), "--results", str(results)]
+    assert main(["eval", TINY, *args]) == 0
+    ids, _, _ = _poses(results)
+    assert no_boxes not in ids
+    assert set(ids) == {d["image_id"] for d in dets}  # every other image keeps a pose
+    assert _last_run(tmp_path)["params.eval.boxes"] == str(tmp_path / "dets.json")
