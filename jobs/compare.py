@@ -1,0 +1,155 @@
+"""`psm compare EXPERIMENT`: the training runs of an MLflow experiment (or one sweep) side by side.
+
+Columns: run, trial, status, the config values that differ between the runs, the last val AP / AP50
+/ AP75 / AR, the best AP, epochs done and wall time. Sortable by any column; `--csv` writes the
+rows; the sweep logs the same table and an AP-vs-parameter plot to its parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.tracking import KIND_TAG, PARENT_TAG
+
+METRICS = {"AP": "val_AP", "AP50": "val_AP50", "AP75": "val_AP75", "AR": "val_AR",
+           "best_AP": "best_AP", "epochs": "epochs_done"}  # fmt: skip
+# differ between any two runs by construction: not worth a column
+PER_RUN_PARAMS = {"train.name", "train.storage_path", "train.mlflow_uri"}
+HEAD = ["run", "trial", "status"]
+
+
+def comparison(
+    tracking_uri: str, experiment: str, sweep: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, the config keys whose values differ between the rows). Rows carry `run_id` too."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise LookupError(f"{tracking_uri}: no MLflow experiment {experiment!r}")
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{KIND_TAG}` = 'train'",
+        output_format="list",
+    )
+    if sweep is not None:
+        parents = mlflow.search_runs(
+            experiment_names=[experiment],
+            filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`psm.run_name` = '{sweep}'",
+            output_format="list",
+        )
+        if not parents:
+            raise LookupError(f"{tracking_uri}: experiment {experiment!r} has no sweep {sweep!r}")
+        ids = {p.info.run_id for p in parents}
+        runs = [r for r in runs if r.data.tags.get(PARENT_TAG) in ids]
+
+    keys = sorted({k for r in runs for k in r.data.params} - PER_RUN_PARAMS)
+    differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "run": r.info.run_name,
+            "run_id": r.info.run_id,
+            "trial": r.data.tags.get("psm.trial_id", ""),
+            "status": r.info.status
+            + (" (stopped early)" if r.data.tags.get("psm.stopped_early") else ""),
+        }
+        row |= {k: r.data.params.get(k, "") for k in differ}
+        row |= {col: r.data.metrics.get(key, "") for col, key in METRICS.items()}
+        if isinstance(row["epochs"], float):
+            row["epochs"] = int(row["epochs"])
+        end = r.info.end_time
+        row["wall_s"] = round((end - r.info.start_time) / 1000) if end else ""
+        rows.append(row)
+    return rows, differ
+
+
+def sort_rows(rows: list[dict], key: str, descending: bool = True) -> list[dict]:
+    """Sorted by `key`, numbers as numbers; rows without a value last either way."""
+    if rows and key not in rows[0]:
+        raise KeyError(f"--sort {key!r}: not a column ({', '.join(rows[0])})")
+
+    def value(row):
+        v = row.get(key, "")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+    have = [r for r in rows if row_has(r, key)]
+    return sorted(have, key=value, reverse=descending) + [r for r in rows if not row_has(r, key)]
+
+
+def row_has(row: dict, key: str) -> bool:
+    v = row.get(key, "")
+    return v != "" and v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def columns(params: list[str]) -> list[str]:
+    return [*HEAD, *params, *METRICS, "wall_s"]
+
+
+def format_table(rows: list[dict], params: list[str]) -> str:
+    cols = columns(params)
+    cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], params: list[str], path: str | Path) -> None:
+    """`path` "-" writes to stdout."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*columns(params), "run_id"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    if str(path) == "-":
+        sys.stdout.write(out.getvalue())
+    else:
+        Path(path).write_text(out.getvalue())
+
+
+def plot_sweep(rows: list[dict], keys: list[str], path: str | Path) -> None:
+    """Best AP against each swept parameter, one panel per parameter (hollow: stopped early)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in rows)] or ["run"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        labels = sorted({str(r.get(key, "")) for r in rows}, key=_numeric_first)
+        for r in rows:
+            if not row_has(r, "best_AP"):
+                continue
+            x = labels.index(str(r.get(key, "")))
+            early = "stopped" in r["status"]
+            ax.scatter(x, r["best_AP"], s=40, facecolors="none" if early else "C0",
+                       edgecolors="C0")  # fmt: skip
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel("best val AP")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _numeric_first(text: str):
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4f}"
+    return str(value)

@@ -1,0 +1,258 @@
+"""`psm tune CONFIG --space SPACE.yaml`: a Ray Tune sweep; every trial is a full Ray Train run.
+
+Each trial is a small Tune function (0.1 CPU) that builds the trial's config and runs
+`jobs.train.run_training` with its own TorchTrainer, named after the trial id (so a resumed sweep
+resumes the trial's training from its last checkpoint) and reporting every epoch to Tune. The
+metric is `val_AP` (validation every epoch), which ASHA stops trials on; trials are ranked by
+`best_AP`. MLflow: the sweep is a parent run, each trial a child run (MLflow's parent tag, plus
+`psm.trial_id`); the best trial's best weights are registered; the comparison table and an
+AP-vs-parameter plot are logged to the parent. (Ray 2.60: `Tuner(TorchTrainer)` itself is not
+accepted, hence the function trainable.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import yaml
+from ray import tune
+
+from jobs import tracking
+from jobs.compare import comparison, format_table, plot_sweep, write_csv
+from jobs.sweep_space import SweepSpace, validate, yaml_value
+from jobs.train import resolve_paths, run_training
+from psm_model.config import Config, ConfigError, parse_config
+from psm_model.hrnet import build_model
+
+log = logging.getLogger(__name__)
+TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune
+METRIC = "val_AP"  # reported every epoch: what ASHA and the searchers optimise
+RANK_METRIC = "best_AP"  # best so far: what the sweep ranks trials by
+
+
+def run_sweep(
+    base: Config, space: SweepSpace, name: str, *, resume: bool = False, max_concurrent: int = 0
+) -> dict[str, Any]:
+    """Run (or `resume`) the sweep `name`; returns the best trial and the comparison rows."""
+    base = resolve_paths(base)
+    storage = base.train.storage_path
+    experiment_path = f"{storage}/{name}"
+    exists = tune.Tuner.can_restore(experiment_path)
+    if exists and not resume:
+        raise ConfigError(
+            f"sweep {name!r} exists at {experiment_path}: pass --resume to continue it, or "
+            "--name for a new sweep"
+        )
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep {name!r} at {experiment_path}")
+    configs = validate(space, base)
+
+    parent = tracking.start_or_resume_run(base, name, kind="sweep")
+    if resume:
+        _check_same_inputs(base, space, name, parent)
+    else:
+        tracking.log_params(base, parent, _sweep_params(space))
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "space.yaml").write_text(space.text)
+            (Path(d) / "base_config.yaml").write_text(base.to_yaml())
+            tracking.log_artifact(base, parent, d, "sweep")
+
+    if not ray.is_initialized():  # Ray: the cluster in RAY_ADDRESS, or a local one
+        ray.init()
+    concurrency = _concurrency(configs, ray.cluster_resources(), max_concurrent)
+    trial_info = {"sweep": name, "parent_run_id": parent, "storage": f"{storage}/{name}.trials"}
+    trainable = tune.with_resources(  # Ray
+        tune.with_parameters(_trial, base_yaml=base.to_yaml(), space=space, info=trial_info),
+        {"CPU": TRIAL_CPUS},
+    )
+    if resume:
+        log.info("resuming sweep %s from %s", name, experiment_path)
+        tuner = tune.Tuner.restore(  # Ray: finished trials keep their results
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        max_epochs = max(c.train.epochs for c in configs)
+        tuner = tune.Tuner(  # Ray
+            trainable,
+            param_space=_tune_space(space),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                num_samples=space.num_samples,
+                search_alg=_searcher(space),
+                scheduler=_scheduler(space, max_epochs),
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(storage_path=storage, name=name),
+        )
+    log.info("sweep %s: up to %d trials at once, MLflow parent run %s", name, concurrency, parent)
+    grid = tuner.fit()
+    return _finish(base, space, name, parent, grid)
+
+
+def _check_same_inputs(base: Config, space: SweepSpace, name: str, parent: str) -> None:
+    """A resumed sweep must run the config and space it started with (the trials already run
+    used them); keys added to the config since are ignored."""
+    with tempfile.TemporaryDirectory() as d:
+        folder = tracking.download_artifacts(base, parent, "sweep", d)
+        first_space = yaml.safe_load((folder / "space.yaml").read_text())
+        first = parse_config((folder / "base_config.yaml").read_text(), "sweep base").flat()
+    if yaml.safe_load(space.text) != first_space:
+        raise ConfigError(f"--resume: {space.source} differs from the space sweep {name!r} ran")
+    now = base.flat()
+    changed = [f"{k}: {first[k]!r} -> {now[k]!r}" for k in first if k in now and now[k] != first[k]]
+    if changed:
+        raise ConfigError(
+            f"--resume: sweep {name!r} started with other config values: {'; '.join(changed)}"
+        )
+
+
+def _trial(params: dict, *, base_yaml: str, space: SweepSpace, info: dict) -> None:
+    """One trial, in its Tune actor: a training run whose epochs report to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()  # Ray: stable across a sweep's resume
+    cfg = space.trial_config(parse_config(base_yaml, "<sweep base config>"), params)
+    train = dataclasses.replace(
+        cfg.train, name=f"{info['sweep']}-{trial_id}", storage_path=info["storage"], val_every=1
+    )
+    run_training(
+        dataclasses.replace(cfg, train=train),
+        callbacks=[TuneReportCallback()],  # Ray: each ray.train.report -> one Tune result
+        mlflow_tags={
+            tracking.PARENT_TAG: info["parent_run_id"],
+            "psm.sweep": info["sweep"],
+            "psm.trial_id": trial_id,
+        },
+        register=False,
+    )
+
+
+def _tune_space(space: SweepSpace) -> dict[str, Any]:
+    """Tune's param_space. Lists (explicit widths) travel as their YAML text: searchers such as
+    Optuna take only scalars as categories."""
+    out: dict[str, Any] = {}
+    for p in space.params:
+        scalar = [yaml_value(v) if isinstance(v, (list, dict)) else v for v in p.values]
+        if p.kind == "grid":
+            out[p.key] = tune.grid_search(scalar)
+        elif p.kind == "choice":
+            out[p.key] = tune.choice(scalar)
+        elif p.kind == "uniform":
+            out[p.key] = tune.uniform(*p.values)
+        elif p.kind == "loguniform":
+            out[p.key] = tune.loguniform(*p.values)
+        else:  # randint: both ends included in the space file, Tune's high is exclusive
+            out[p.key] = tune.randint(p.values[0], p.values[1] + 1)
+    return out
+
+
+def _searcher(space: SweepSpace):
+    if space.searcher != "optuna":
+        return None  # Tune's basic generator: the grid, random draws, or both
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:  # pragma: no cover - optuna is a dependency
+        raise ConfigError(f"{space.source}: searcher optuna: {e}") from e
+    return OptunaSearch(seed=0)
+
+
+def _scheduler(space: SweepSpace, max_epochs: int):
+    if space.asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epochs_done",  # epochs, not Tune iterations: a resumed trial keeps counting
+        max_t=max_epochs,
+        grace_period=space.asha.grace_period,
+        reduction_factor=space.asha.reduction_factor,
+    )
+
+
+def _concurrency(configs: list[Config], resources: dict[str, float], requested: int) -> int:
+    """Trials that fit at once. Each holds its 0.1-CPU driver, its training workers and room for
+    one Ray Data task; more than fit would starve the data tasks, and Train retries its worker
+    startup forever."""
+    cpus = max(TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.train.data_cpus
+               for c in configs)  # fmt: skip
+    fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
+    gpu_workers = max((c.train.num_workers for c in configs if c.train.use_gpu), default=0)
+    if gpu_workers:
+        fit = min(fit, math.floor(resources.get("GPU", 0.0) / gpu_workers + 1e-9))
+    if fit < 1:
+        raise ConfigError(
+            f"a trial needs {cpus:g} CPUs and {gpu_workers} GPUs (train.num_workers, "
+            f"train.cpus_per_worker, train.data_cpus), the cluster has {resources.get('CPU', 0):g} "
+            f"CPUs and {resources.get('GPU', 0):g} GPUs"
+        )
+    if requested > fit:
+        log.warning("max_concurrent_trials %d > %d that fit now: trials will wait", requested, fit)
+    return requested or fit
+
+
+def _sweep_params(space: SweepSpace) -> dict[str, Any]:
+    params = {f"sweep.{p.key}": f"{p.kind} {list(p.values)}" for p in space.params}
+    asha = dataclasses.asdict(space.asha) if space.asha else "none"
+    return {
+        **params,
+        "sweep.searcher": space.searcher,
+        "sweep.num_samples": space.num_samples,
+        "sweep.sigma_units": space.sigma_units,
+        "sweep.asha": asha,
+    }
+
+
+def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> dict[str, Any]:
+    """Close the trials' MLflow runs Tune stopped, register the best, log the comparison."""
+    errored = {r.metrics.get("trial_id") for r in grid if r.error and r.metrics}
+    for run in tracking.child_runs(base, parent):
+        if run.data.tags.get("psm.trial_id") in errored:
+            tracking.end_run(base, run.info.run_id, "FAILED")
+            continue
+        done = run.data.metrics.get("epochs_done", 0)
+        if run.info.status == "RUNNING" or done < int(run.data.params["train.epochs"]):
+            # stopped by ASHA: Ray Train ends its run cleanly, with fewer epochs
+            tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
+            tracking.end_run(base, run.info.run_id, "KILLED")
+
+    rows, params = comparison(tracking.resolve_uri(base.train.mlflow_uri), base.train.experiment,
+                              sweep=name)  # fmt: skip
+    summary: dict[str, Any] = {"sweep": name, "trials": len(rows), "parent_run_id": parent}
+    summary["errors"] = sum(1 for r in grid if r.error)
+    ranked = [r for r in rows if isinstance(r.get(RANK_METRIC), float) and r[RANK_METRIC] >= 0]
+    if ranked:
+        best = max(ranked, key=lambda r: r[RANK_METRIC])
+        version = _register_best(base, best["run_id"])
+        tracking.set_tags(base, parent, {"psm.best_trial": best["trial"],
+                                         "psm.best_run_id": best["run_id"]})  # fmt: skip
+        tracking.log_metrics(base, parent, {RANK_METRIC: best[RANK_METRIC]}, step=0)
+        summary |= {"best_trial": best["trial"], "best_run_id": best["run_id"],
+                    RANK_METRIC: best[RANK_METRIC], "model_version": version}  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        write_csv(rows, params, Path(d) / "trials.csv")
+        plot_sweep(rows, [p.key for p in space.params], Path(d) / "ap_vs_params.png")
+        tracking.log_artifact(base, parent, d, "sweep")
+    tracking.end_run(base, parent, "FINISHED" if not summary["errors"] else "FAILED")
+    summary["table"] = format_table(rows, params)
+    return summary
+
+
+def _register_best(base: Config, run_id: str) -> str:
+    """Register the best weights of the best trial (its `best_checkpoint` artifact)."""
+    status = tracking.get_run(base, run_id).info.status
+    with tempfile.TemporaryDirectory() as d:
+        folder = tracking.download_artifacts(base, run_id, "best_checkpoint", d)
+        cfg = parse_config((folder / "config.yaml").read_text(), f"run {run_id} config.yaml")
+        model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    version = tracking.register_model(base, run_id, model)
+    tracking.end_run(base, run_id, status)  # logging the model reopened the run
+    return version

@@ -1,0 +1,123 @@
+"""Search-space files: parsed, applied to trial configs, and refused before any trial starts."""
+
+from pathlib import Path
+
+import pytest
+
+from jobs.sweep_space import parse_space, yaml_value
+from jobs.tune import _concurrency, _tune_space
+from psm_model.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def base():
+    return load_config(CONFIGS / "tiny.yaml")
+
+
+def test_demo_space_builds_every_grid_point():
+    base = load_config(CONFIGS / "demo.yaml")
+    space = parse_space((CONFIGS / "sweeps" / "demo.yaml").read_text(), base, "demo.yaml")
+    assert space.swept_keys() == ["model.widths", "data.sigma"]
+    tune_space = _tune_space(space)
+    # lists travel as YAML text (Optuna takes scalars only) and come back as the config's tuple
+    widths = tune_space["model.widths"]["grid_search"]
+    assert widths == ["[16, 32, 48, 64]", "[24, 48, 72, 96]"]
+    cfg = space.trial_config(base, {"model.widths": widths[1], "data.sigma": 2.5})
+    assert cfg.model.branch_widths == (24, 48, 72, 96)
+    assert cfg.data.sigma == 2.5
+    assert cfg.train.epochs == 4 and cfg.train.num_workers == 1  # the space's overrides
+
+
+def test_sigma_in_input_pixels_is_divided_by_each_trials_stride(base):
+    text = """
+searcher: grid
+sigma_units: input
+params:
+  model.heatmap_stride: {grid: [2, 4]}
+  data.sigma: {grid: [8.0]}
+"""
+    space = parse_space(text, base)
+    s2 = space.trial_config(base, {"model.heatmap_stride": 2, "data.sigma": 8.0})
+    s4 = space.trial_config(base, {"model.heatmap_stride": 4, "data.sigma": 8.0})
+    assert (s2.data.sigma, s4.data.sigma) == (4.0, 2.0)  # the same 8-pixel spread in the crop
+
+
+def test_ranges_and_samplers_map_to_tune(base):
+    text = """
+searcher: random
+num_samples: 3
+params:
+  train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+  data.sigma: {uniform: [1.5, 3.0]}
+  train.batch_size: {randint: [8, 16]}
+  model.fusion: {choice: [hrnet, psm]}
+"""
+    space = parse_space(text, base)
+    tune_space = _tune_space(space)
+    assert tune_space["train.batch_size"].upper == 17  # both ends included
+    assert tune_space["train.lr"].lower == 1e-4
+    cfg = space.trial_config(base, {"train.lr": 3e-4, "model.fusion": "hrnet"})
+    assert cfg.train.lr == 3e-4 and cfg.model.fusion == "hrnet"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("params: {data.sigmaa: {grid: [2.0]}}", "params.data.sigmaa: value 2.0: .*unknown key"),
+        ("params: {data.sigma: {grid: [2.0, -1.0]}}", "value -1.0: .*sigma: must be positive"),
+        ("searcher: random\nparams: {data.sigma: {uniform: [-1.0, 2.0]}}", "-1.0: .*sigma: must"),
+        ("params: {model.width: {grid: [16, 16.5]}}", "value 16.5: .*model.width: expected an int"),
+        ("params: {model.width: {grid: [0, 16]}}", r"value 0: .*width\(s\): must be positive"),
+        ("params: {model.widths: {grid: [[16, 32, 64]]}}", "expected 4 branch widths"),
+        ("params: {model.input_size: {grid: [[100, 64]]}}", "multiples of 32"),
+        ("params: {data.sigma: {gird: [2.0]}}", "'gird' is not one of"),
+        ("params: {data.sigma: {choice: [2.0]}}", "searcher grid takes only grid"),
+        ("searcher: optuna\nparams: {data.sigma: {grid: [2.0]}}", "use choice"),
+        ("params: {train.lr: {loguniform: [0, 1]}}", "low must be positive"),
+        ("params: {train.lr: {uniform: [3, 1]}}", "low 3 must be below high 1"),
+        ("params: {train.name: {grid: [a]}}", "set by the sweep itself"),
+        ("sercher: grid\nparams: {data.sigma: {grid: [2.0]}}", "sercher: unknown key"),
+        ("params: {}", "params: expected a mapping"),
+        ("asha: {grace_period: 6}\nparams: {data.sigma: {grid: [2.0]}}", "below train.epochs"),
+        ("overrides: {train.epochs: -1}\nparams: {data.sigma: {grid: [2.0]}}", "overrides: "),
+        ("params: [1, 2", "not valid YAML"),
+    ],
+)
+def test_invalid_spaces_are_errors_naming_the_file_and_key(base, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_space(text, base, "space.yaml")
+    assert str(err.value).startswith("space.yaml: ")
+
+
+def test_sweeping_width_while_widths_are_fixed_is_an_error():
+    base = load_config(CONFIGS / "demo.yaml")  # sets model.widths explicitly
+    with pytest.raises(ConfigError, match="model.width: has no effect while model.widths"):
+        parse_space("params: {model.width: {grid: [16, 32]}}", base, "s.yaml")
+    # with the explicit widths cleared, the base width applies
+    space = parse_space(
+        "overrides: {model.widths: null}\nparams: {model.width: {grid: [16, 32]}}", base, "s.yaml"
+    )
+    cfg = space.trial_config(base, {"model.width": 32})
+    assert cfg.model.branch_widths == (32, 64, 128, 256)
+
+
+def test_concurrency_counts_driver_workers_and_a_data_task(base):
+    space = parse_space(
+        "overrides: {train.num_workers: 1, train.cpus_per_worker: 0.5, train.data_cpus: 0.4}\n"
+        "params: {data.sigma: {grid: [2.0]}}",
+        base,
+    )
+    cfg = space.trial_config(base, {"data.sigma": 2.0})
+    assert _concurrency([cfg], {"CPU": 2.0}, 0) == 2  # 0.1 + 0.5 + 0.4 per trial
+    assert _concurrency([cfg], {"CPU": 1.9}, 0) == 1
+    with pytest.raises(ConfigError, match="a trial needs 1 CPUs"):
+        _concurrency([cfg], {"CPU": 0.5}, 0)
+
+
+def test_yaml_values_round_trip_as_override_text():
+    assert yaml_value([16, 32, 48, 64]) == "[16, 32, 48, 64]"
+    assert yaml_value(None) == "null"
+    assert yaml_value(1.5) == "1.5"
+    assert yaml_value(True) == "true"
