@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger("psm")
 
@@ -125,6 +127,51 @@ def _size_hw(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from jobs.sweep_space import load_space
+    from jobs.tune import run_sweep
+    from psm_model.config import DataConfig, load_config
+
+    base = load_config(args.config, args.overrides)
+    space = load_space(args.space, base)
+    if base.data.root == DataConfig().root:  # the demo's synthetic data, written if absent
+        from jobs.demo import ensure_demo_data
+
+        ensure_demo_data(base)
+    if args.num_samples:
+        space = dataclasses.replace(space, num_samples=args.num_samples)
+    name = args.name or Path(args.space).stem
+    summary = run_sweep(
+        base,
+        space,
+        name,
+        resume=args.resume,
+        max_concurrent=args.max_concurrent or space.max_concurrent_trials,
+    )
+    print(summary.pop("table"))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from jobs import compare
+    from jobs.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri or "")
+    try:
+        rows, params = compare.comparison(uri, args.experiment, args.sweep)
+        rows = compare.sort_rows(rows, args.sort, descending=not args.ascending)
+    except (LookupError, KeyError) as e:
+        raise SystemExit(f"psm compare: error: {e.args[0]}") from e
+    if args.csv:
+        compare.write_csv(rows, params, args.csv)
+    if args.csv != "-":
+        print(compare.format_table(rows, params) if rows else "no training runs")
+    if args.plot:
+        compare.plot_sweep(rows, params, args.plot)
+        print(f"plot: {args.plot}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from jobs.demo import run_demo
 
@@ -242,6 +289,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
     p.add_argument("--results", help="also write the keypoint results JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep of widths, sigma, ...: every trial a training run, MLflow children",
+        description="A Ray Tune sweep over the parameters of a search-space YAML (see "
+        "configs/sweeps/demo.yaml and jobs/sweep_space.py): grid, random or optuna search, ASHA "
+        "early stopping on val AP (validated every epoch). Every trial is a Ray Train run of "
+        "CONFIG with its own workers; the sweep is an MLflow parent run with one child run per "
+        "trial, and the best trial's model is registered. The space is checked against CONFIG "
+        "before any trial starts. A sweep killed midway continues with --resume (same "
+        "arguments): finished trials are kept, unfinished ones resume from their checkpoints.",
+    )
+    _config_args(p)
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--num-samples", type=int, default=0, help="override the space's num_samples")
+    p.add_argument(
+        "--name", help="sweep name (default: the space file's stem); storage_path/NAME on disk"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep NAME")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="trials at once (default: the space's value, else as many as the cluster holds)",
+    )
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "compare",
+        help="the training runs of an MLflow experiment (or one sweep) side by side",
+        description="Reads the training runs of EXPERIMENT back from MLflow and prints run, trial, "
+        "status, the config values that differ, val AP/AP50/AP75/AR, best AP, epochs and wall "
+        "time.",
+    )
+    p.add_argument("experiment", help="MLflow experiment name (train.experiment)")
+    p.add_argument("--sweep", help="only the trials of this sweep")
+    p.add_argument("--sort", default="best_AP", help="column to sort by (default best_AP)")
+    p.add_argument("--ascending", action="store_true", help="smallest first")
+    p.add_argument("--csv", help="write the rows as CSV to this file ('-': stdout, no table)")
+    p.add_argument("--plot", help="save a best-AP-vs-parameter plot (PNG) here")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)"
+    )
+    p.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("make-data", help="write datasets (see `psm make-data synthetic --help`)")
     data_sub = data.add_subparsers(dest="kind", required=True, metavar="KIND")

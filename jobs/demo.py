@@ -18,7 +18,7 @@ from jobs import tracking
 from jobs.train import run_training
 from pipelines.evaluate import evaluate_model
 from pipelines.synthetic import make_synthetic
-from psm_model.config import load_config
+from psm_model.config import Config, load_config
 from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
 
@@ -28,10 +28,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def run_demo(config: str | None, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     cfg = load_config(config or DEMO_CONFIG, overrides)
-    root = Path(cfg.data.root)
-    if not (root / cfg.data.train_annotations).exists():
-        print(f"== writing the synthetic COCO dataset to {root}")
-        make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
+    ensure_demo_data(cfg)
 
     cpus = os.cpu_count() or 2
     print(f"\n== local Ray with {cpus} CPUs")
@@ -60,6 +57,14 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
     )
     ray.shutdown()
     return {"untrained": untrained, "trained": trained, **summary}
+
+
+def ensure_demo_data(cfg: Config) -> None:
+    """Write the demo's synthetic dataset where a config expects it and it is absent."""
+    root = Path(cfg.data.root)
+    if not (root / cfg.data.train_annotations).exists():
+        print(f"== writing the synthetic COCO dataset to {root}")
+        make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
 
 
 def _table(metrics: dict) -> None:

@@ -67,7 +67,8 @@ def run_eval(
         del model
     boxes = cfg.eval.detections or "ground-truth boxes"
     # the MLflow run first: evaluation draws poses on a few val images and logs them to it
-    run_id = tracking.start_or_resume_run(cfg, f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_or_resume_run(cfg, name, kind="eval")
     params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
     tracking.log_params(cfg, run_id, params)
     try:

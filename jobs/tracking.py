@@ -11,14 +11,20 @@ from psm_model.config import Config
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "psm.run_name"  # the Ray Train run name, so a resumed run finds its MLflow run
+KIND_TAG = "psm.kind"  # train | eval | sweep: what `psm compare` lists
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: sweep trials under their sweep
 
 
 def tracking_uri(cfg: Config) -> str:
-    """config, then $MLFLOW_TRACKING_URI, then a sqlite store in the working directory.
+    return resolve_uri(cfg.train.mlflow_uri)
+
+
+def resolve_uri(uri: str = "") -> str:
+    """The given URI, then $MLFLOW_TRACKING_URI, then a sqlite store in the working directory.
 
     sqlite rather than ./mlruns: MLflow 3 refuses the file store, and the registry needs a DB.
     """
-    uri = cfg.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -29,8 +35,11 @@ def _mlflow(cfg: Config):
     return mlflow
 
 
-def start_or_resume_run(cfg: Config, run_name: str) -> str:
-    """The MLflow run of this training run (found by its run-name tag), created if new."""
+def start_or_resume_run(
+    cfg: Config, run_name: str, kind: str = "train", tags: dict[str, str] | None = None
+) -> str:
+    """The MLflow run of this run name (found by its run-name tag), created if new with `tags`
+    (e.g. PARENT_TAG to nest it under a sweep)."""
     mlflow = _mlflow(cfg)
     experiment = mlflow.set_experiment(cfg.train.experiment)
     found = mlflow.search_runs(
@@ -41,7 +50,8 @@ def start_or_resume_run(cfg: Config, run_name: str) -> str:
     if found:
         log.info("resuming MLflow run %s (%s)", found[0].info.run_id, run_name)
         return found[0].info.run_id
-    with mlflow.start_run(run_name=run_name, tags={RUN_NAME_TAG: run_name}) as run:
+    tags = {RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})}
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params(cfg.flat())
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
     return run.info.run_id
@@ -72,6 +82,32 @@ def log_params(cfg: Config, run_id: str, params: dict) -> None:
     client = _mlflow(cfg).MlflowClient()
     for k, v in params.items():
         client.log_param(run_id, k, v)
+
+
+def set_tags(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    client = _mlflow(cfg).MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def get_run(cfg: Config, run_id: str):
+    return _mlflow(cfg).MlflowClient().get_run(run_id)
+
+
+def child_runs(cfg: Config, parent_run_id: str) -> list:
+    """The runs nested under `parent_run_id` (a sweep's trials)."""
+    mlflow = _mlflow(cfg)
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    return mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        output_format="list",
+    )
+
+
+def download_artifacts(cfg: Config, run_id: str, path: str, dst: str | Path) -> Path:
+    client = _mlflow(cfg).MlflowClient()
+    return Path(client.download_artifacts(run_id, path, str(dst)))
 
 
 def register_model(cfg: Config, run_id: str, model) -> str:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +83,15 @@ def train_loop(loop_config: dict) -> None:
     rows = image_rows(records)
     codec = HeatmapCodec.from_config(cfg)
     persons = sum(len(r["ann_ids"]) for r in rows)
+    if cfg.train.images_per_epoch:
+        persons = persons * min(cfg.train.images_per_epoch, len(rows)) // len(rows)
     warmup_steps = cfg.train.warmup_epochs * max(1, persons // (world * cfg.train.batch_size))
 
     for epoch in range(state.epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         # the same image order on every rank, a new one every epoch; each rank takes every world-th
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
+        order = order[: cfg.train.images_per_epoch or None]
         mine = [rows[i] for i in order[rank::world]]
         batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
             functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.train.data_cpus),
@@ -119,6 +123,7 @@ def train_loop(loop_config: dict) -> None:
         seconds = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # what Tune's ASHA counts (a resumed trial resumes it)
             "train_loss": totals[0] / max(totals[1], 1),
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": totals[1] / seconds,
@@ -197,27 +202,45 @@ def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 
 
-def run_training(cfg: Config) -> dict:
-    """Start (or resume, when `train.name` exists) a training run; returns the final metrics."""
-    name = (
-        cfg.train.name or f"{cfg.model.fusion}-w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    # workers run in other folders (and on other nodes): hand them absolute paths and the URI
-    storage = _absolute(cfg.train.storage_path)
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths and the MLflow URI: workers (and Tune trials) run in other folders and on
+    other nodes."""
     train = dataclasses.replace(
-        cfg.train, name=name, storage_path=storage, mlflow_uri=tracking.tracking_uri(cfg)
+        cfg.train,
+        storage_path=_absolute(cfg.train.storage_path),
+        mlflow_uri=tracking.tracking_uri(cfg),
     )
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root))
     detections = _absolute(cfg.eval.detections) if cfg.eval.detections else ""
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         cfg, train=train, data=data, eval=dataclasses.replace(cfg.eval, detections=detections)
     )
+
+
+def run_training(
+    cfg: Config,
+    *,
+    callbacks: Sequence = (),
+    mlflow_tags: dict[str, str] | None = None,
+    register: bool = True,
+) -> dict:
+    """Start (or resume, when `train.name` exists) a training run; returns the final metrics.
+
+    A Tune trial passes its report callback, the tags that nest its MLflow run under the sweep's,
+    and `register=False` (the sweep registers its best trial's model).
+    """
+    name = (
+        cfg.train.name or f"{cfg.model.fusion}-w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    cfg = resolve_paths(cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
+    storage = cfg.train.storage_path
 
     root = Path(cfg.data.root)  # read once here: a bad file fails before any worker starts
     _, skips = load_coco_persons(
         root / cfg.data.train_images, root / cfg.data.train_annotations, cfg.model.input_size
     )
-    run_id = tracking.start_or_resume_run(cfg, name)
+    run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
     tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
@@ -236,6 +259,7 @@ def run_training(cfg: Config) -> dict:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     log.info("training %s: storage %s/%s, MLflow run %s", name, storage, name, run_id)
@@ -247,7 +271,7 @@ def run_training(cfg: Config) -> dict:
     model = build_model(cfg.model)
     with result.checkpoint.as_directory() as d:
         final = load_checkpoint(d, model)
-    version = tracking.register_model(cfg, run_id, model)
+    version = tracking.register_model(cfg, run_id, model) if register else ""
     tracking.end_run(cfg, run_id)
     summary = {
         **(result.metrics or {}),

@@ -107,6 +107,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
     data_cpus: float = 1.0  # CPUs each Ray Data decode/augment task reserves
     data_chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
+    images_per_epoch: int = 0  # train images drawn (anew) each epoch; 0 = all (quick sweeps)
     seed: int = 0
     val_every: int = 10  # validate (COCO AP) every K epochs and after the last one; 0 = never
     storage_path: str = "runs"  # checkpoints: a local folder or a pyarrow URI (s3://...)
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ValueError("cpus_per_worker, data_cpus: must be positive")
         if self.lr <= 0:
             raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.images_per_epoch < 0:
+            raise ValueError(f"images_per_epoch: must be >= 0, got {self.images_per_epoch}")
 
 
 @dataclass(frozen=True)

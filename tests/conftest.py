@@ -28,12 +28,17 @@ def coco_root() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole test session (2 CPUs, like the CI machine)."""
+    """One local Ray instance for the whole test session (2 CPUs, like the CI machine).
+
+    With the dashboard: Ray Train's PlacementGroupCleaner asks the State API whether a finished
+    trainer's controller is gone; without it the placement group of a Tune trial's trainer is
+    never freed and the next trial waits for its workers forever.
+    """
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
