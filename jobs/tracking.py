@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param
+
 from psm_model.config import Config
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,19 @@ def start_or_resume_run(
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
         output_format="list",
     )
+    client = mlflow.MlflowClient()
     if found:
         log.info("resuming MLflow run %s (%s)", found[0].info.run_id, run_name)
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
+    # RUNNING until end_run: the UI shows live runs, and the end time gives the wall time
     tags = {RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})}
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(cfg.flat())
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
-    return run.info.run_id
+    run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
+    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
 
 
 def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -64,8 +71,6 @@ def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) 
 
 
 def _metric(key: str, value: float, step: int):
-    from mlflow.entities import Metric
-
     return Metric(key, float(value), int(time.time() * 1000), step)
 
 

@@ -121,3 +121,24 @@ def test_yaml_values_round_trip_as_override_text():
     assert yaml_value(None) == "null"
     assert yaml_value(1.5) == "1.5"
     assert yaml_value(True) == "true"
+
+
+def test_optuna_searcher_suggests_values_from_the_space(base):
+    text = """
+searcher: optuna
+num_samples: 4
+params:
+  model.widths: {choice: [[8, 16, 32, 64], [16, 32, 64, 128]]}
+  data.sigma: {uniform: [1.5, 3.0]}
+  train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
+    from jobs.tune import _searcher
+
+    space = parse_space(text, base)
+    searcher = _searcher(space)
+    assert searcher.set_search_properties("val_AP", "max", _tune_space(space))
+    for i in range(3):
+        suggested = searcher.suggest(f"t{i}")
+        cfg = space.trial_config(base, suggested)  # every suggestion is a valid config
+        assert cfg.model.branch_widths in ((8, 16, 32, 64), (16, 32, 64, 128))
+        assert 1.5 <= cfg.data.sigma <= 3.0 and 1e-4 <= cfg.train.lr <= 1e-2
