@@ -142,3 +142,13 @@ params:
         cfg = space.trial_config(base, suggested)  # every suggestion is a valid config
         assert cfg.model.branch_widths in ((8, 16, 32, 64), (16, 32, 64, 128))
         assert 1.5 <= cfg.data.sigma <= 3.0 and 1e-4 <= cfg.train.lr <= 1e-2
+
+
+def test_the_gpu_space_resolves_sigma_per_stride():
+    base = load_config(CONFIGS / "psm_w32_256x192.yaml")
+    space = parse_space((CONFIGS / "sweeps" / "widths_sigma.yaml").read_text(), base, "ws.yaml")
+    cfg = space.trial_config(base, {"model.width": 48, "data.sigma": 8.0})
+    assert cfg.model.branch_widths == (48, 96, 192, 384) and cfg.model.heatmap_stride == 2
+    assert cfg.data.sigma == 4.0 and cfg.train.use_gpu
+    need = 0.1 + 2 * 4 + 1  # driver + 2 workers x 4 CPUs + a data task
+    assert _concurrency([cfg], {"CPU": 64.0, "GPU": 8.0}, 0) == min(int(64 // need), 8 // 2)
