@@ -9,6 +9,7 @@ float64, image -> crop unless named otherwise. Also here: the per-person trainin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -56,17 +57,18 @@ def affine_matrix(
     cx, cy = float(center[0]), float(center[1])
     out_h, out_w = output_size_hw
     k = out_w / (float(scale[0]) * PIXEL_STD)
-    theta = np.deg2rad(rotation_deg)
-    cs, sn = np.cos(theta), np.sin(theta)
+    theta = math.radians(rotation_deg)
+    cs, sn = math.cos(theta), math.sin(theta)
     # Closed form of the official three-point construction: a similarity (no shear, no reflection)
     # x_crop = k * R(-theta) @ (x - c) + out_centre, with R(a) the usual y-up rotation matrix.
+    # Plain floats: this runs once per training sample, where numpy's per-call cost dominated.
     if not inverse:
-        lin = k * np.array([[cs, sn], [-sn, cs]])
-        src, dst = np.array([cx, cy]), np.array([out_w * 0.5, out_h * 0.5])
-    else:
-        lin = (1.0 / k) * np.array([[cs, -sn], [sn, cs]])
-        src, dst = np.array([out_w * 0.5, out_h * 0.5]), np.array([cx, cy])
-    return np.concatenate([lin, (dst - lin @ src)[:, None]], axis=1)
+        a, b = k * cs, k * sn  # lin = [[a, b], [-b, a]], src = c, dst = out_centre
+        sx, sy, dx, dy = cx, cy, out_w * 0.5, out_h * 0.5
+        return np.array([[a, b, dx - (a * sx + b * sy)], [-b, a, dy - (-b * sx + a * sy)]])
+    a, b = cs / k, sn / k  # lin = [[a, -b], [b, a]], src = out_centre, dst = c
+    sx, sy, dx, dy = out_w * 0.5, out_h * 0.5, cx, cy
+    return np.array([[a, -b, dx - (a * sx - b * sy)], [b, a, dy - (b * sx + a * sy)]])
 
 
 def mirror_matrix(image_width: int) -> np.ndarray:
@@ -86,13 +88,20 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.astype(pts.dtype if np.issubdtype(pts.dtype, np.floating) else np.float64)
 
 
-def warp_crop(image: np.ndarray, matrix: np.ndarray, output_size_hw: tuple[int, int]) -> np.ndarray:
-    """One warpAffine: bilinear, constant 0 outside the image (the official crop)."""
+def warp_crop(
+    image: np.ndarray,
+    matrix: np.ndarray,
+    output_size_hw: tuple[int, int],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """One warpAffine: bilinear, constant 0 outside the image (the official crop). `out` (uint8,
+    (H, W, C), C-contiguous, e.g. one row of a batch array) receives the crop in place."""
     out_h, out_w = output_size_hw
     return cv2.warpAffine(
         image,
         matrix,
         (int(out_w), int(out_h)),
+        dst=out,
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0,
@@ -125,6 +134,9 @@ def flip_permutation(
     for a, b in pairs:
         perm[a], perm[b] = b, a
     return perm
+
+
+_FLIP_PERM = flip_permutation()  # COCO's 17 joints: made once, used by every flipped sample
 
 
 def flip_keypoints(keypoints: np.ndarray, image_width: int) -> np.ndarray:
@@ -198,16 +210,15 @@ def draw_augmentation(rng: np.random.Generator, cfg: DataConfig) -> Augmentation
     depend on the number of workers. Every draw is made unconditionally: the number of draws is
     fixed, whatever the config.
     """
-    half_body = rng.random() < cfg.half_body_prob
-    scale_factor = rng.uniform(cfg.scale_min, cfg.scale_max)
-    rotate = rng.random() < cfg.rotation_prob
-    rotation = rng.uniform(-cfg.rotation, cfg.rotation)
-    flip = rng.random() < 0.5
+    # one call for the five uniforms: the same values, in the same order, as five scalar draws
+    # (rng.uniform(a, b) is a + (b - a) * rng.random()), for a fifth of the time
+    u_half, u_scale, u_rotate, u_rotation, u_flip = rng.random(5).tolist()
+    rotation = -cfg.rotation + 2 * cfg.rotation * u_rotation
     return Augmentation(
-        scale_factor=float(scale_factor),
-        rotation_deg=float(rotation) if rotate else 0.0,
-        flip=bool(flip and cfg.flip),
-        half_body=bool(half_body),
+        scale_factor=cfg.scale_min + (cfg.scale_max - cfg.scale_min) * u_scale,
+        rotation_deg=rotation if u_rotate < cfg.rotation_prob else 0.0,
+        flip=u_flip < 0.5 and cfg.flip,
+        half_body=u_half < cfg.half_body_prob,
     )
 
 
@@ -220,6 +231,7 @@ def make_training_sample(
     input_size_hw: tuple[int, int],
     rng: np.random.Generator,
     augmentation: Augmentation | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One augmented person crop: (crop HxWx3 uint8, keypoints (J, 2) float32 in crop pixels,
     visible (J,) uint8).
@@ -228,36 +240,41 @@ def make_training_sample(
     official "mirror the image, mirror the centre, crop" folded into the matrix (crop(mirror(x)))
     so the image is never copied. `augmentation` replaces the drawn one (tests, visualisation);
     the half-body choice still comes from `rng`. Joints that are invisible (v = 0) or land outside
-    the crop get visible = 0 and coordinates (0, 0).
+    the crop get visible = 0 and coordinates (0, 0). `out` receives the crop (see `warp_crop`).
     """
     kpts = np.asarray(person_keypoints, dtype=np.float64)
     aug = draw_augmentation(rng, cfg_data) if augmentation is None else augmentation
     out_h, out_w = input_size_hw
     visible = kpts[:, 2] > 0
 
-    c, s = np.asarray(center, dtype=np.float64), np.asarray(scale, dtype=np.float64)
-    if aug.half_body and visible.sum() > cfg_data.half_body_min_joints:
+    c, s = center, scale
+    if aug.half_body and np.count_nonzero(visible) > cfg_data.half_body_min_joints:
         box = half_body_box(kpts, rng, aspect=out_w / out_h)
         if box is not None:
-            c, s = box[0].astype(np.float64), box[1].astype(np.float64)
-    s = s * aug.scale_factor
+            c, s = box
+    s = (float(s[0]) * aug.scale_factor, float(s[1]) * aug.scale_factor)
 
     if aug.flip:
-        width = image.shape[1]
-        c = np.array([width - 1 - c[0], c[1]])
-        matrix = compose(affine_matrix(c, s, aug.rotation_deg, input_size_hw), mirror_matrix(width))
+        # crop(mirror(x)) with mirror x' = width - 1 - x and the centre mirrored: negate the
+        # x column of the crop matrix and move its translation by width - 1 along it
+        width_1 = image.shape[1] - 1.0
+        matrix = affine_matrix(
+            (width_1 - float(c[0]), float(c[1])), s, aug.rotation_deg, input_size_hw
+        )
+        matrix[:, 2] += matrix[:, 0] * width_1
+        matrix[:, 0] *= -1.0
     else:
         matrix = affine_matrix(c, s, aug.rotation_deg, input_size_hw)
 
-    crop = warp_crop(image, matrix, input_size_hw)
-    xy = transform_points(kpts[:, :2], matrix)
+    crop = warp_crop(image, matrix, input_size_hw, out)
+    xy = kpts[:, :2] @ matrix[:, :2].T + matrix[:, 2]
     if aug.flip:  # the mirror is in the matrix; the joint names still have to swap sides
-        perm = flip_permutation(len(kpts))
+        perm = _FLIP_PERM if len(kpts) == len(_FLIP_PERM) else flip_permutation(len(kpts))
         xy, visible = xy[perm], visible[perm]
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < out_w) & (xy[:, 1] >= 0) & (xy[:, 1] < out_h)
-    visible = visible & inside
+    visible &= inside
     xy[~visible] = 0.0
-    return crop, xy.astype(np.float32), visible.astype(np.uint8)
+    return crop, xy.astype(np.float32), visible.view(np.uint8)
 
 
 def make_eval_crop(
@@ -265,7 +282,9 @@ def make_eval_crop(
     center: np.ndarray,
     scale: np.ndarray,
     input_size_hw: tuple[int, int],
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unaugmented crop and its image -> crop matrix (`inverse=True` in `affine_matrix` inverts)."""
+    """Unaugmented crop and its image -> crop matrix (`inverse=True` in `affine_matrix` inverts);
+    `out` receives the crop (see `warp_crop`)."""
     matrix = affine_matrix(center, scale, 0.0, input_size_hw)
-    return warp_crop(image, matrix, input_size_hw), matrix
+    return warp_crop(image, matrix, input_size_hw, out), matrix

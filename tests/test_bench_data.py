@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from jobs.bench_data import bench_data, official_nbytes, sample_nbytes
+from jobs.bench_data import bench_data, sample_nbytes
+from jobs.bench_official import official_nbytes
 from pipelines.coco import NUM_JOINTS
 from pipelines.synthetic import write_split
 from psm_model.config import load_config
@@ -28,8 +29,8 @@ def test_in_process_bench_on_synthetic_images(tmp_path, capsys):
         assert e[path]["crops"] == e["persons"]
         assert e[path]["crops_per_s"] > 0 and e[path]["decode_ms"] > 0 and e[path]["warp_ms"] > 0
     # uint8 crop, keypoints (17, 2) float32, visible (17,) uint8, image_id and ann_id int64,
-    # center and scale (2,) float32, score (a Python float: 8 bytes), skip '' (0 bytes)
-    small = NUM_JOINTS * 2 * 4 + NUM_JOINTS + 8 + 8 + 2 * 4 + 2 * 4 + 8 + 0
+    # center and scale (2,) float32, score float32, skip '' (0 bytes)
+    small = NUM_JOINTS * 2 * 4 + NUM_JOINTS + 8 + 8 + 2 * 4 + 2 * 4 + 4 + 0
     assert e["ours"]["bytes_per_sample"] == 64 * 48 * 3 + small
     # official: float32 (3, 64, 48) image, float32 (17, 16, 12) heatmaps, (17, 1) weights
     assert e["official"]["bytes_per_sample"] == official_nbytes((64, 48))
@@ -37,7 +38,7 @@ def test_in_process_bench_on_synthetic_images(tmp_path, capsys):
     assert e["ours_vs_limit"] > 0 and e["ours_vs_official"] > 0
     assert json.loads(out_json.read_text())["sizes"]["64x48"]["persons"] == e["persons"]
     out = capsys.readouterr().out
-    assert "| ours (train_samples) |" in out and "| official-HRNet-style |" in out
+    assert "| ours (train_batch) |" in out and "| official-HRNet-style |" in out
 
 
 def test_sample_nbytes_counts_strings_by_length():

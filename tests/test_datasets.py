@@ -2,11 +2,12 @@
 
 from collections import Counter
 
+import cv2
 import numpy as np
 
 from pipelines.coco import load_coco_persons
-from pipelines.datasets import eval_crops, train_crops
-from pipelines.samples import count_skips, image_rows
+from pipelines.datasets import crops_task, eval_crops, train_crops
+from pipelines.samples import SAMPLE_COLUMNS, count_skips, image_rows, rows_to_columns, train_batch
 from psm_model.config import load_config
 
 CFG = load_config(None, ["model.input_size=[128,96]", "model.width=8"])
@@ -66,3 +67,29 @@ def test_eval_crops_cover_every_ground_truth_person(ray_local, synthetic_root):
         (r.image_id, p.ann_id) for r in records for p in r.persons
     ]
     assert all(s["score"] == 1.0 and s["skip"] == "" for s in out)
+
+
+def test_ray_gives_exactly_the_in_process_samples(ray_local, synthetic_root, tmp_path):
+    _, rows = _rows(synthetic_root)
+    rows[4] = {**rows[4], "path": str(tmp_path / "missing.jpg")}
+    expected = train_batch(
+        rows_to_columns(rows), data=CFG.data, input_size=(128, 96), seed=CFG.train.seed, epoch=3
+    )
+    for blocks, batch_images in ((1, 16), (5, 2), (12, 5)):
+        ds = train_crops(rows, CFG, 3, num_blocks=blocks, concurrency=2, batch_images=batch_images)
+        got = ds.take_batch(100, batch_format="numpy")
+        assert list(got) == list(SAMPLE_COLUMNS)
+        for k in SAMPLE_COLUMNS:
+            assert got[k].shape == expected[k].shape, k
+            assert got[k].dtype == expected[k].dtype or k == "skip", k
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+
+
+def test_crops_task_holds_opencv_to_the_reserved_cpus():
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        out = crops_task({}, make=lambda images: {"threads": cv2.getNumThreads()}, threads=1)
+        assert out == {"threads": 1}
+    finally:
+        cv2.setNumThreads(before)

@@ -315,3 +315,25 @@ def test_same_seed_same_sample_other_seed_differs():
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0]) and not np.allclose(a[1], c[1])
+
+
+def test_crops_warp_into_a_given_batch_row():
+    image = cv2.GaussianBlur(
+        np.random.default_rng(9).integers(0, 256, (240, 320, 3), np.uint8), (5, 5), 0
+    )
+    center, scale = box_to_center_scale((100, 40, 80, 160), aspect=192 / 256)
+    batch = np.zeros((3, *SIZE_HW, 3), np.uint8)
+    kw = dict(cfg_data=DataConfig(), input_size_hw=SIZE_HW)
+    crop, xy, vis = make_training_sample(
+        image, FULL_POSE + [100, 40, 0], center, scale, rng=np.random.default_rng(1), **kw
+    )
+    into = make_training_sample(
+        image, FULL_POSE + [100, 40, 0], center, scale, rng=np.random.default_rng(1),
+        out=batch[1], **kw,
+    )  # fmt: skip
+    assert np.shares_memory(into[0], batch)
+    np.testing.assert_array_equal(batch[1], crop)
+    np.testing.assert_array_equal(into[1], xy)
+    assert not batch[0].any() and not batch[2].any()
+    make_eval_crop(image, center, scale, SIZE_HW, out=batch[2])
+    np.testing.assert_array_equal(batch[2], make_eval_crop(image, center, scale, SIZE_HW)[0])
