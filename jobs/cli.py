@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser(
         "data",
         help="augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
-        description="On one core in-process: our train_samples path (decode each image once, "
+        description="On one core in-process: our train_batch path (decode each image once, "
         "augment every person) with its decode / warp / other breakdown, the decode + "
         "warpAffine-only limit, and an official-HRNet-style loader (decode per person, float "
         "image and heatmaps); then end to end through Ray Data per worker count. On the COCO "

@@ -142,7 +142,7 @@ class EvalConfig:
     # `psm eval --checkpoint`: the model runs on this many Ray Data actors (one GPU each on a GPU
     # cluster). Validation inside training runs in its rank-0 worker instead.
     workers: int = 1
-    cpus_per_worker: float = 1.0  # CPUs each actor reserves; crop tasks need train.data_cpus more
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: train.data_cpus)
 
     def __post_init__(self) -> None:
         if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_size <= 0:
