@@ -217,9 +217,12 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
         if run.data.tags.get("psm.trial_id") in errored:
             tracking.end_run(base, run.info.run_id, "FAILED")
             continue
-        done = run.data.metrics.get("epochs_done", 0)
-        if run.info.status == "RUNNING" or done < int(run.data.params["train.epochs"]):
-            # stopped by ASHA: Ray Train ends its run cleanly, with fewer epochs
+        # ASHA stops trials at its rungs and also at max_t, the last epoch: a stopped trial's
+        # run may still be RUNNING (its actor went first) or FINISHED (Train returned first)
+        if run.data.metrics.get("epochs_done", 0) >= int(run.data.params["train.epochs"]):
+            if run.info.status == "RUNNING":
+                tracking.end_run(base, run.info.run_id, "FINISHED")
+        else:
             tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
             tracking.end_run(base, run.info.run_id, "KILLED")
 
