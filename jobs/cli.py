@@ -63,6 +63,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run_eval(cfg, args.checkpoint, args.dets, args.oracle, args.results)
 
 
+def cmd_infer(args: argparse.Namespace) -> None:
+    from jobs.infer import run_inference, with_paths
+    from psm_model.config import load_config
+
+    cfg = with_paths(load_config(args.config, args.overrides), args.dets, args.output)
+    run_inference(cfg, args.checkpoint)
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
     from pipelines.synthetic import make_synthetic_coco
 
@@ -289,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
     p.add_argument("--results", help="also write the keypoint results JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "infer",
+        help="batch inference: poses for every image of an image list -> COCO results JSON",
+        description="Poses for every image of infer.image_info (a COCO JSON with an images list: "
+        "the test-dev image info, or an annotation file) in infer.images, with the person boxes "
+        "of infer.detections (COCO results format), by the eval.* test recipe on eval.workers "
+        "Ray Data actors. Writes infer.output (the test-dev submission format) in parts: run "
+        "again with the same arguments, a killed job resumes after its last finished part. "
+        "Logs an MLflow run; an annotation file with keypoints is also scored (COCO AP).",
+    )
+    _config_args(p)
+    p.add_argument(
+        "--checkpoint", required=True, help="a training checkpoint folder or a weights file (.pth)"
+    )
+    p.add_argument("--dets", help="person detections, COCO results format (infer.detections)")
+    p.add_argument("--output", help="results JSON to write (infer.output)")
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
         "tune",

@@ -127,16 +127,7 @@ def load_coco_persons(
     aspect = input_size_hw[1] / input_size_hw[0]
     skips = SkipCounts()
 
-    images: dict[int, tuple[str, str, int, int]] = {}
-    for i, entry in enumerate(images_raw):
-        image = _parse_image(entry, root)
-        if isinstance(image, str):
-            skips.skip(image)
-            continue
-        if image[0] in images:  # ambiguous: which entry do its annotations belong to?
-            raise DataError(f"{ann_path}: images[{i}].id: duplicate image id {image[0]}")
-        images[image[0]] = image[1:]
-
+    images = _parse_images(images_raw, root, ann_path, skips)
     persons: dict[int, list[PersonRecord]] = {image_id: [] for image_id in images}
     for ann in anns_raw:
         parsed = _parse_person(ann, images, aspect, padding)
@@ -163,6 +154,40 @@ def load_coco_persons(
         skips.summary(),
     )
     return records, skips
+
+
+def load_images(
+    images_dir: str | os.PathLike, info_file: str | os.PathLike
+) -> tuple[list[ImageRecord], SkipCounts]:
+    """Every image of a COCO JSON's "images" list (the test-dev image info, or an annotation
+    file, whose annotations are not read), without persons, in id order; skips by reason."""
+    info_path = Path(info_file)
+    skips = SkipCounts()
+    images = _parse_images(
+        _list_field(_read_json(info_path), "images", info_path),
+        Path(images_dir).resolve(),
+        info_path,
+        skips,
+    )
+    level = logging.WARNING if skips else logging.INFO
+    log.log(level, "%s: %d images; skipped: %s", info_path, len(images), skips.summary())
+    return [ImageRecord(i, *images[i], persons=[]) for i in sorted(images)], skips
+
+
+def _parse_images(
+    entries: list, root: Path, source: Path, skips: SkipCounts
+) -> dict[int, tuple[str, str, int, int]]:
+    """image id -> (file_name, absolute path, width, height) of the usable entries."""
+    images: dict[int, tuple[str, str, int, int]] = {}
+    for i, entry in enumerate(entries):
+        image = _parse_image(entry, root)
+        if isinstance(image, str):
+            skips.skip(image)
+            continue
+        if image[0] in images:  # ambiguous: which entry do its annotations / boxes belong to?
+            raise DataError(f"{source}: images[{i}].id: duplicate image id {image[0]}")
+        images[image[0]] = image[1:]
+    return images
 
 
 def _read_json(path: Path) -> dict:

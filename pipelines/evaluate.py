@@ -297,7 +297,7 @@ def _score(
     metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
     if run_id and cfg.eval.visualize:
-        _log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
+        log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
     return metrics
 
 
@@ -315,7 +315,8 @@ def draw_poses(image: np.ndarray, poses: list[np.ndarray], threshold: float = 0.
     return out
 
 
-def _log_visualizations(records: list, results: list[dict], cfg: Config, run_id: str) -> None:
+def log_visualizations(records: list, results: list[dict], cfg: Config, run_id: str) -> None:
+    """The images of `records` with their poses from `results` drawn, as run artifacts (poses/)."""
     import tempfile
 
     from jobs import tracking

@@ -151,9 +151,19 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    detections: str = ""  # COCO results-format person boxes; empty = ground-truth boxes
-    output: str = "results/keypoints.json"
-    batch_size: int = 32
+    """`psm infer`: poses for every image of an image list, on the eval.* recipe and actors."""
+
+    images: str = "test2017"  # image folder (under data.root unless absolute)
+    # a COCO JSON with an "images" list (the test-dev image info, or an annotation file, whose
+    # keypoints then also score the results); under data.root unless absolute
+    image_info: str = "annotations/image_info_test-dev2017.json"
+    detections: str = ""  # the person detector's boxes, COCO results format (required)
+    output: str = "results/person_keypoints_test-dev2017_psm_results.json"
+    part_images: int = 512  # images per part file: a killed job resumes after its last part
+
+    def __post_init__(self) -> None:
+        if self.part_images <= 0:
+            raise ValueError(f"part_images: must be positive, got {self.part_images}")
 
 
 @dataclass(frozen=True)

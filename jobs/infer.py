@@ -1,0 +1,165 @@
+"""`psm infer CONFIG --checkpoint CKPT`: poses for every image of infer.image_info, with the person
+boxes of infer.detections, written as a COCO keypoint results JSON (the test-dev submission format).
+
+A Ray job: the model runs on eval.workers Ray Data actors (one GPU each on a GPU cluster) with the
+eval.* test recipe (flip test, decode, rescoring, OKS-NMS); only poses come back to this driver,
+which writes them in parts beside the output (`pipelines.inference`). Run again with the same
+arguments, a killed job resumes after its last finished part. The job is an MLflow run of its own
+(tag psm.kind = infer) with the results file and a few images drawn with their poses; when the
+image list is an annotation file with keypoints (val2017), the results are also scored (COCO AP).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.infer \
+        configs/psm_w48_384x288.yaml --checkpoint runs/NAME/checkpoint_000209 data.root=/data/coco \
+        infer.detections=/data/coco/person_detection_results/DETS.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from jobs import tracking
+from jobs.evaluate import load_model
+from pipelines.coco import DataError, load_images
+from psm_model.config import Config, ConfigError
+from psm_model.evaluation import METRIC_NAMES, coco_eval, load_gt, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _under_root(cfg: Config, path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else Path(cfg.data.root) / path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest(cfg: Config, weights: dict, rows: list[dict], images: Path, info: Path) -> dict:
+    """What the parts of one output are the results of: a resume with any of it changed is
+    refused (mixing two models' or two detectors' poses in one file would go unnoticed)."""
+    weight_hash = hashlib.sha256()
+    for key in sorted(weights):
+        weight_hash.update(key.encode())
+        weight_hash.update(weights[key].numpy().tobytes())
+    ids = ",".join(str(r["image_id"]) for r in rows)
+    return {
+        "weights_sha256": weight_hash.hexdigest(),
+        "model": cfg.to_dict()["model"],
+        "recipe": {
+            k: getattr(cfg.eval, k)
+            for k in (
+                "flip_test",
+                "decode",
+                "keypoint_score_threshold",
+                "oks_nms_threshold",
+                "box_score_threshold",
+            )
+        },  # fmt: skip
+        "box_padding": cfg.data.box_padding,
+        "images": str(images.resolve()),
+        "image_info": str(info.resolve()),
+        "image_ids_sha256": _sha256(ids.encode()),
+        "detections_sha256": _sha256(Path(cfg.infer.detections).read_bytes()),
+        "part_images": cfg.infer.part_images,
+    }
+
+
+def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
+    """Writes cfg.infer.output and returns the job's metrics (with COCO AP when scorable)."""
+    import ray
+
+    from pipelines.evaluate import detection_rows, log_visualizations
+    from pipelines.inference import PartStore, infer_parts, split_parts
+
+    if not cfg.infer.detections:
+        raise ConfigError(
+            "infer.detections: required: the person detector's boxes in COCO results format "
+            "(e.g. the HRNet release's COCO_test-dev2017_detections_AP_H_609_person.json)"
+        )
+    images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
+    if not images.is_dir():
+        raise DataError(f"{images}: infer.images: not a folder")
+    records, image_skips = load_images(images, info)
+    model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    del model
+    rows = detection_rows(records, cfg.infer.detections, cfg)
+    parts = split_parts(rows, cfg.infer.part_images)
+    output = Path(cfg.infer.output)
+    store = PartStore(
+        output.with_name(output.name + ".parts"), _manifest(cfg, weights, rows, images, info)
+    )
+    done = store.done(len(parts))
+    todo = [k for k in range(len(parts)) if k not in set(done)]
+    if done:
+        log.info("%s: %d of %d parts done already; resuming", store.folder, len(done), len(parts))
+
+    # one MLflow run per output file: a resumed job carries on the run it started
+    name = f"infer-{output.stem}-{_sha256(str(output.resolve()).encode())[:8]}"
+    run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
+    params = {"infer.checkpoint": checkpoint, "infer.boxes": cfg.infer.detections}
+    tracking.log_params(cfg, run_id, params)
+    try:
+        if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
+            ray.init()
+        started = time.perf_counter()
+        sent = infer_parts(parts, todo, cfg, weights, store)
+        seconds = time.perf_counter() - started
+        written = [store.read(k) for k in range(len(parts))]
+        results = [r for part in written for r in part["results"]]
+        write_results(results, output)
+        metrics = {
+            "images": float(len(rows)),
+            "images_with_boxes": float(sum(len(r["ann_ids"]) > 0 for r in rows)),
+            "boxes": float(sum(len(r["ann_ids"]) for r in rows)),
+            "poses": float(len(results)),
+            "skipped_images": float(sum(sum(p["skipped"].values()) for p in written)),
+            "skipped_image_entries": float(sum(image_skips.values())),
+            "parts_resumed": float(len(done)),
+            "seconds": seconds,
+            "images_per_s": sum(len(parts[k]) for k in todo) / max(seconds, 1e-9),
+            "images_with_boxes_sent": float(sent),
+        }
+        if "annotations" in json.loads(info.read_text()):  # an annotation file: score it too
+            metrics.update(coco_eval(load_gt(info), results))
+        tracking.log_metrics(cfg, run_id, metrics, step=0)
+        tracking.log_artifact(cfg, run_id, output, "results")
+        if cfg.eval.visualize:
+            log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
+    tracking.end_run(cfg, run_id)
+    print(
+        f"{output}: {len(results)} poses for {len(rows)} images ({info}) with the boxes of "
+        f"{cfg.infer.detections}; {int(metrics['skipped_images'])} images skipped"
+    )
+    if "AP" in metrics:
+        print("| " + " | ".join(METRIC_NAMES) + " |")
+        print("|" + "---:|" * len(METRIC_NAMES))
+        print("| " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_NAMES) + " |")
+    print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
+    return metrics
+
+
+def with_paths(cfg: Config, detections: str | None, output: str | None) -> Config:
+    """`--dets` / `--output` over infer.detections / infer.output."""
+    changes = {k: v for k, v in (("detections", detections), ("output", output)) if v}
+    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **changes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.infer CONFIG --checkpoint CKPT [...]` (what `ray job submit` runs)."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["infer", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`psm infer`: image lists, the part bookkeeping, and the job end to end on the local Ray: the
+same poses as `psm eval` with the same boxes, a killed job resumed to the same file, a corrupt
+image skipped and counted, the test-dev format without annotations, and clear input errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from jobs.cli import main
+from pipelines.coco import DataError, load_images
+from pipelines.inference import PartStore, _Part, split_parts
+from psm_model.config import load_config
+from psm_model.evaluation import validate_results
+from psm_model.hrnet import build_model
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+DETS = "person_detection_results/COCO_val2017_detections_AP_H_56_person_mmpose4.json"
+INFO4 = "annotations/person_keypoints_val2017_mmpose4.json"  # the 4 images those boxes are of
+
+
+def _image(image_id, name):
+    return {"id": image_id, "file_name": name, "width": 64, "height": 48}
+
+
+def test_load_images_reads_an_image_info_file_in_id_order(tmp_path):
+    entries = [_image(7, "b.jpg"), _image(3, "a.jpg"), _image(9, "../x.jpg"), {"id": "x"}]
+    (tmp_path / "info.json").write_text(json.dumps({"images": entries}))  # no "annotations"
+    records, skips = load_images(tmp_path / "img", tmp_path / "info.json")
+    assert [(r.image_id, Path(r.path).name, r.persons) for r in records] == [
+        (3, "a.jpg", []),
+        (7, "b.jpg", []),
+    ]
+    assert records[0].path == str((tmp_path / "img" / "a.jpg").resolve())
+    assert skips == {"unsafe_file_name": 1, "bad_image": 1}
+
+
+def test_load_images_errors_name_the_file_and_field(tmp_path):
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"images": [_image(1, "a.jpg"), _image(1, "b.jpg")]}))
+    with pytest.raises(DataError, match=r"info.json: images\[1\].id: duplicate image id 1"):
+        load_images(tmp_path, info)
+    info.write_text(json.dumps({"info": {}}))
+    with pytest.raises(DataError, match="info.json: images: missing"):
+        load_images(tmp_path, info)
+
+
+def _row(image_id, boxes):
+    return {"image_id": image_id, "ann_ids": np.arange(boxes)}
+
+
+def _poses(image_ids, skips):
+    n = len(image_ids)
+    return {
+        "image_id": np.array(image_ids, np.int64),
+        "ann_id": np.zeros(n, np.int64),
+        "center": np.full((n, 2), 50, np.float32),
+        "scale": np.ones((n, 2), np.float32),
+        "score": np.ones(n, np.float32),
+        "skip": np.array(skips, dtype=object),
+        "coords": np.full((n, 17, 2), 40.0),
+        "maxvals": np.full((n, 17, 1), 0.5, np.float32),
+    }
+
+
+def test_a_part_is_complete_when_every_box_or_a_skip_came_back():
+    cfg = load_config(TINY)
+    part = _Part([_row(1, 2), _row(2, 0), _row(3, 1), _row(4, 3)])
+    assert part.due == {1: 2, 3: 1, 4: 3}  # image 2 has no box: nothing to wait for
+    batch = _poses([1, 3, 4], ["", "", "corrupt_image"])  # image 4 failed to decode
+    part.add(batch, np.arange(3))
+    assert part.due == {1: 1}
+    part.add(_poses([1], [""]), np.arange(1))
+    assert not part.due
+    out = part.finish(cfg)
+    assert out["image_ids"] == [1, 2, 3, 4] and out["persons"] == 3
+    assert out["skipped"] == {"corrupt_image": 1}
+    # images 1 (two identical poses: OKS-NMS keeps one) and 3
+    assert sorted(r["image_id"] for r in out["results"]) == [1, 3]
+    assert split_parts([_row(i, 1) for i in range(5)], 2)[2] == [_row(4, 1)]
+
+
+def test_a_parts_folder_refuses_other_inputs(tmp_path):
+    store = PartStore(tmp_path / "p", {"weights_sha256": "a", "part_images": 4})
+    store.write(1, {"results": []})
+    assert store.done(3) == [1]
+    assert PartStore(tmp_path / "p", {"weights_sha256": "a", "part_images": 4}).done(3) == [1]
+    with pytest.raises(DataError, match=r"p: holds parts of a job with other inputs "
+                                         r"\(part_images, weights_sha256 differ\)"):  # fmt: skip
+        PartStore(tmp_path / "p", {"weights_sha256": "b", "part_images": 8})
+
+
+def _args(tmp_path, *more):
+    return [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}", *more]
+
+
+def _run(tmp_path, name):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["psm-pose"], order_by=["start_time DESC"])
+    return runs[runs["tags.mlflow.runName"].str.startswith(f"infer-{name}-")].iloc[0]
+
+
+def _sorted(results):
+    return sorted(results, key=lambda r: (r["image_id"], -r["score"], r["keypoints"]))
+
+
+@pytest.mark.slow
+def test_infer_gives_eval_poses_and_resumes_a_killed_job_to_the_same_file(
+    ray_local, coco_root, tmp_path, monkeypatch
+):
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    common = [f"data.root={coco_root}", "infer.images=val2017", f"infer.image_info={INFO4}"]
+    common += ["infer.part_images=1", "eval.visualize=2"]
+    ckpt = ["--checkpoint", str(tmp_path / "model.pt"), "--dets", str(coco_root / DETS)]
+    whole = tmp_path / "whole.json"
+    assert main(["infer", TINY, *_args(tmp_path, *common), *ckpt, "--output", str(whole)]) == 0
+    results = json.loads(whole.read_text())
+    assert len(results) > 50  # 118 boxes on 4 images; OKS-NMS removes some
+    ids = {i["id"] for i in json.loads((coco_root / INFO4).read_text())["images"]}
+    assert validate_results(results, ids, "whole.json") == results  # the submission format
+    run = _run(tmp_path, "whole")
+    assert run["tags.psm.kind"] == "infer" and run["metrics.images"] == 4
+    assert run["metrics.poses"] == len(results) and run["metrics.parts_resumed"] == 0
+    artifacts = mlflow.MlflowClient().list_artifacts(run["run_id"], "results")
+    assert [Path(a.path).name for a in artifacts] == ["whole.json"]
+    assert len(mlflow.MlflowClient().list_artifacts(run["run_id"], "poses")) == 2
+
+    # psm eval with the same boxes on the same annotation file: the same poses and AP
+    evaluated = tmp_path / "eval.json"
+    eval_args = [f"data.root={coco_root}", f"data.val_annotations={INFO4}"]
+    assert (
+        main(["eval", TINY, *_args(tmp_path, *eval_args), *ckpt, "--results", str(evaluated)]) == 0
+    )
+    expected = _sorted(json.loads(evaluated.read_text()))
+    got = _sorted(results)
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in expected]
+    np.testing.assert_allclose([r["keypoints"] for r in got], [r["keypoints"] for r in expected],
+                               atol=1e-4)  # fmt: skip
+    eval_run = mlflow.search_runs(experiment_names=["psm-pose"], order_by=["start_time DESC"])
+    assert run["metrics.AP"] == pytest.approx(eval_run.iloc[0]["metrics.AP"], abs=1e-9)
+
+    # killed after its second part: rerun, it poses only the 2 images left, and the file is equal
+    resumed = tmp_path / "resumed.json"
+    writes = []
+    real_write = PartStore.write
+
+    def dies_after_two(self, index, part):
+        if len(writes) == 2:
+            raise KeyboardInterrupt("killed")
+        writes.append(index)
+        real_write(self, index, part)
+
+    monkeypatch.setattr(PartStore, "write", dies_after_two)
+    args = ["infer", TINY, *_args(tmp_path, *common), *ckpt, "--output", str(resumed)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not resumed.exists() and _run(tmp_path, "resumed")["status"] == "FAILED"
+    monkeypatch.setattr(PartStore, "write", real_write)
+    assert main(args) == 0
+    assert json.loads(resumed.read_text()) == results
+    run = _run(tmp_path, "resumed")
+    assert run["status"] == "FINISHED" and run["metrics.parts_resumed"] == 2
+    assert run["metrics.images_with_boxes_sent"] == 2
+
+    # the same output with another model is refused, naming what differs
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    assert main(args) == 2
+
+
+@pytest.mark.slow
+def test_infer_on_a_test_dev_style_list_skips_a_corrupt_image(
+    ray_local, synthetic_root, tmp_path, capsys
+):
+    gt = json.loads((synthetic_root / "annotations" / "person_keypoints_val2017.json").read_text())
+    images = tmp_path / "test2017"
+    shutil.copytree(synthetic_root / "val2017", images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    entries = [*gt["images"], {"id": 999, "file_name": "broken.jpg", "width": 64, "height": 48}]
+    info = tmp_path / "image_info_test-dev2017.json"
+    info.write_text(json.dumps({"images": entries, "categories": gt["categories"]}))
+    dets = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ] + [{"image_id": 999, "category_id": 1, "bbox": [4, 4, 20, 30], "score": 0.8}]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    output = tmp_path / "out" / "keypoints.json"
+    args = [f"data.root={tmp_path}", "infer.images=test2017", f"infer.image_info={info.name}"]
+    argv = ["infer", TINY, *_args(tmp_path, *args), "--checkpoint", str(tmp_path / "model.pt")]
+    assert main([*argv, "--dets", str(tmp_path / "dets.json"), "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert {r["image_id"] for r in results} == {i["id"] for i in gt["images"]}
+    run = _run(tmp_path, "keypoints")
+    assert run["metrics.skipped_images"] == 1 and run["metrics.images"] == len(entries)
+    assert "metrics.AP" not in run or np.isnan(run["metrics.AP"])  # no annotations: no score
+    assert "1 images skipped" in capsys.readouterr().out
+
+
+def test_infer_input_errors(synthetic_root, tmp_path, capsys):
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    argv = ["infer", TINY, *_args(tmp_path, f"data.root={synthetic_root}")]
+    argv += ["--checkpoint", str(tmp_path / "model.pt")]
+    assert main(argv) == 2
+    assert "infer.detections: required" in capsys.readouterr().err
+    assert main([*argv, "--dets", str(tmp_path / "dets.json")]) == 2
+    assert "test2017: infer.images: not a folder" in capsys.readouterr().err
