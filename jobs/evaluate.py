@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from jobs import tracking
@@ -67,7 +68,9 @@ def run_eval(
         del model
     boxes = cfg.eval.detections or "ground-truth boxes"
     # the MLflow run first: evaluation draws poses on a few val images and logs them to it
-    name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a run name is also the key that resumes an MLflow run: two evaluations in the same second
+    # must not share one
+    name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_id = tracking.start_or_resume_run(cfg, name, kind="eval")
     params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
     tracking.log_params(cfg, run_id, params)

@@ -3,6 +3,7 @@ official HRNet .pth, and the GT oracle; metrics printed and logged to MLflow. Th
 Ray Data actors and must score as it does in process (validation inside training)."""
 
 import json
+import types
 from pathlib import Path
 
 import mlflow
@@ -77,6 +78,18 @@ def test_eval_an_official_hrnet_checkpoint(ray_local, synthetic_root, tmp_path):
 def test_oracle_on_synthetic_ground_truth(synthetic_root, tmp_path, capsys):
     assert main(["eval", TINY, *_args(synthetic_root, tmp_path), "--oracle"]) == 0
     assert _last_run(tmp_path)["metrics.AP"] > 0.9
+
+
+def test_two_evaluations_in_the_same_second_are_two_mlflow_runs(
+    synthetic_root, tmp_path, monkeypatch
+):
+    # the clock stands still for this module only (time.strftime is shared with everything)
+    frozen = types.SimpleNamespace(strftime=lambda *args: "20261127-070000")
+    monkeypatch.setattr("jobs.evaluate.time", frozen)
+    for _ in range(2):
+        assert main(["eval", TINY, *_args(synthetic_root, tmp_path), "--oracle"]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(mlflow.search_runs(experiment_names=["psm-pose"])) == 2
 
 
 def test_eval_needs_a_checkpoint_or_oracle(synthetic_root, tmp_path):
