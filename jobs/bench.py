@@ -9,6 +9,7 @@ import platform
 
 import torch
 
+from psm_model.compiling import CompileScope
 from psm_model.config import ModelConfig
 from psm_model.profile import cpu_latency, describe, summarize, train_step_throughput
 
@@ -52,6 +53,7 @@ def bench_model(
     gpu_batch: int,
     gpu_steps: int,
     compile: bool = False,
+    compile_scope: CompileScope = "blocks",
     json_out: str | None = None,
     cpu: bool = True,
 ) -> dict:
@@ -78,9 +80,10 @@ def bench_model(
                 )
     if torch.cuda.is_available():
         print(
-            "\n| model | batch | AMP | channels_last | compile | train img/s | step ms | peak GiB |"
+            "\n| model | batch | AMP | channels_last | compile | train img/s | step ms | peak GiB "
+            "| first step s |"
         )
-        print("|---|---:|---|---|---|---:|---:|---:|")
+        print("|---|---:|---|---|---|---:|---:|---:|---:|")
         settings = [("bf16", True, False), ("bf16", False, False), ("none", False, False)]
         if compile:  # compiling takes minutes: time only the fastest eager setting compiled
             settings = [("bf16", True, True)]
@@ -88,11 +91,19 @@ def bench_model(
             for amp, cl, comp in settings:
                 torch.cuda.empty_cache()
                 r = train_step_throughput(
-                    v, gpu_batch, steps=gpu_steps, amp=amp, channels_last=cl, compile=comp
+                    v,
+                    gpu_batch,
+                    steps=gpu_steps,
+                    amp=amp,
+                    channels_last=cl,
+                    compile=comp,
+                    compile_scope=compile_scope,
                 )
+                shown = compile_scope if comp else comp
                 print(
-                    f"| {describe(v)} | {gpu_batch} | {amp} | {cl} | {comp} | {r.images_per_s:.0f} "
-                    f"| {r.step_ms:.1f} | {r.peak_memory_gb:.1f} |"
+                    f"| {describe(v)} | {gpu_batch} | {amp} | {cl} | {shown} "
+                    f"| {r.images_per_s:.0f} | {r.step_ms:.1f} | {r.peak_memory_gb:.1f} "
+                    f"| {r.first_step_s:.1f} |"
                 )
                 results["gpu"].append(
                     {
@@ -101,6 +112,7 @@ def bench_model(
                         "amp": amp,
                         "channels_last": cl,
                         "compile": comp,
+                        "compile_scope": compile_scope if comp else None,
                         **dataclasses.asdict(r),
                     }  # fmt: skip
                 )

@@ -37,6 +37,7 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
         gpu_batch=args.gpu_batch,
         gpu_steps=args.gpu_steps,
         compile=args.compile,
+        compile_scope=args.compile_scope,
         json_out=args.json,
         cpu=not args.skip_cpu,
     )
@@ -81,6 +82,8 @@ def cmd_make_synthetic(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
+    import json
+
     import torch
 
     from jobs.bench import machine
@@ -93,17 +96,36 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         cfg.model,
         cfg.train.batch_size,
         steps=args.steps,
+        warmup=args.warmup,
         amp=cfg.train.amp,
         channels_last=cfg.train.channels_last,
         compile=cfg.train.compile,
         device=device,
+        compile_scope=cfg.train.compile_scope,
     )
+    compiled = f"compile {cfg.train.compile_scope}" if cfg.train.compile else "eager"
     print(f"machine: {machine()}")
     print(
         f"{describe(cfg.model)}: batch {cfg.train.batch_size}, amp {cfg.train.amp}, channels_last "
-        f"{cfg.train.channels_last}, compile {cfg.train.compile}: {r.images_per_s:.1f} img/s, "
-        f"{r.step_ms:.1f} ms/step, peak {r.peak_memory_gb:.2f} GiB"
+        f"{cfg.train.channels_last}, {compiled}: {r.images_per_s:.1f} img/s, "
+        f"{r.step_ms:.1f} ms/step, peak {r.peak_memory_gb:.2f} GiB; first step "
+        f"{r.first_step_s:.1f} s, {args.warmup} warm-up steps {r.warmup_s:.1f} s"
     )
+    if args.json:
+        record = {
+            "machine": machine(),
+            "model": describe(cfg.model),
+            "device": device,
+            "batch": cfg.train.batch_size,
+            "amp": cfg.train.amp,
+            "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile,
+            "compile_scope": cfg.train.compile_scope if cfg.train.compile else None,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            **dataclasses.asdict(r),
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 def cmd_bench_data(args: argparse.Namespace) -> None:
@@ -221,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GPU: time torch.compile (bf16, channels_last) instead of the eager settings",
     )
+    p.add_argument(
+        "--compile-scope",
+        choices=["model", "blocks", "exchange"],
+        default="blocks",
+        help="with --compile: the whole model, or in place its residual blocks or its exchange "
+        "modules (regional compilation)",
+    )
     p.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_model)
@@ -228,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train-step images/s and peak memory of the configured model and train settings",
         description="Full train steps (forward, JointsMSE, backward, Adam) of the configured model "
-        "on random data with train.batch_size, train.amp, train.channels_last and train.compile, "
+        "on random data with train.batch_size, train.amp, train.channels_last, train.compile and "
+        "train.compile_scope, "
         "on the GPU when there is one: images/s, ms per step, peak GPU memory.",
     )
     _config_args(p)
-    p.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps (the first one compiles)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
     p = bench_sub.add_parser(
         "data",

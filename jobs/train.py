@@ -32,6 +32,7 @@ from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from psm_model.codec import HeatmapCodec, normalize_images
+from psm_model.compiling import compile_model, eager
 from psm_model.config import Config, load_config, parse_config
 from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
@@ -71,7 +72,8 @@ def train_loop(loop_config: dict) -> None:
             state = load_checkpoint(d, model, optimizer, scheduler, scaler)
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
     model = prepare_model(model, move_to_device=False)  # Ray: DDP over gloo or NCCL
-    step_model = torch.compile(model) if cfg.train.compile else model
+    # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
+    step_model = compile_model(model, cfg.train.compile_scope) if cfg.train.compile else model
 
     root = Path(cfg.data.root)
     records, _ = load_coco_persons(
@@ -132,7 +134,8 @@ def train_loop(loop_config: dict) -> None:
         }
         last = epoch == cfg.train.epochs - 1
         if rank == 0 and cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
-            metrics |= _validate(unwrap(model), cfg, device, state, epoch)
+            with eager():  # as with scope "model": validation runs the eager model, no recompiles
+                metrics |= _validate(unwrap(model), cfg, device, state, epoch)
         if rank == 0:
             tracking.log_metrics(cfg, state.mlflow_run_id, metrics, step=epoch)
         with tempfile.TemporaryDirectory() as d:

@@ -101,6 +101,10 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False
+    # what train.compile compiles (psm_model/compiling.py): "blocks" = each residual block in place
+    # (regional compilation: a fraction of the compile time, same state_dict keys), "exchange" =
+    # each exchange module in place (fusion sums included), "model" = the whole model
+    compile_scope: Literal["model", "blocks", "exchange"] = "blocks"
     sync_bn: bool = False
     num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
     use_gpu: bool = False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from psm_model.compiling import CompileScope, compile_model
 from psm_model.config import ModelConfig
 from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
@@ -78,6 +79,8 @@ class TrainStepResult:
     images_per_s: float
     peak_memory_gb: float
     step_ms: float
+    first_step_s: float = float("nan")  # the first step: compiles when compiling (else warm-up)
+    warmup_s: float = float("nan")  # all warm-up steps (a recompile may happen after the first)
 
 
 def train_step_throughput(
@@ -89,14 +92,19 @@ def train_step_throughput(
     channels_last: bool = True,
     compile: bool = False,
     device: str = "cuda",
+    compile_scope: CompileScope = "blocks",
 ) -> TrainStepResult:
-    """Images per second of full train steps (forward, JointsMSE, backward, Adam) on random data."""
+    """Images per second of full train steps (forward, JointsMSE, backward, Adam) on random data.
+
+    `compile`: through `compiling.compile_model(model, compile_scope)`; the first warm-up step
+    pays the compilation (`first_step_s`).
+    """
     # fixed input shapes: let cuDNN time its algorithms once (the official CUDNN.BENCHMARK)
     torch.backends.cudnn.benchmark = True
     model = build_model(cfg).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    step_model = torch.compile(model) if compile else model
+    step_model = compile_model(model, compile_scope) if compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, *cfg.input_size, device=device).to(memory_format=memory_format)
     target = torch.rand(batch, cfg.num_joints, *cfg.heatmap_size, device=device)
@@ -115,9 +123,15 @@ def train_step_throughput(
         scaler.update()
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    first_step_s = float("nan")
+    for i in range(warmup):
         step()
+        if i == 0:
+            sync()
+            first_step_s = time.perf_counter() - t0
     sync()
+    warmup_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -126,4 +140,6 @@ def train_step_throughput(
     sync()
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    return TrainStepResult(batch * steps / elapsed, peak, 1000 * elapsed / steps)
+    return TrainStepResult(
+        batch * steps / elapsed, peak, 1000 * elapsed / steps, first_step_s, warmup_s
+    )
