@@ -103,8 +103,9 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     # one MLflow run per output file: a resumed job carries on the run it started
     name = f"infer-{output.stem}-{_sha256(str(output.resolve()).encode())[:8]}"
     run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
-    params = {"infer.checkpoint": checkpoint, "infer.boxes": cfg.infer.detections}
-    tracking.log_params(cfg, run_id, params)
+    if not done:  # a resumed job keeps the params it started with (MLflow refuses changes)
+        params = {"infer.checkpoint": checkpoint, "infer.boxes": cfg.infer.detections}
+        tracking.log_params(cfg, run_id, params)
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
             ray.init()
