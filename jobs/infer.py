@@ -4,13 +4,15 @@ boxes of infer.detections, written as a COCO keypoint results JSON (the test-dev
 A Ray job: the model runs on eval.workers Ray Data actors (one GPU each on a GPU cluster) with the
 eval.* test recipe (flip test, decode, rescoring, OKS-NMS); only poses come back to this driver,
 which writes them in parts beside the output (`pipelines.inference`). Run again with the same
-arguments, a killed job resumes after its last finished part. The job is an MLflow run of its own
-(tag psm.kind = infer) with the results file and a few images drawn with their poses; when the
-image list is an annotation file with keypoints (val2017), the results are also scored (COCO AP).
+arguments, a killed job resumes after its last finished part. infer.output may be a pyarrow URI
+(s3://...): a cluster job's working directory is a temporary copy. The job is an MLflow run of its
+own (tag psm.kind = infer) with the results file and a few images drawn with their poses; when
+the image list is an annotation file with keypoints (val2017), the results are also scored.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.infer \
-        configs/psm_w48_384x288.yaml --checkpoint runs/NAME/checkpoint_000209 data.root=/data/coco \
-        infer.detections=/data/coco/person_detection_results/DETS.json
+        configs/psm_w48_384x288.yaml --checkpoint /data/psm_w48.pth data.root=/data/coco \
+        infer.detections=/data/coco/person_detection_results/DETS.json \
+        infer.output=s3://BUCKET/results/person_keypoints_test-dev2017_psm_results.json
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from jobs import tracking
 from jobs.evaluate import load_model
 from pipelines.coco import DataError, load_images
 from psm_model.config import Config, ConfigError
-from psm_model.evaluation import METRIC_NAMES, coco_eval, load_gt, write_results
+from psm_model.evaluation import METRIC_NAMES, coco_eval, load_gt
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     import ray
 
     from pipelines.evaluate import detection_rows, log_visualizations
-    from pipelines.inference import PartStore, infer_parts, split_parts
+    from pipelines.inference import PartStore, filesystem, infer_parts, split_parts, write_bytes
 
     if not cfg.infer.detections:
         raise ConfigError(
@@ -91,17 +94,17 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     del model
     rows = detection_rows(records, cfg.infer.detections, cfg)
     parts = split_parts(rows, cfg.infer.part_images)
-    output = Path(cfg.infer.output)
-    store = PartStore(
-        output.with_name(output.name + ".parts"), _manifest(cfg, weights, rows, images, info)
-    )
+    output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
+    store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info))
     done = store.done(len(parts))
     todo = [k for k in range(len(parts)) if k not in set(done)]
     if done:
         log.info("%s: %d of %d parts done already; resuming", store.folder, len(done), len(parts))
 
     # one MLflow run per output file: a resumed job carries on the run it started
-    name = f"infer-{output.stem}-{_sha256(str(output.resolve()).encode())[:8]}"
+    fs, where = filesystem(output)
+    stem = PurePosixPath(where).stem
+    name = f"infer-{stem}-{_sha256(f'{fs.type_name}:{where}'.encode())[:8]}"
     run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
     if not done:  # a resumed job keeps the params it started with (MLflow refuses changes)
         params = {"infer.checkpoint": checkpoint, "infer.boxes": cfg.infer.detections}
@@ -114,7 +117,8 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
         seconds = time.perf_counter() - started
         written = [store.read(k) for k in range(len(parts))]
         results = [r for part in written for r in part["results"]]
-        write_results(results, output)
+        data = json.dumps(results).encode()
+        write_bytes(output, data)
         metrics = {
             "images": float(len(rows)),
             "images_with_boxes": float(sum(len(r["ann_ids"]) > 0 for r in rows)),
@@ -130,7 +134,10 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
         if "annotations" in json.loads(info.read_text()):  # an annotation file: score it too
             metrics.update(coco_eval(load_gt(info), results))
         tracking.log_metrics(cfg, run_id, metrics, step=0)
-        tracking.log_artifact(cfg, run_id, output, "results")
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files
+            local = Path(tmp) / PurePosixPath(where).name
+            local.write_bytes(data)
+            tracking.log_artifact(cfg, run_id, local, "results")
         if cfg.eval.visualize:
             log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
     except BaseException:

@@ -5,22 +5,23 @@ resumes where it stopped.
 The images are cut, in id order, into parts of infer.part_images. A part is final as soon as every
 box of its images has come back from the actors (rescoring and OKS-NMS work per image and need
 nothing from other images); it is then written atomically as `part-NNNNN.json` in the parts
-folder beside the output. A rerun with the same inputs (the folder's manifest) sends only the
-unfinished parts through Ray, and the results file is always the parts concatenated in order: a
-resumed job writes exactly what an uninterrupted one writes.
+folder beside the output (a local path or a pyarrow URI such as s3://). A rerun with the same
+inputs (the folder's manifest) sends only the unfinished parts through Ray, and the results file
+is always the parts concatenated in order: a resumed job writes exactly what an uninterrupted one
+writes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from pipelines.coco import DataError
@@ -34,42 +35,69 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-class PartStore:
-    """The parts folder of one output: its manifest (what the results are of) and part files."""
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """A local path (made absolute) or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://):
+    on a cluster the job's working directory is a temporary copy, so results belong in storage
+    that outlives it (as train.storage_path)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
 
-    def __init__(self, folder: str | os.PathLike, manifest: dict) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / MANIFEST
-        if path.exists():
-            old = json.loads(path.read_text())
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a local path or URI by a temporary name and a move: a crash leaves the old file or
+    none, never half of one."""
+    fs, where = filesystem(path)
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where + ".tmp") as f:
+        f.write(data)
+    fs.move(where + ".tmp", where)
+
+
+class PartStore:
+    """The parts folder of one output (a local path or a URI): its manifest (what the results are
+    of) and the part files."""
+
+    def __init__(self, folder: str, manifest: dict) -> None:
+        self.folder = folder
+        self.fs, self.root = filesystem(folder)
+        self.fs.create_dir(self.root, recursive=True)
+        if MANIFEST in self._names():
+            old = self._read(MANIFEST)
             keys = old.keys() | manifest.keys()
             changed = sorted(k for k in keys if old.get(k) != manifest.get(k))
             if changed:
                 raise DataError(
-                    f"{self.folder}: holds parts of a job with other inputs ({', '.join(changed)} "
+                    f"{folder}: holds parts of a job with other inputs ({', '.join(changed)} "
                     "differ): delete the folder to start over, or choose another infer.output"
                 )
         else:
-            _write_json(path, manifest)
+            write_bytes(self._uri(MANIFEST), json.dumps(manifest).encode())
 
-    def path(self, index: int) -> Path:
-        return self.folder / f"part-{index:05d}.json"
+    def _names(self) -> set[str]:  # one listing, not a request per part (object stores)
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root))
+        return {i.base_name for i in infos if i.type == pafs.FileType.File}
+
+    def _uri(self, name: str) -> str:
+        return f"{self.folder.rstrip('/')}/{name}"
+
+    def _read(self, name: str) -> dict:
+        with self.fs.open_input_stream(f"{self.root}/{name}") as f:
+            return json.loads(f.read())
+
+    @staticmethod
+    def name(index: int) -> str:
+        return f"part-{index:05d}.json"
 
     def done(self, count: int) -> list[int]:
-        return [k for k in range(count) if self.path(k).exists()]
+        names = self._names()
+        return [k for k in range(count) if self.name(k) in names]
 
     def write(self, index: int, part: dict) -> None:
-        _write_json(self.path(index), part)
+        write_bytes(self._uri(self.name(index)), json.dumps(part).encode())
 
     def read(self, index: int) -> dict:
-        return json.loads(self.path(index).read_text())
-
-
-def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a crash leaves the old file or none, never half
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+        return self._read(self.name(index))
 
 
 def split_parts(rows: Sequence[dict], part_images: int) -> list[list[dict]]:

@@ -84,14 +84,21 @@ def test_a_part_is_complete_when_every_box_or_a_skip_came_back():
     assert split_parts([_row(i, 1) for i in range(5)], 2)[2] == [_row(4, 1)]
 
 
-def test_a_parts_folder_refuses_other_inputs(tmp_path):
-    store = PartStore(tmp_path / "p", {"weights_sha256": "a", "part_images": 4})
-    store.write(1, {"results": []})
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_parts_folder_resumes_and_refuses_other_inputs(tmp_path, uri):
+    folder = f"file://{tmp_path}/p" if uri else str(tmp_path / "p")  # a pyarrow URI, or a path
+    store = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
+    store.write(1, {"results": [{"score": 0.5}]})
     assert store.done(3) == [1]
-    assert PartStore(tmp_path / "p", {"weights_sha256": "a", "part_images": 4}).done(3) == [1]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "manifest.json",
+        "part-00001.json",
+    ]
+    again = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
+    assert again.done(3) == [1] and again.read(1) == {"results": [{"score": 0.5}]}
     with pytest.raises(DataError, match=r"p: holds parts of a job with other inputs "
                                          r"\(part_images, weights_sha256 differ\)"):  # fmt: skip
-        PartStore(tmp_path / "p", {"weights_sha256": "b", "part_images": 8})
+        PartStore(folder, {"weights_sha256": "b", "part_images": 8})
 
 
 def _args(tmp_path, *more):
@@ -145,6 +152,7 @@ def test_infer_gives_eval_poses_and_resumes_a_killed_job_to_the_same_file(
     assert run["metrics.AP"] == pytest.approx(eval_run.iloc[0]["metrics.AP"], abs=1e-9)
 
     # killed after its second part: rerun, it poses only the 2 images left, and the file is equal
+    # (written through a pyarrow URI, as to s3:// on a cluster)
     resumed = tmp_path / "resumed.json"
     writes = []
     real_write = PartStore.write
@@ -156,7 +164,7 @@ def test_infer_gives_eval_poses_and_resumes_a_killed_job_to_the_same_file(
         real_write(self, index, part)
 
     monkeypatch.setattr(PartStore, "write", dies_after_two)
-    args = ["infer", TINY, *_args(tmp_path, *common), *ckpt, "--output", str(resumed)]
+    args = ["infer", TINY, *_args(tmp_path, *common), *ckpt, "--output", f"file://{resumed}"]
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert not resumed.exists() and _run(tmp_path, "resumed")["status"] == "FAILED"
