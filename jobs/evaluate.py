@@ -20,14 +20,36 @@ from psm_model.checkpoint import checkpoint_config, load_checkpoint
 from psm_model.config import Config
 from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import PoseHRNet, build_model
-from psm_model.weights import from_official_checkpoint, load_strict, read_state_dict
+from psm_model.weights import (
+    CheckpointError,
+    from_official_checkpoint,
+    load_strict,
+    read_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
 
 def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
     """A training checkpoint directory (its own config wins), an official HRNet pose .pth, or a
-    state_dict file for `cfg.model`."""
+    state_dict file for `cfg.model`; a local path or a pyarrow URI (the s3:// checkpoints of a
+    cluster's train.storage_path), copied to a temporary folder first."""
+    if "://" in checkpoint:
+        import tempfile
+
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fs, where = pafs.FileSystem.from_uri(checkpoint)
+            local = Path(tmp) / Path(where.rstrip("/")).name
+            if fs.get_file_info(where).type == pafs.FileType.NotFound:
+                raise CheckpointError(f"{checkpoint}: checkpoint not found")
+            is_dir = fs.get_file_info(where).type == pafs.FileType.Directory
+            if is_dir:
+                local.mkdir()
+            pafs.copy_files(where, str(local), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+            return load_model(str(local), cfg)
     path = Path(checkpoint)
     if path.is_dir():
         ckpt_cfg = checkpoint_config(path)

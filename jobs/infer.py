@@ -10,7 +10,8 @@ own (tag psm.kind = infer) with the results file and a few images drawn with the
 the image list is an annotation file with keypoints (val2017), the results are also scored.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.infer \
-        configs/psm_w48_384x288.yaml --checkpoint /data/psm_w48.pth data.root=/data/coco \
+        configs/psm_w48_384x288.yaml --checkpoint s3://BUCKET/runs/NAME/checkpoint_X \
+        data.root=/data/coco \
         infer.detections=/data/coco/person_detection_results/DETS.json \
         infer.output=s3://BUCKET/results/person_keypoints_test-dev2017_psm_results.json
 """

@@ -13,11 +13,13 @@ import torch
 from official_reference import official_state_dict
 
 from jobs.cli import main
+from jobs.evaluate import load_model
 from pipelines.evaluate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.config import load_config
 from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
+from psm_model.weights import CheckpointError
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -65,6 +67,30 @@ def test_eval_a_checkpoint_folder_uses_its_own_model_config(
     args = ["eval", TINY, *_args(synthetic_root, tmp_path), "--checkpoint", str(tmp_path / "ckpt")]
     assert main(args) == 0
     assert _last_run(tmp_path)["params.model.fusion"] == "hrnet"
+
+
+def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
+    cfg = load_config(TINY, ["model.fusion=hrnet"])
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    save_checkpoint(
+        tmp_path / "ckpt", model, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+        TrainState(epoch=1), cfg,
+    )  # fmt: skip
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")  # psm
+    for uri, fusion in (
+        (f"file://{tmp_path}/ckpt", "hrnet"),
+        (f"file://{tmp_path}/model.pt", "psm"),
+    ):
+        # a folder brings its own model config (hrnet); a weights file takes the given one
+        loaded, got = load_model(uri, load_config(TINY, [f"model.fusion={fusion}"]))
+        assert got.model.fusion == fusion
+        if fusion == "hrnet":
+            for k, v in model.state_dict().items():
+                assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="missing: checkpoint not found"):
+        load_model(f"file://{tmp_path}/missing", cfg)
 
 
 def test_eval_an_official_hrnet_checkpoint(ray_local, synthetic_root, tmp_path):
