@@ -52,17 +52,21 @@ def test_eval_a_state_dict_file(ray_local, synthetic_root, tmp_path, capsys):
     assert run["params.eval.kind"] == "model" and "metrics.AP" in run
 
 
+def _checkpoint_folder(path, cfg):
+    """A training checkpoint of a fresh `cfg.model` at `path`; returns the model."""
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_checkpoint(path, model, opt, sched, scaler, TrainState(epoch=1), cfg)
+    return model
+
+
 def test_eval_a_checkpoint_folder_uses_its_own_model_config(
     ray_local, synthetic_root, tmp_path, capsys
 ):
     cfg = load_config(TINY, [*_args(synthetic_root, tmp_path), "model.fusion=hrnet"])
-    model = build_model(cfg.model)
-    opt = torch.optim.Adam(model.parameters())
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
-    save_checkpoint(
-        tmp_path / "ckpt", model, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-        TrainState(epoch=1), cfg,
-    )  # fmt: skip
+    _checkpoint_folder(tmp_path / "ckpt", cfg)
     # the command line says psm, the checkpoint says hrnet: the checkpoint's model wins
     args = ["eval", TINY, *_args(synthetic_root, tmp_path), "--checkpoint", str(tmp_path / "ckpt")]
     assert main(args) == 0
@@ -71,13 +75,7 @@ def test_eval_a_checkpoint_folder_uses_its_own_model_config(
 
 def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
     cfg = load_config(TINY, ["model.fusion=hrnet"])
-    model = build_model(cfg.model)
-    opt = torch.optim.Adam(model.parameters())
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
-    save_checkpoint(
-        tmp_path / "ckpt", model, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-        TrainState(epoch=1), cfg,
-    )  # fmt: skip
+    model = _checkpoint_folder(tmp_path / "ckpt", cfg)
     torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")  # psm
     for uri, fusion in (
         (f"file://{tmp_path}/ckpt", "hrnet"),
