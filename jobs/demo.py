@@ -19,7 +19,7 @@ from jobs.train import run_training
 from pipelines.evaluate import evaluate_model
 from pipelines.synthetic import make_synthetic
 from psm_model.config import Config, load_config
-from psm_model.evaluation import METRIC_NAMES
+from psm_model.evaluation import metrics_table
 from psm_model.hrnet import build_model
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -37,14 +37,14 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
 
     print("\n== the untrained model on the val set")
     untrained = evaluate_model(build_model(cfg.model), cfg)
-    _table(untrained)
+    print(metrics_table(untrained))
 
     print(f"\n== training {cfg.train.epochs} epochs, {cfg.train.num_workers} gloo workers")
     summary = run_training(cfg)
 
     trained = {k[len("val_") :]: v for k, v in summary.items() if k.startswith("val_")}
     print("\n== the trained model on the val set (flip test, OKS-NMS, COCOeval)")
-    _table(trained)
+    print(metrics_table(trained))
     print(
         f"\nAP {untrained['AP']:.4f} untrained -> {trained.get('AP', float('nan')):.4f} trained "
         f"in {time.perf_counter() - t0:.0f} s"
@@ -65,9 +65,3 @@ def ensure_demo_data(cfg: Config) -> None:
     if not (root / cfg.data.train_annotations).exists():
         print(f"== writing the synthetic COCO dataset to {root}")
         make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
-
-
-def _table(metrics: dict) -> None:
-    print("| " + " | ".join(METRIC_NAMES) + " |")
-    print("|" + "---:|" * len(METRIC_NAMES))
-    print("| " + " | ".join(f"{metrics.get(k, float('nan')):.4f}" for k in METRIC_NAMES) + " |")

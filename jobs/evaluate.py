@@ -18,7 +18,7 @@ from pathlib import Path
 from jobs import tracking
 from psm_model.checkpoint import checkpoint_config, load_checkpoint
 from psm_model.config import Config
-from psm_model.evaluation import METRIC_NAMES
+from psm_model.evaluation import metrics_table
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import (
     CheckpointError,
@@ -42,10 +42,10 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
         with tempfile.TemporaryDirectory() as tmp:
             fs, where = pafs.FileSystem.from_uri(checkpoint)
             local = Path(tmp) / Path(where.rstrip("/")).name
-            if fs.get_file_info(where).type == pafs.FileType.NotFound:
+            kind = fs.get_file_info(where).type
+            if kind == pafs.FileType.NotFound:
                 raise CheckpointError(f"{checkpoint}: checkpoint not found")
-            is_dir = fs.get_file_info(where).type == pafs.FileType.Directory
-            if is_dir:
+            if kind == pafs.FileType.Directory:
                 local.mkdir()
             pafs.copy_files(where, str(local), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
@@ -127,8 +127,6 @@ def run_eval(
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.end_run(cfg, run_id)
     print(f"{kind} evaluation on {root / cfg.data.val_annotations} with {boxes}:")
-    print("| " + " | ".join(METRIC_NAMES) + " |")
-    print("|" + "---:|" * len(METRIC_NAMES))
-    print("| " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_NAMES) + " |")
+    print(metrics_table(metrics))
     print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
     return metrics

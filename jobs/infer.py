@@ -31,7 +31,7 @@ from jobs import tracking
 from jobs.evaluate import load_model
 from pipelines.coco import DataError, load_images
 from psm_model.config import Config, ConfigError
-from psm_model.evaluation import METRIC_NAMES, coco_eval, load_gt
+from psm_model.evaluation import coco_eval, load_gt, metrics_table
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _manifest(cfg: Config, weights: dict, rows: list[dict], images: Path, info: 
                 "oks_nms_threshold",
                 "box_score_threshold",
             )
-        },  # fmt: skip
+        },
         "box_padding": cfg.data.box_padding,
         "images": str(images.resolve()),
         "image_info": str(info.resolve()),
@@ -98,7 +98,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
     store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info))
     done = store.done(len(parts))
-    todo = [k for k in range(len(parts)) if k not in set(done)]
+    todo = sorted(set(range(len(parts))) - set(done))
     if done:
         log.info("%s: %d of %d parts done already; resuming", store.folder, len(done), len(parts))
 
@@ -150,9 +150,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
         f"{cfg.infer.detections}; {int(metrics['skipped_images'])} images skipped"
     )
     if "AP" in metrics:
-        print("| " + " | ".join(METRIC_NAMES) + " |")
-        print("|" + "---:|" * len(METRIC_NAMES))
-        print("| " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_NAMES) + " |")
+        print(metrics_table(metrics))
     print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
     return metrics
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from psm_model.config import Config, ConfigError, parse_config
+from psm_model.config import Config, ConfigError, parse_config, yaml_mapping
 
 SEARCHERS = ("grid", "random", "optuna")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -89,12 +89,7 @@ def load_space(path: str | Path, base: Config) -> SweepSpace:
 
 def parse_space(text: str, base: Config, source: str = "<space>") -> SweepSpace:
     """The space of a YAML text, validated against `base` (raises ConfigError)."""
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping, got {type(raw).__name__}")
+    raw = yaml_mapping(text, source)
     known = {"searcher", "num_samples", "max_concurrent_trials", "sigma_units", "asha"}
     known |= {"overrides", "params"}
     for key in raw:

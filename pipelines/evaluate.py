@@ -273,6 +273,25 @@ def evaluate_on_actors(
     return _score(poses, records, cfg, results_file, run_id)
 
 
+def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[dict]:
+    """Batches of pose rows (POSE_COLUMNS; skip rows are left out) -> COCO results: rescoring
+    and OKS-NMS per image, with the crop box as the NMS area (as the official code)."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("image_id", "coords", "maxvals", "score")}
+    areas = []
+    for batch in poses:
+        keep = batch["skip"] == ""
+        for k, values in cols.items():
+            values.append(batch[k][keep])
+        areas.append(np.prod(batch["scale"][keep] * PIXEL_STD, axis=1))
+    if not sum(map(len, areas)):
+        return []
+    image_ids, coords, maxvals, scores = (np.concatenate(v) for v in cols.values())
+    return make_results(
+        image_ids, coords, maxvals, scores, np.concatenate(areas),
+        cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
+    )  # fmt: skip
+
+
 def _score(
     poses: Iterable[dict[str, np.ndarray]],
     records: list,
@@ -281,22 +300,11 @@ def _score(
     run_id: str | None,
 ) -> dict[str, float]:
     """Batches of pose rows (POSE_COLUMNS) -> rescoring, OKS-NMS, results JSON, COCOeval."""
-    image_ids, coords, maxvals, scores, areas, skipped = [], [], [], [], [], Counter()
+    batches, skipped = [], Counter()
     for batch in poses:
         skipped += count_skips(batch["skip"])
-        keep = batch["skip"] == ""
-        image_ids.append(batch["image_id"][keep])
-        coords.append(batch["coords"][keep])
-        maxvals.append(batch["maxvals"][keep])
-        scores.append(batch["score"][keep])
-        areas.append(np.prod(batch["scale"][keep] * PIXEL_STD, axis=1))  # official NMS area
-    results = []
-    if image_ids and sum(map(len, image_ids)):
-        results = make_results(
-            np.concatenate(image_ids), np.concatenate(coords), np.concatenate(maxvals),
-            np.concatenate(scores), np.concatenate(areas),
-            cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
-        )  # fmt: skip
+        batches.append(batch)
+    results = pose_results(batches, cfg)
     if results_file is not None:
         write_results(results, results_file)
     metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)

@@ -26,9 +26,8 @@ import torch
 
 from pipelines.coco import DataError
 from pipelines.datasets import pose_predictions
+from pipelines.evaluate import pose_results
 from psm_model.config import Config
-from psm_model.evaluation import make_results
-from psm_model.geometry import PIXEL_STD
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +114,7 @@ class _Part:
         self.skipped: Counter = Counter()
 
     def add(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
-        ok = rows[batch["skip"][rows] == ""]
-        if len(ok):
-            self.poses.append({k: v[ok] for k, v in batch.items() if k != "skip"})
+        self.poses.append({k: v[rows] for k, v in batch.items()})
         for i in rows:
             image_id = int(batch["image_id"][i])
             if batch["skip"][i]:  # an image that could not be decoded gives one skip row
@@ -130,14 +127,8 @@ class _Part:
 
     def finish(self, cfg: Config) -> dict:
         """The part file: its image ids, skips by reason and final results (rescored, OKS-NMS)."""
-        results, persons = [], sum(len(p["image_id"]) for p in self.poses)
-        if persons:
-            cols = {k: np.concatenate([p[k] for p in self.poses]) for k in self.poses[0]}
-            results = make_results(
-                cols["image_id"], cols["coords"], cols["maxvals"], cols["score"],
-                np.prod(cols["scale"] * PIXEL_STD, axis=1),  # the official NMS area: the crop box
-                cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
-            )  # fmt: skip
+        persons = sum(int((p["skip"] == "").sum()) for p in self.poses)
+        results = pose_results(self.poses, cfg)
         return {
             "image_ids": self.image_ids,
             "persons": persons,

@@ -203,15 +203,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return parse_config(text, str(path) if path else "<defaults>", overrides)
 
 
-def parse_config(text: str, source: str = "<text>", overrides: typing.Sequence[str] = ()) -> Config:
-    """A config from YAML text (e.g. the config.yaml saved in a checkpoint), then overrides."""
-    tree: dict[str, dict[str, Any]] = {}
+def yaml_mapping(text: str, source: str, expected: str = "a mapping") -> dict:
+    """The top-level mapping of a YAML text (empty text: {}); ConfigError naming `source`."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected {expected}, got {type(raw).__name__}")
+    return raw
+
+
+def parse_config(text: str, source: str = "<text>", overrides: typing.Sequence[str] = ()) -> Config:
+    """A config from YAML text (e.g. the config.yaml saved in a checkpoint), then overrides."""
+    tree: dict[str, dict[str, Any]] = {}
+    raw = yaml_mapping(text, source, "a mapping of sections")
     for section, values in raw.items():
         _section_type(section, source)
         if not isinstance(values, dict):

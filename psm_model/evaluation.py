@@ -60,6 +60,16 @@ COCO_SIGMAS = (
 # names of COCOeval.stats[0..9] for iouType "keypoints" (maxDets 20; M = medium, L = large)
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The COCO keypoint metrics as a markdown table (nan where one is missing)."""
+    values = (f"{metrics.get(k, float('nan')):.4f}" for k in METRIC_NAMES)
+    return "\n".join(
+        ["| " + " | ".join(METRIC_NAMES) + " |", "|" + "---:|" * len(METRIC_NAMES),
+         "| " + " | ".join(values) + " |"]
+    )  # fmt: skip
+
+
 DETECTION_SKIPS = {
     "bad_entry": "not an object, or image_id / category_id / bbox / score missing",
     "bad_image_id": "image_id not an integer",
