@@ -294,18 +294,14 @@ def _absolute(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.train CONFIG [section.key=value ...]` (what `ray job submit` runs)."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print(__doc__)
-        return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    summary = run_training(load_config(args[0], args[1:]))
-    for k, v in summary.items():
-        print(f"{k}: {v}")
-    return 0
+    from jobs.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `-m`, this file is `__main__`, and Ray would pickle `train_loop` by value with every
+    # global it touches (torch.backends.cudnn cannot be pickled): go through the imported module.
+    from jobs.train import main as _main
+
+    sys.exit(_main())
