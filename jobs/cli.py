@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         name,
         resume=args.resume,
         max_concurrent=args.max_concurrent or space.max_concurrent_trials,
+        wait_s=args.wait_resources,
     )
     print(summary.pop("table"))
     for key, value in summary.items():
@@ -372,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="trials at once (default: the space's value, else as many as the cluster holds)",
     )
+    p.add_argument(
+        "--wait-resources",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="when no trial fits yet (an autoscaling cluster starts without GPU nodes), ask the "
+        "autoscaler for one trial's resources and wait this long for them (default 900)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
@@ -421,13 +431,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Log lines carry URIs: mask their credentials (psm_model.config.redact_secrets)."""
+    from psm_model.config import redact_secrets
+
+    record.msg, record.args = redact_secrets(record.getMessage()), None
+    return True
+
+
+OVERRIDE = re.compile(r"[A-Za-z_]\w*\.\w+=.*", re.S)  # section.key=value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags and `section.key=value` overrides in any order (`psm eval C --oracle data.root=X`):
+    argparse stops filling the overrides at the first flag, so the rest are gathered here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not OVERRIDE.fullmatch(a)]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
+    from jobs.tracking import TrackingError
     from pipelines.coco import DataError
     from psm_model.config import ConfigError
     from psm_model.evaluation import EvalError
@@ -435,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, DataError, EvalError) as e:
+    except (ConfigError, CheckpointError, DataError, EvalError, TrackingError) as e:
         print(f"psm: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
 
-from jobs import tracking
+from jobs import storage, tracking
 from psm_model.checkpoint import checkpoint_config, load_checkpoint
-from psm_model.config import Config
+from psm_model.config import Config, redact_secrets
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import (
@@ -81,6 +82,9 @@ def run_eval(
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, detections=detections))
     if not oracle and not checkpoint:
         raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
+    storage.require_persistent_tracking(tracking.tracking_uri(cfg))
+    if results_file:
+        storage.require_persistent(results_file, "--results")
     root = Path(cfg.data.root)
     kind = "oracle" if oracle else "model"
     weights = None
@@ -128,5 +132,16 @@ def run_eval(
     tracking.end_run(cfg, run_id)
     print(f"{kind} evaluation on {root / cfg.data.val_annotations} with {boxes}:")
     print(metrics_table(metrics))
-    print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
+    print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
     return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.evaluate ARGS` (what `ray job submit` runs) is `psm eval ARGS`."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ arguments, a killed job resumes after its last finished part. infer.output may b
 own (tag psm.kind = infer) with the results file and a few images drawn with their poses; when
 the image list is an annotation file with keypoints (val2017), the results are also scored.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.infer \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.infer \
         configs/psm_w48_384x288.yaml --checkpoint s3://BUCKET/runs/NAME/checkpoint_X \
         data.root=/data/coco \
         infer.detections=/data/coco/person_detection_results/DETS.json \
@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from jobs import tracking
+from jobs import storage, tracking
 from jobs.evaluate import load_model
 from pipelines.coco import DataError, load_images
-from psm_model.config import Config, ConfigError
+from psm_model.config import Config, ConfigError, redact_secrets
 from psm_model.evaluation import coco_eval, load_gt, metrics_table
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             "infer.detections: required: the person detector's boxes in COCO results format "
             "(e.g. the HRNet release's COCO_test-dev2017_detections_AP_H_609_person.json)"
         )
+    storage.require_persistent(cfg.infer.output, "infer.output (--output)")
+    storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
     if not images.is_dir():
         raise DataError(f"{images}: infer.images: not a folder")
@@ -151,7 +153,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     )
     if "AP" in metrics:
         print(metrics_table(metrics))
-    print(f"MLflow run {run_id} ({tracking.tracking_uri(cfg)})")
+    print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
     return metrics
 
 

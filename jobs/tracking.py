@@ -9,9 +9,15 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param
 
-from psm_model.config import Config
+from psm_model.config import Config, redact_secrets
 
 log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be reached when a job must talk to it."""
+
+
 RUN_NAME_TAG = "psm.run_name"  # the Ray Train run name, so a resumed run finds its MLflow run
 KIND_TAG = "psm.kind"  # train | eval | sweep: what `psm compare` lists
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: sweep trials under their sweep
@@ -57,10 +63,10 @@ def start_or_resume_run(
     # RUNNING until end_run: the UI shows live runs, and the end time gives the wall time
     tags = {RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})}
     run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = [Param(k, str(v)) for k, v in cfg.flat().items()]
+    params = [Param(k, redact_secrets(str(v))) for k, v in cfg.flat().items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[i : i + 100])
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    client.log_text(run_id, redact_secrets(cfg.to_yaml()), "config.yaml")
     return run_id
 
 
@@ -70,8 +76,68 @@ def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) 
     )
 
 
-def _metric(key: str, value: float, step: int):
-    return Metric(key, float(value), int(time.time() * 1000), step)
+def _metric(key: str, value: float, step: int, timestamp: int | None = None):
+    return Metric(key, float(value), timestamp or int(time.time() * 1000), step)
+
+
+def held_metrics(metrics: dict[str, float], step: int) -> dict:
+    """One batch of metrics, stamped now, for `deliver`: kept in the train state (so in the
+    checkpoint) until MLflow has it, so a tracking server that is down loses nothing."""
+    return {"step": step, "time_ms": int(time.time() * 1000), "metrics": dict(metrics)}
+
+
+def deliver(cfg: Config, run_id: str, held: list[dict]) -> list[dict]:
+    """Send held metric batches in order; returns those MLflow could not take (after its own
+    retries), to be sent again later. Sending a batch twice stores it once: same time stamps."""
+    client = _mlflow(cfg).MlflowClient()
+    for k, batch in enumerate(held):
+        metrics = [
+            _metric(n, v, batch["step"], batch["time_ms"]) for n, v in batch["metrics"].items()
+        ]
+        try:
+            client.log_batch(run_id, metrics=metrics)
+        except Exception as e:  # any failure to reach the server: keep the batch, retry later
+            log.warning(
+                "MLflow %s unreachable (%s: %s): %d metric batches held (steps %s), sent later",
+                redact_secrets(tracking_uri(cfg)),
+                type(e).__name__,
+                str(e)[:200],
+                len(held) - k,
+                [b["step"] for b in held[k:]],
+            )
+            return held[k:]
+    return []
+
+
+def wait_until_reachable(cfg: Config, timeout_s: float = 900.0, poll_s: float = 5.0) -> bool:
+    """Before a run's closing calls (held metrics, model registration, status): a tracking server
+    that is restarting gets `timeout_s` to come back rather than failing a finished training."""
+    client = _mlflow(cfg).MlflowClient()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.search_experiments(max_results=1)
+            return True
+        except Exception as e:  # unreachable: wait and ask again
+            if time.monotonic() > deadline:
+                return False
+            log.warning(
+                "MLflow %s unreachable (%s); retrying",
+                redact_secrets(tracking_uri(cfg)),
+                type(e).__name__,
+            )
+            time.sleep(poll_s)
+
+
+def try_log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str) -> bool:
+    """`log_artifact` for what a run can do without (drawings, the best weights' copy; the
+    checkpoints themselves are in train.storage_path): a tracking outage only warns."""
+    try:
+        log_artifact(cfg, run_id, path, artifact_path)
+        return True
+    except Exception as e:  # the run goes on without it
+        log.warning("MLflow: %s/ not logged (%s: %s)", artifact_path, type(e).__name__, e)
+        return False
 
 
 def log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str | None = None):

@@ -26,14 +26,14 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import tracking
+from jobs import storage, tracking
 from pipelines.coco import load_coco_persons
 from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from psm_model.codec import HeatmapCodec, normalize_images
 from psm_model.compiling import compile_model, eager
-from psm_model.config import Config, load_config, parse_config
+from psm_model.config import Config, parse_config, redact_secrets
 from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
 
@@ -137,13 +137,15 @@ def train_loop(loop_config: dict) -> None:
             with eager():  # as with scope "model": validation runs the eager model, no recompiles
                 metrics |= _validate(unwrap(model), cfg, device, state, epoch)
         if rank == 0:
-            tracking.log_metrics(cfg, state.mlflow_run_id, metrics, step=epoch)
+            state.held_metrics.append(tracking.held_metrics(metrics, epoch))
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:  # rank 0 writes, every rank reports
                 save_checkpoint(d, model, optimizer, scheduler, scaler, state, cfg)
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)  # Ray
+        if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
+            state.held_metrics = tracking.deliver(cfg, state.mlflow_run_id, state.held_metrics)
 
 
 def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device) -> float:
@@ -200,19 +202,21 @@ def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict
         state.best_ap, state.best_epoch = ap, epoch
         with tempfile.TemporaryDirectory() as d:
             torch.save(model.state_dict(), Path(d) / "model.pt")
-            (Path(d) / "config.yaml").write_text(cfg.to_yaml())
-            tracking.log_artifact(cfg, state.mlflow_run_id, d, "best_checkpoint")
+            (Path(d) / "config.yaml").write_text(redact_secrets(cfg.to_yaml()))
+            tracking.try_log_artifact(cfg, state.mlflow_run_id, d, "best_checkpoint")
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 
 
 def resolve_paths(cfg: Config) -> Config:
     """Absolute paths and the MLflow URI: workers (and Tune trials) run in other folders and on
     other nodes."""
+    storage.require_persistent(cfg.train.storage_path, "train.storage_path")
     train = dataclasses.replace(
         cfg.train,
         storage_path=_absolute(cfg.train.storage_path),
         mlflow_uri=tracking.tracking_uri(cfg),
     )
+    storage.require_persistent_tracking(train.mlflow_uri)
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root))
     detections = _absolute(cfg.eval.detections) if cfg.eval.detections else ""
     return dataclasses.replace(
@@ -237,7 +241,7 @@ def run_training(
     )
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
-    storage = cfg.train.storage_path
+    storage_path = cfg.train.storage_path
 
     root = Path(cfg.data.root)  # read once here: a bad file fails before any worker starts
     _, skips = load_coco_persons(
@@ -248,6 +252,7 @@ def run_training(
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()
+    storage.warn_if_node_local(cfg.train.mlflow_uri, sum(n["Alive"] for n in ray.nodes()))
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(  # Ray
         train_loop,
@@ -259,13 +264,13 @@ def run_training(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
-    log.info("training %s: storage %s/%s, MLflow run %s", name, storage, name, run_id)
+    log.info("training %s: storage %s/%s, MLflow run %s", name, storage_path, name, run_id)
     result = trainer.fit()
     if result.error:
         tracking.end_run(cfg, run_id, "FAILED")
@@ -274,6 +279,17 @@ def run_training(
     model = build_model(cfg.model)
     with result.checkpoint.as_directory() as d:
         final = load_checkpoint(d, model)
+    # what rank 0 could not send while MLflow was away (sent twice, a batch is stored once)
+    if not tracking.wait_until_reachable(cfg):
+        raise tracking.TrackingError(
+            f"MLflow {redact_secrets(cfg.train.mlflow_uri)} unreachable: training {name} is done "
+            f"and its checkpoints are in {storage_path}/{name}; run the same command again to "
+            "send its metrics and register its model"
+        )
+    unsent = tracking.deliver(cfg, run_id, final.held_metrics)
+    if unsent:
+        epochs = [b["step"] for b in unsent]
+        log.error("MLflow run %s lacks the metrics of epochs %s", run_id, epochs)
     version = tracking.register_model(cfg, run_id, model) if register else ""
     tracking.end_run(cfg, run_id)
     summary = {
@@ -284,6 +300,7 @@ def run_training(
         "epochs_done": final.epoch,
         "steps": final.step,
         "model_version": version,
+        "unsent_metric_epochs": [b["step"] for b in unsent],
     }
     return summary
 
@@ -300,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as `-m`, this file is `__main__`, and Ray would pickle `train_loop` by value with every
-    # global it touches (torch.backends.cudnn cannot be pickled): go through the imported module.
-    from jobs.train import main as _main
-
-    sys.exit(_main())
+    # Run as `-m`, this file is `__main__`: were `train_loop` taken from it, Ray would pickle it by
+    # value with every global it touches (torch.backends.cudnn cannot be pickled). The CLI imports
+    # `jobs.train`, whose functions Ray pickles by reference.
+    sys.exit(main())

@@ -13,9 +13,13 @@ accepted, hence the function trainable.)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ from jobs import tracking
 from jobs.compare import comparison, format_table, plot_sweep, write_csv
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.train import resolve_paths, run_training
-from psm_model.config import Config, ConfigError, parse_config
+from psm_model.config import Config, ConfigError, parse_config, redact_secrets
 from psm_model.hrnet import build_model
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,13 @@ RANK_METRIC = "best_AP"  # best so far: what the sweep ranks trials by
 
 
 def run_sweep(
-    base: Config, space: SweepSpace, name: str, *, resume: bool = False, max_concurrent: int = 0
+    base: Config,
+    space: SweepSpace,
+    name: str,
+    *,
+    resume: bool = False,
+    max_concurrent: int = 0,
+    wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run (or `resume`) the sweep `name`; returns the best trial and the comparison rows."""
     base = resolve_paths(base)
@@ -61,12 +71,13 @@ def run_sweep(
         tracking.log_params(base, parent, _sweep_params(space))
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "space.yaml").write_text(space.text)
-            (Path(d) / "base_config.yaml").write_text(base.to_yaml())
+            (Path(d) / "base_config.yaml").write_text(redact_secrets(base.to_yaml()))
             tracking.log_artifact(base, parent, d, "sweep")
 
     if not ray.is_initialized():  # Ray: the cluster in RAY_ADDRESS, or a local one
         ray.init()
-    concurrency = _concurrency(configs, ray.cluster_resources(), max_concurrent)
+    resources = _wait_for_resources(configs, wait_s)
+    concurrency = _concurrency(configs, resources, max_concurrent)
     trial_info = {"sweep": name, "parent_run_id": parent, "storage": f"{storage}/{name}.trials"}
     trainable = tune.with_resources(  # Ray
         tune.with_parameters(_trial, base_yaml=base.to_yaml(), space=space, info=trial_info),
@@ -177,16 +188,21 @@ def _scheduler(space: SweepSpace, max_epochs: int):
     )
 
 
-def _concurrency(configs: list[Config], resources: dict[str, float], requested: int) -> int:
-    """Trials that fit at once. Each holds its 0.1-CPU driver, its training workers and room for
-    one Ray Data task; more than fit would starve the data tasks, and Train retries its worker
-    startup forever."""
+def _trial_fit(configs: list[Config], resources: dict[str, float]) -> tuple[int, float, int]:
+    """(trials that fit in `resources`, CPUs a trial needs, GPUs a trial needs). Each trial holds
+    its 0.1-CPU driver, its training workers and room for one Ray Data task; more than fit would
+    starve the data tasks, and Train retries its worker startup forever."""
     cpus = max(TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.train.data_cpus
                for c in configs)  # fmt: skip
     fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
     gpu_workers = max((c.train.num_workers for c in configs if c.train.use_gpu), default=0)
     if gpu_workers:
         fit = min(fit, math.floor(resources.get("GPU", 0.0) / gpu_workers + 1e-9))
+    return fit, cpus, gpu_workers
+
+
+def _concurrency(configs: list[Config], resources: dict[str, float], requested: int) -> int:
+    fit, cpus, gpu_workers = _trial_fit(configs, resources)
     if fit < 1:
         raise ConfigError(
             f"a trial needs {cpus:g} CPUs and {gpu_workers} GPUs (train.num_workers, "
@@ -196,6 +212,39 @@ def _concurrency(configs: list[Config], resources: dict[str, float], requested: 
     if requested > fit:
         log.warning("max_concurrent_trials %d > %d that fit now: trials will wait", requested, fit)
     return requested or fit
+
+
+def _wait_for_resources(
+    configs: list[Config],
+    wait_s: float,
+    resources: Callable[[], dict[str, float]] = ray.cluster_resources,
+    request: Callable[..., None] | None = None,
+    poll_s: float = 10.0,
+) -> dict[str, float]:
+    """The cluster's resources once one trial fits. An autoscaling cluster starts with no GPU
+    nodes: ask the autoscaler for one trial's bundles and wait up to `wait_s` for them to join."""
+    have = resources()
+    fit, cpus, gpus = _trial_fit(configs, have)
+    if fit >= 1 or wait_s <= 0:
+        return have
+    c = max(configs, key=lambda c: c.train.num_workers)
+    worker = {"CPU": c.train.cpus_per_worker} | ({"GPU": 1} if gpus else {})
+    bundles = [worker] * c.train.num_workers + [{"CPU": TRIAL_CPUS + c.train.data_cpus}]
+    if request is None:
+        from ray.autoscaler.sdk import request_resources as request
+    request(bundles=bundles)  # Ray: the autoscaler starts nodes for them (no-op on a fixed cluster)
+    log.info("a trial needs %g CPUs, %d GPUs: waiting up to %.0f s for nodes", cpus, gpus, wait_s)
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            have = resources()
+            if _trial_fit(configs, have)[0] >= 1:
+                return have
+        log.warning("no trial fits after waiting %.0f s (--wait-resources)", wait_s)
+        return have
+    finally:  # a standing request would keep the nodes after the sweep; trials ask for their own
+        request(bundles=[])
 
 
 def _sweep_params(space: SweepSpace) -> dict[str, Any]:
@@ -212,6 +261,7 @@ def _sweep_params(space: SweepSpace) -> dict[str, Any]:
 
 def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> dict[str, Any]:
     """Close the trials' MLflow runs Tune stopped, register the best, log the comparison."""
+    _deliver_held_metrics(base, grid)
     errored = {r.metrics.get("trial_id") for r in grid if r.error and r.metrics}
     for run in tracking.child_runs(base, parent):
         if run.data.tags.get("psm.trial_id") in errored:
@@ -248,6 +298,22 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
     return summary
 
 
+def _deliver_held_metrics(base: Config, grid) -> None:
+    """Rank 0 sends an epoch's metrics after reporting its checkpoint; Tune may stop a trial in
+    between. What it had not sent is in the train state of the trial's last checkpoint."""
+    import pyarrow.fs as pafs
+
+    storage = base.train.storage_path
+    fs = pafs.FileSystem.from_uri(storage)[0] if "://" in storage else pafs.LocalFileSystem()
+    for result in grid:
+        path = (result.metrics or {}).get("checkpoint_path")  # set by TuneReportCallback
+        if not path:
+            continue
+        with fs.open_input_stream(f"{path}/train_state.json") as f:
+            state = json.loads(f.read())
+        tracking.deliver(base, state["mlflow_run_id"], state.get("held_metrics", []))
+
+
 def _register_best(base: Config, run_id: str) -> str:
     """Register the best weights of the best trial (its `best_checkpoint` artifact)."""
     status = tracking.get_run(base, run_id).info.status
@@ -259,3 +325,14 @@ def _register_best(base: Config, run_id: str) -> str:
     version = tracking.register_model(base, run_id, model)
     tracking.end_run(base, run_id, status)  # logging the model reopened the run
     return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.tune ARGS` (what `ray job submit` runs) is `psm tune ARGS`."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

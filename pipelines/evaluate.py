@@ -347,4 +347,4 @@ def log_visualizations(records: list, results: list[dict], cfg: Config, run_id: 
                 continue
             drawn = draw_poses(image, poses, cfg.eval.keypoint_score_threshold)
             cv2.imwrite(f"{d}/{rec.image_id}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        tracking.log_artifact(cfg, run_id, d, "poses")
+        tracking.try_log_artifact(cfg, run_id, d, "poses")

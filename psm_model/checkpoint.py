@@ -2,7 +2,7 @@
 
     model.pt        unwrapped model state_dict (no `module.` / `_orig_mod.` prefixes)
     optimizer.pt    optimiser, lr scheduler and AMP scaler states, torch RNG state
-    train_state.json  next epoch, global step, best AP so far, MLflow run id
+    train_state.json  next epoch, global step, best AP so far, MLflow run id, unsent metrics
     config.yaml     the full config the run was started with
 
 Everything is read back with `torch.load(weights_only=True)`.
@@ -11,12 +11,12 @@ Everything is read back with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from psm_model.config import Config, load_config
+from psm_model.config import Config, load_config, redact_secrets
 from psm_model.weights import CheckpointError, read_state_dict
 
 
@@ -27,6 +27,8 @@ class TrainState:
     best_ap: float = -1.0
     best_epoch: int = -1
     mlflow_run_id: str = ""
+    # metric batches MLflow has not confirmed: saved with the checkpoint, sent again until it has
+    held_metrics: list = field(default_factory=list)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,7 +59,7 @@ def save_checkpoint(
         d / "optimizer.pt",
     )
     (d / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-    (d / "config.yaml").write_text(cfg.to_yaml())
+    (d / "config.yaml").write_text(redact_secrets(cfg.to_yaml()))
     return d
 
 

@@ -8,6 +8,8 @@ Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pm
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -314,3 +316,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# Credentials never reach params, logs or saved configs: a URI's user:password@, a secret-looking
+# query parameter, and the values of the usual secret environment variables are masked.
+_USERINFO = re.compile(r"(://)[^/@\s'\"]+@")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&][a-z0-9_-]*(?:secret|password|passwd|token|key|signature|credential)[a-z0-9_-]*=)"
+    r"[^&\s'\"]+"
+)
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "AZURE_STORAGE_KEY",
+)
+
+
+def redact_secrets(text: str) -> str:
+    text = _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 6:  # a short value would mask ordinary words
+            text = text.replace(value, "***")
+    return text

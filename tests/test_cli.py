@@ -66,3 +66,17 @@ def test_bench_model_runs_on_cpu(tmp_path, capsys):
     models = [r["model"] for r in res["cpu"]]
     assert models == ["hrnet W8 128x96 stride 4", "psm W8 128x96 stride 2"]
     assert all(r["seconds"] > 0 for r in res["cpu"])
+
+
+def test_overrides_may_follow_flags():
+    from jobs.cli import parse_args
+
+    args = parse_args(
+        ["eval", TINY, "--oracle", "data.root=/x", "--dets", "d.json", "eval.workers=2"]
+    )
+    assert args.oracle and args.dets == "d.json"
+    assert args.overrides == ["data.root=/x", "eval.workers=2"]
+    args = parse_args(["infer", TINY, "model.width=16", "--checkpoint", "c", "data.root=/d"])
+    assert args.overrides == ["model.width=16", "data.root=/d"] and args.checkpoint == "c"
+    with pytest.raises(SystemExit):  # anything else is still an error
+        parse_args(["eval", TINY, "--oracle", "bogus"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from jobs.sweep_space import parse_space, yaml_value
-from jobs.tune import _concurrency, _tune_space
+from jobs.tune import _concurrency, _tune_space, _wait_for_resources
 from psm_model.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -152,3 +152,35 @@ def test_the_gpu_space_resolves_sigma_per_stride():
     assert cfg.data.sigma == 4.0 and cfg.train.use_gpu
     need = 0.1 + 2 * 4 + 1  # driver + 2 workers x 4 CPUs + a data task
     assert _concurrency([cfg], {"CPU": 64.0, "GPU": 8.0}, 0) == min(int(64 // need), 8 // 2)
+
+
+def test_a_sweep_waits_for_the_autoscaler_to_add_gpu_nodes():
+    base = load_config(CONFIGS / "psm_w32_256x192.yaml")
+    space = parse_space((CONFIGS / "sweeps" / "widths_sigma.yaml").read_text(), base, "ws.yaml")
+    cfg = space.trial_config(base, {"model.width": 48, "data.sigma": 8.0})
+    # a fresh autoscaling cluster: the CPU head alone, then a GPU node joins
+    seen = iter([{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 98.0, "GPU": 8.0}])
+    asked = []
+    have = _wait_for_resources(
+        [cfg],
+        60,
+        resources=lambda: next(seen),
+        request=lambda bundles: asked.append(bundles),
+        poll_s=0.01,
+    )
+    assert have == {"CPU": 98.0, "GPU": 8.0}
+    # one trial's bundles: 2 GPU workers of 4 CPUs, and its driver + data task; then withdrawn
+    assert asked == [[{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 1.1}], []]
+    assert _concurrency([cfg], have, 0) == 4
+
+
+def test_a_sweep_that_never_fits_fails_after_waiting(caplog):
+    base = load_config(CONFIGS / "psm_w32_256x192.yaml")
+    space = parse_space((CONFIGS / "sweeps" / "widths_sigma.yaml").read_text(), base, "ws.yaml")
+    cfg = space.trial_config(base, {"model.width": 48, "data.sigma": 8.0})
+    have = _wait_for_resources(
+        [cfg], 0.05, resources=lambda: {"CPU": 2.0}, request=lambda bundles: None, poll_s=0.01
+    )
+    assert "no trial fits after waiting" in caplog.text
+    with pytest.raises(ConfigError, match="a trial needs 9.1 CPUs and 2 GPUs"):
+        _concurrency([cfg], have, 0)

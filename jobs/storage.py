@@ -1,0 +1,68 @@
+"""Where a job's outputs may go.
+
+Under `ray job submit --working-dir .` the job runs in a temporary copy of the submitter's folder,
+which Ray deletes when the job ends. A relative checkpoint folder, results file or the default
+sqlite MLflow store would land there and be lost silently, so a submitted job refuses any output
+location inside its working directory, naming the key; absolute paths on shared storage and URIs
+(s3://, gs://, http:// for MLflow) pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from psm_model.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def submitted_job() -> str:
+    """The submission id when this process is a `ray job submit` entrypoint, else ''."""
+    # Ray's job supervisor passes the job's config to the entrypoint in this variable
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    try:
+        return str(json.loads(raw).get("metadata", {}).get("job_submission_id", "")) if raw else ""
+    except (ValueError, AttributeError):
+        return ""
+
+
+def local_path(location: str) -> Path | None:
+    """The local file a location names (a plain path, file:// or sqlite:///), else None."""
+    for prefix in ("sqlite:///", "file://"):
+        if location.startswith(prefix):
+            return Path(location[len(prefix) :]).resolve()
+    return None if "://" in location else Path(location).resolve()
+
+
+def require_persistent(location: str, key: str) -> None:
+    """Refuse an output location that a submitted job's clean-up would delete."""
+    if not submitted_job():
+        return
+    path = local_path(location)
+    workdir = Path.cwd().resolve()
+    if path is not None and (path == workdir or workdir in path.parents):
+        raise ConfigError(
+            f"{key}: {location!r} is inside this job's working directory ({workdir}), a "
+            "temporary copy that Ray deletes when the job ends: give an absolute path on "
+            "storage that outlives the job (shared by every node) or a URI such as "
+            "s3://BUCKET/... (MLflow: a tracking server, http://HOST:5000)"
+        )
+
+
+def require_persistent_tracking(uri: str) -> None:
+    require_persistent(uri, "train.mlflow_uri (or $MLFLOW_TRACKING_URI)")
+
+
+def warn_if_node_local(tracking_uri: str, nodes: int) -> None:
+    """A sqlite store is a file on one node: rank 0 may log from another node."""
+    if nodes > 1 and tracking_uri.startswith("sqlite:"):
+        log.warning(
+            "MLflow store %s is a sqlite file on this node, and the cluster has %d nodes: "
+            "training ranks on other nodes write to their own copy. Use a tracking server "
+            "(train.mlflow_uri=http://HOST:5000) on a cluster.",
+            tracking_uri,
+            nodes,
+        )

@@ -1,0 +1,353 @@
+"""Real services on 127.0.0.1 for the end-to-end tests: a `ray start --head` cluster with token
+authentication and an `mlflow server`, each on free ports, each stopped exactly (its own process
+tree, never `ray stop`, which would kill every Ray instance on the machine)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's `ray`, `mlflow`, `python`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line), read from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(entry.name)] = (ppid, cmd)
+    return out
+
+
+def kill_tree(
+    marks: list[str], grace: float = 5.0, signals=(signal.SIGTERM, signal.SIGKILL)
+) -> int:
+    """SIGTERM, then SIGKILL, every process whose command line holds one of `marks`, with all
+    its descendants. Returns how many were signalled."""
+    procs = _processes()
+    roots = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in marks)}
+    roots.discard(os.getpid())
+    tree, grew = set(roots), True
+    while grew:
+        children = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    for sig in signals:
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
+            time.sleep(0.2)
+    return len(tree)
+
+
+@dataclass
+class RayCluster:
+    """A head node started with `ray start`; `env` is what a user's shell has after
+    `export RAY_AUTH_MODE=token` with the cluster's token file."""
+
+    workdir: Path
+    cpus: int = 2
+    extra_env: dict[str, str] = field(default_factory=dict)  # what every job and worker gets
+    env: dict[str, str] = field(default_factory=dict)
+    address: str = ""
+    gcs_port: int = 0
+
+    def start(self) -> RayCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        token = self.workdir / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        # short: Ray's unix sockets live under it, and a socket path has at most 107 bytes
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="psmray-", dir="/tmp"))
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            **self.extra_env,
+        }
+        for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+            self.env.pop(key, None)
+        self.gcs_port, dashboard = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{dashboard}"
+        ports = {
+            "--port": self.gcs_port,
+            "--dashboard-port": dashboard,
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--ray-client-server-port": free_port(),
+        }
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.cpus}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            *(f"{k}={v}" for k, v in ports.items()),
+        ]
+        subprocess.run(cmd, env=self.env, cwd=REPO, check=True, capture_output=True, timeout=120)
+        self._wait_for_job_agent()
+        return self
+
+    def _wait_for_job_agent(self, timeout: float = 90) -> None:
+        # right after `ray start` the job agent may not be up: "No available agent to submit job"
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.ray("job", "list", check=False, timeout=60)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray job server at {self.address} not ready:\n{r.stderr}")
+            time.sleep(2)
+
+    def ray(self, *args: str, env: dict | None = None, check: bool = True, timeout: float = 600):
+        """The `ray` CLI against this cluster (`--address` added to job subcommands)."""
+        argv = [str(BIN / "ray"), *args]
+        if args[0] == "job":
+            argv[3:3] = ["--address", self.address]
+        return subprocess.run(
+            argv,
+            env=env or self.env,
+            cwd=REPO,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def submit(
+        self, *entrypoint: str, options: tuple[str, ...] = (), wait: bool = True, timeout=600
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir . [OPTIONS] -- ENTRYPOINT`, waiting for the job to end
+        unless `wait` is False."""
+        flags = [*options, *([] if wait else ["--no-wait"])]
+        return self.ray(
+            "job",
+            "submit",
+            "--working-dir",
+            ".",
+            *flags,
+            "--",
+            *entrypoint,
+            check=False,
+            timeout=timeout,
+        )
+
+    @staticmethod
+    def job_id(result: subprocess.CompletedProcess) -> str:
+        words = (result.stdout + result.stderr).replace("'", " ").split()
+        return next(w for w in words if w.startswith("raysubmit_"))
+
+    def wait(self, job_id: str, timeout: float = 600) -> str:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.ray("job", "status", job_id, check=False, timeout=60)
+            said = r.stdout + r.stderr
+            for status, words in (
+                ("SUCCEEDED", "succeeded"),
+                ("FAILED", "failed"),
+                ("STOPPED", "was stopped"),
+            ):
+                if f"Job '{job_id}' {words}" in said:
+                    return status
+            time.sleep(3)
+        raise TimeoutError(f"job {job_id} still running after {timeout} s")
+
+    def add_node(self, cpus: float) -> int:
+        """Another node (a raylet of its own) joined to this head; returns its id for
+        `remove_node`: its node manager port."""
+        port = free_port()
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            f"--address=127.0.0.1:{self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            "--disable-usage-stats",
+            f"--node-manager-port={port}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]
+        r = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            raise RuntimeError(f"ray start (node): {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        return port
+
+    def remove_node(self, node: int) -> int:
+        """Kill a node as a lost machine dies: its raylet and every process under it."""
+        return kill_tree([f"--node_manager_port={node} "], signals=(signal.SIGKILL,))
+
+    def node_of(self, process_name: str) -> int | None:
+        """The node (`add_node` id) whose raylet runs a process named like `ray::RayTrainWorker`."""
+        procs = _processes()
+        for pid, (_, cmd) in procs.items():
+            if not cmd.startswith(process_name):
+                continue
+            ancestor = procs[pid][0]
+            while ancestor in procs:
+                found = re.search(r"--node_manager_port=(\d+)", procs[ancestor][1])
+                if found:
+                    return int(found.group(1))
+                ancestor = procs[ancestor][0]
+        return None
+
+    def stop(self) -> None:
+        kill_tree([str(self.temp_dir), f":{self.gcs_port} "])
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class MlflowServer:
+    """`mlflow server` with a sqlite backend and proxied artifacts in `workdir`."""
+
+    workdir: Path
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> MlflowServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.workdir / "artifacts"),
+            "--workers",
+            "1",
+        ]
+        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the server holds it
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start; see {self.workdir}/server.log")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # uvicorn, its job runner and huey
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server: `env` points boto3 and pyarrow's s3:// at it (AWS_ENDPOINT_URL)."""
+
+    workdir: Path
+    secret: str = "psm-e2e-secret-" + secrets.token_hex(8)  # found nowhere it is logged
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "psm-e2e",
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self, bucket: str, timeout: float = 60) -> S3Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        log = open(self.workdir / "moto.log", "ab")  # noqa: SIM115 - the server holds it
+        self.process = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server: no start; {self.workdir}/moto.log") from None
+                time.sleep(0.3)
+        self.client().create_bucket(Bucket=bucket)
+        return self
+
+    def client(self):
+        import boto3
+
+        e = self.env
+        return boto3.client(
+            "s3",
+            endpoint_url=e["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)

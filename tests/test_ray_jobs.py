@@ -1,0 +1,413 @@
+"""The jobs as users run them: `ray job submit --working-dir .` to a `ray start --head` cluster
+with token authentication, logging over HTTP to an `mlflow server`, with the README's commands.
+
+Slow (a few minutes on 2 cores): one cluster and one tracking server for the module, stopped
+exactly at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.local_cluster import MlflowServer, RayCluster, S3Server
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "configs/demo.yaml"
+BUCKET = "psm-e2e"
+EXPERIMENT = "psm-demo"  # the demo config's train.experiment
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    from pipelines.synthetic import make_synthetic
+
+    work = tmp_path_factory.mktemp("ray_jobs")
+    make_synthetic(work / "data", train_images=24, val_images=6, seed=3)
+    mlflow_server = MlflowServer(work / "mlflow")
+    s3 = S3Server(work / "s3")
+    cluster = RayCluster(work / "cluster", cpus=2)
+    try:
+        mlflow_server.start()
+        s3.start(BUCKET)
+        cluster.extra_env = s3.env  # the nodes' credentials, as an instance profile gives them
+        cluster.start()
+        yield {"work": work, "cluster": cluster, "mlflow": mlflow_server, "s3": s3}
+    finally:
+        cluster.stop()
+        s3.stop()
+        mlflow_server.stop()
+
+
+def _common(services) -> list[str]:
+    work = services["work"]
+    return [f"data.root={work / 'data'}", f"train.mlflow_uri={services['mlflow'].uri}"]
+
+
+def _client(services):
+    import mlflow
+
+    return mlflow.MlflowClient(services["mlflow"].uri)
+
+
+def _runs(services, filter_string: str) -> list:
+    client = _client(services)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], filter_string=filter_string)
+
+
+def _succeeded(result) -> None:
+    assert result.returncode == 0 and "succeeded" in result.stdout + result.stderr, (
+        result.stdout[-6000:] + result.stderr[-6000:]
+    )
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Ray Train's checkpoint folders, oldest first (its snapshot JSON lies beside them)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def trained(services):
+    """`python -m jobs.train` as a Ray job: 2 epochs of the demo model, 2 gloo workers."""
+    work = services["work"]
+    result = services["cluster"].submit(
+        "python",
+        "-m",
+        "jobs.train",
+        CONFIG,
+        *_common(services),
+        "train.epochs=2",
+        f"train.storage_path={work / 'runs'}",
+        "train.name=e2e-train",
+    )
+    _succeeded(result)
+    return work / "runs" / "e2e-train"
+
+
+def test_a_client_without_the_token_is_refused(services, tmp_path):
+    cluster = services["cluster"]
+    home = tmp_path / "home"  # no ~/.ray/auth_token to fall back on
+    home.mkdir()
+    base = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    for env in (
+        base | {"HOME": str(home)},
+        base | {"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)},
+    ):
+        refused = cluster.ray("job", "list", env=env, check=False, timeout=120)
+        said = (refused.stdout + refused.stderr).splitlines()[-1]
+        assert refused.returncode != 0 and "authenticat" in said.lower(), said
+    assert cluster.ray("job", "list", check=False).returncode == 0  # with the token
+
+
+def test_a_bad_config_fails_fast_with_the_error_in_the_job_logs(services):
+    cluster = services["cluster"]
+    started = time.monotonic()
+    result = cluster.submit(
+        "python", "-m", "jobs.train", CONFIG, "model.fusion=pms", *_common(services)
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    job_id = next(w for w in (result.stdout + result.stderr).split() if w.startswith("'raysubmit"))
+    logs = cluster.ray("job", "logs", job_id.strip("'"), check=False).stdout
+    assert "model.fusion: 'pms' is not one of ('hrnet', 'psm')" in logs
+
+
+def test_outputs_inside_the_jobs_temporary_working_dir_are_refused(services):
+    cluster = services["cluster"]
+    # the demo config's train.storage_path is `runs`: relative, so inside the uploaded copy
+    result = cluster.submit("python", "-m", "jobs.train", CONFIG, *_common(services))
+    assert result.returncode != 0
+    assert "train.storage_path: 'runs' is inside this job's working directory" in (
+        result.stdout + result.stderr
+    )
+    # no tracking URI: the default sqlite file would be in the working dir too
+    result = cluster.submit(
+        "python",
+        "-m",
+        "jobs.train",
+        CONFIG,
+        f"data.root={services['work'] / 'data'}",
+        f"train.storage_path={services['work'] / 'runs'}",
+    )
+    assert result.returncode != 0
+    assert "train.mlflow_uri (or $MLFLOW_TRACKING_URI)" in result.stdout + result.stderr
+
+
+def test_training_job_writes_checkpoints_and_its_mlflow_run(services, trained):
+    checkpoints = _checkpoints(trained)
+    assert checkpoints and (checkpoints[-1] / "model.pt").is_file()
+    (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2"
+    history = _client(services).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [0, 1]
+    assert 0.0 <= run.data.metrics["val_AP"] <= 1.0
+    versions = _client(services).search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert len(versions) == 1
+
+
+def test_eval_job_scores_the_checkpoint_like_training_validated_it(services, trained):
+    checkpoint = _checkpoints(trained)[-1]
+    result = services["cluster"].submit(
+        "python",
+        "-m",
+        "jobs.evaluate",
+        CONFIG,
+        "--checkpoint",
+        str(checkpoint),
+        *_common(services),
+    )
+    _succeeded(result)
+    (train_run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
+    (eval_run,) = _runs(services, "tags.`psm.kind` = 'eval'")
+    assert eval_run.info.status == "FINISHED"
+    # the last epoch's validation ran the same weights through the same recipe
+    assert eval_run.data.metrics["AP"] == pytest.approx(train_run.data.metrics["val_AP"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dets(services) -> Path:
+    """The val set's ground-truth boxes as a detections file."""
+    work = services["work"]
+    annotations = json.loads((work / "data/annotations/person_keypoints_val2017.json").read_text())
+    boxes = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0}
+        for a in annotations["annotations"]
+    ]
+    (work / "dets.json").write_text(json.dumps(boxes))
+    return work / "dets.json"
+
+
+def test_infer_job_writes_the_results_file_outside_the_job(services, trained, dets):
+    work = services["work"]
+    annotations = json.loads((work / "data/annotations/person_keypoints_val2017.json").read_text())
+    output = work / "results" / "val_results.json"
+    checkpoint = _checkpoints(trained)[-1]
+    result = services["cluster"].submit(
+        "python",
+        "-m",
+        "jobs.infer",
+        CONFIG,
+        "--checkpoint",
+        str(checkpoint),
+        "--dets",
+        str(work / "dets.json"),
+        "--output",
+        str(output),
+        *_common(services),
+        "infer.images=val2017",
+        "infer.image_info=annotations/person_keypoints_val2017.json",
+    )
+    _succeeded(result)
+    results = json.loads(output.read_text())
+    assert results and {r["image_id"] for r in results} <= {i["id"] for i in annotations["images"]}
+    assert all(len(r["keypoints"]) == 51 and r["category_id"] == 1 for r in results)
+    (run,) = _runs(services, "tags.`psm.kind` = 'infer'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["poses"] == len(results)
+    assert 0.0 <= run.data.metrics["AP"] <= 1.0  # an annotation file: the job scores it
+
+
+def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
+    work = services["work"]
+    space = work / "space.yaml"
+    space.write_text(
+        "searcher: grid\n"
+        "overrides:\n"
+        "  train.epochs: 1\n"
+        "  train.num_workers: 1\n"
+        "  train.cpus_per_worker: 0.5\n"
+        "  train.data_cpus: 0.4\n"
+        "  eval.visualize: 0\n"
+        "params:\n"
+        "  data.sigma: {grid: [1.5, 2.5]}\n"
+    )
+    result = services["cluster"].submit(
+        "python",
+        "-m",
+        "jobs.tune",
+        CONFIG,
+        "--space",
+        str(space),
+        "--name",
+        "e2e-sweep",
+        f"train.storage_path={work / 'sweeps'}",
+        *_common(services),
+    )
+    _succeeded(result)
+    (parent,) = _runs(services, "tags.`psm.kind` = 'sweep'")
+    trials = _runs(services, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(t.data.params["data.sigma"] for t in trials) == ["1.5", "2.5"]
+    assert all(t.info.status == "FINISHED" for t in trials)
+
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "psm"),
+            "compare",
+            EXPERIMENT,
+            "--sweep",
+            "e2e-sweep",
+            "--tracking-uri",
+            services["mlflow"].uri,
+            "--csv",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = [line for line in out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 2
+
+
+def _latest_state(run_dir: Path) -> dict:
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
+    return max(states, key=lambda s: s["epoch"], default={"epoch": 0})
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_training_survives_its_tracking_server_going_away(services, tmp_path):
+    """The server is stopped during epoch 1 and comes back after epoch 1's checkpoint: the run
+    finishes, keeps its checkpoints, and MLflow gets epoch 1's metrics late, not never."""
+    cluster, work = services["cluster"], services["work"]
+    server = MlflowServer(tmp_path / "mlflow").start()
+    run_dir = work / "outage-runs" / "e2e-outage"
+    # the client's own retries (minutes by default) off: the run's held metrics do the retrying
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    try:
+        submitted = cluster.submit(
+            "python",
+            "-m",
+            "jobs.train",
+            CONFIG,
+            f"data.root={work / 'data'}",
+            f"train.mlflow_uri={server.uri}",
+            "train.epochs=3",
+            "train.name=e2e-outage",
+            f"train.storage_path={run_dir.parent}",
+            options=("--runtime-env-json", json.dumps({"env_vars": env})),
+            wait=False,
+        )
+        job = cluster.job_id(submitted)
+        import mlflow
+
+        client = mlflow.MlflowClient(server.uri)
+
+        def epoch_0_logged() -> bool:
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "tags.`psm.run_name` = 'e2e-outage'",
+            )
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train_loss"))
+
+        _wait_until(epoch_0_logged, 300, "epoch 0's metrics in MLflow")
+        run_id = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            "tags.`psm.run_name` = 'e2e-outage'",
+        )[0].info.run_id
+        server.stop()
+        _wait_until(lambda: _latest_state(run_dir)["epoch"] >= 2, 300, "epoch 1's checkpoint")
+        server.start()
+        status = cluster.wait(job, timeout=600)
+        logs = cluster.ray("job", "logs", job, check=False).stdout
+        assert status == "SUCCEEDED", logs[-8000:]
+        assert "metric batches held" in logs
+        history = client.get_metric_history(run_id, "train_loss")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert _latest_state(run_dir)["epoch"] == 3
+    finally:
+        server.stop()
+
+
+def test_s3_storage_resume_eval_and_infer_without_leaking_credentials(services, dets):
+    """Checkpoints on S3 (moto's server), a job stopped after its first checkpoint and resumed
+    from there, `psm eval --checkpoint s3://...`, `psm infer` writing its parts and output to S3
+    and resuming; the S3 secret appears in no MLflow param, saved config or job log."""
+    cluster, s3 = services["cluster"], services["s3"]
+    train = (
+        "python",
+        "-m",
+        "jobs.train",
+        CONFIG,
+        *_common(services),
+        "train.epochs=2",
+        "train.name=e2e-s3",
+        f"train.storage_path=s3://{BUCKET}/runs",
+    )
+    first = cluster.job_id(cluster.submit(*train, wait=False))
+    _wait_until(
+        lambda: any(k.endswith("train_state.json") for k in s3.keys(BUCKET, "runs/e2e-s3/")),
+        300,
+        "the first checkpoint on S3",
+    )
+    cluster.ray("job", "stop", first, check=False)
+    assert cluster.wait(first) in ("STOPPED", "FAILED")
+    resumed = cluster.submit(*train)
+    _succeeded(resumed)
+    (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-s3'")
+    history = _client(services).get_metric_history(run.info.run_id, "train_loss")
+    # one point per epoch: epoch 0 was not trained again (a rerun logs it with a new time)
+    assert sorted(m.step for m in history) == [0, 1]
+
+    states = sorted(k for k in s3.keys(BUCKET, "runs/e2e-s3/") if k.endswith("train_state.json"))
+    checkpoint = f"s3://{BUCKET}/{states[-1].rsplit('/', 1)[0]}"
+    evaluated = cluster.submit(
+        "python", "-m", "jobs.evaluate", CONFIG, "--checkpoint", checkpoint, *_common(services)
+    )
+    _succeeded(evaluated)
+
+    output = f"s3://{BUCKET}/results/val.json"
+    infer = (
+        "python",
+        "-m",
+        "jobs.infer",
+        CONFIG,
+        "--checkpoint",
+        checkpoint,
+        "--dets",
+        str(dets),
+        "--output",
+        output,
+        "infer.images=val2017",
+        "infer.image_info=annotations/person_keypoints_val2017.json",
+        "infer.part_images=2",
+        *_common(services),
+    )
+    _succeeded(cluster.submit(*infer))
+    body = s3.client().get_object(Bucket=BUCKET, Key="results/val.json")["Body"].read()
+    assert json.loads(body) and any(
+        k.endswith(".json") for k in s3.keys(BUCKET, "results/val.json.parts/")
+    )
+    again = cluster.submit(*infer)  # everything is done: all parts resumed, the same file
+    _succeeded(again)
+    assert s3.client().get_object(Bucket=BUCKET, Key="results/val.json")["Body"].read() == body
+    (infer_run,) = [
+        r for r in _runs(services, "tags.`psm.kind` = 'infer'") if "val-" in r.info.run_name
+    ]
+    assert infer_run.data.metrics["parts_resumed"] == 3  # 6 val images, 2 per part
+
+    logged = [cluster.ray("job", "logs", j, check=False).stdout for j in (first,)]
+    logged += [resumed.stdout, evaluated.stdout, again.stdout]
+    client = _client(services)
+    for r in _runs(services, ""):
+        logged += [json.dumps(r.data.params), json.dumps(r.data.tags)]
+        if any(a.path == "config.yaml" for a in client.list_artifacts(r.info.run_id)):
+            logged.append(Path(client.download_artifacts(r.info.run_id, "config.yaml")).read_text())
+    assert s3.secret not in "\n".join(logged)

@@ -1,0 +1,95 @@
+"""Outputs of a submitted job must outlive its temporary working directory; metrics that MLflow
+cannot take now are held and sent later, once."""
+
+import json
+
+import pytest
+
+from jobs import storage, tracking
+from psm_model.config import Config, ConfigError, TrainConfig
+from tests.local_cluster import free_port
+
+
+@pytest.fixture
+def in_a_ray_job(monkeypatch, tmp_path):
+    """What the job supervisor gives an entrypoint: its config variable, a copied working dir."""
+    meta = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_abc"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(meta))
+    workdir = tmp_path / "working_dir_files" / "_ray_pkg_1"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def test_a_plain_process_is_not_a_submitted_job(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert storage.submitted_job() == ""
+    storage.require_persistent("runs", "train.storage_path")  # local runs keep relative paths
+
+
+def test_a_submitted_job_refuses_outputs_in_its_working_dir(in_a_ray_job):
+    assert storage.submitted_job() == "raysubmit_abc"
+    for location in (
+        "runs",
+        "./results/x.json",
+        str(in_a_ray_job / "runs"),
+        "sqlite:///mlflow.db",
+        f"sqlite:///{in_a_ray_job}/mlflow.db",
+        f"file://{in_a_ray_job}/out",
+    ):
+        with pytest.raises(ConfigError, match="inside this job's working directory"):
+            storage.require_persistent(location, "train.storage_path")
+    for location in (
+        "/shared/runs",
+        "s3://bucket/runs",
+        "http://127.0.0.1:5000",
+        "sqlite:////var/lib/mlflow/mlflow.db",
+    ):
+        storage.require_persistent(location, "train.storage_path")
+
+
+def test_a_submitted_job_without_a_tracking_uri_is_refused(in_a_ray_job, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"train.mlflow_uri \(or \$MLFLOW_TRACKING_URI\)"):
+        storage.require_persistent_tracking(tracking.tracking_uri(Config()))
+
+
+def test_metrics_are_held_while_the_server_is_away_and_stored_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    away = Config(train=TrainConfig(mlflow_uri=f"http://127.0.0.1:{free_port()}"))
+    held = [tracking.held_metrics({"loss": 0.5}, 0), tracking.held_metrics({"loss": 0.4}, 1)]
+    assert tracking.deliver(away, "run", held) == held  # nothing listens there
+
+    here = Config(train=TrainConfig(mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    run_id = tracking.start_or_resume_run(here, "held")
+    assert tracking.deliver(here, run_id, held) == []
+    assert tracking.deliver(here, run_id, held) == []  # a restart sends its checkpoint's again
+    import mlflow
+
+    points = mlflow.MlflowClient(here.train.mlflow_uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in points) == [(0, 0.5), (1, 0.4)]
+
+
+def test_credentials_are_masked_in_what_is_logged(monkeypatch, tmp_path):
+    from psm_model.config import redact_secrets
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG")
+    text = (
+        "mlflow_uri: http://psm:hunter2@mlflow:5000\n"
+        "storage_path: s3://bucket/runs?access_key=AKIA123&secret_key=s3cr3t&region=us-east-1\n"
+        "note: wJalrXUtnFEMI-K7MDENG\n"
+    )
+    masked = redact_secrets(text)
+    for secret in ("hunter2", "psm:", "s3cr3t", "AKIA123", "wJalrXUtnFEMI-K7MDENG"):
+        assert secret not in masked
+    assert "http://***@mlflow:5000" in masked and "region=us-east-1" in masked
+
+    # what a training logs to MLflow: params and config.yaml
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = Config(train=TrainConfig(mlflow_uri=uri, storage_path="s3://u:hunter2@bucket/runs"))
+    run_id = tracking.start_or_resume_run(cfg, "masked")
+    run = tracking.get_run(cfg, run_id)
+    assert run.data.params["train.storage_path"] == "s3://***@bucket/runs"
+    saved = tracking.download_artifacts(cfg, run_id, "config.yaml", tmp_path).read_text()
+    assert "hunter2" not in saved and "s3://***@bucket/runs" in saved
