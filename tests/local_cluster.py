@@ -79,6 +79,7 @@ class RayCluster:
     env: dict[str, str] = field(default_factory=dict)
     address: str = ""
     gcs_port: int = 0
+    node_dirs: list[str] = field(default_factory=list)
 
     def start(self) -> RayCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -191,19 +192,27 @@ class RayCluster:
         """Another node (a raylet of its own) joined to this head; returns its id for
         `remove_node`: its node manager port."""
         port = free_port()
+        # a disk of its own, as a machine has: nodes sharing one runtime_resources folder delete
+        # each other's copy of a job's working dir
+        temp_dir = tempfile.mkdtemp(prefix="psmnode-", dir="/tmp")
+        self.node_dirs.append(temp_dir)
+        ports = {
+            "--node-manager-port": port,
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+        }
         cmd = [
             str(BIN / "ray"),
             "start",
             f"--address=127.0.0.1:{self.gcs_port}",
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={cpus}",
+            f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
-            f"--node-manager-port={port}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            *(f"{k}={v}" for k, v in ports.items()),
         ]
         r = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
         if r.returncode:
@@ -215,10 +224,10 @@ class RayCluster:
         return kill_tree([f"--node_manager_port={node} "], signals=(signal.SIGKILL,))
 
     def node_of(self, process_name: str) -> int | None:
-        """The node (`add_node` id) whose raylet runs a process named like `ray::RayTrainWorker`."""
+        """The node (`add_node` id) running a Ray process with `process_name` in its title."""
         procs = _processes()
         for pid, (_, cmd) in procs.items():
-            if not cmd.startswith(process_name):
+            if not cmd.startswith("ray::") or process_name not in cmd:
                 continue
             ancestor = procs[pid][0]
             while ancestor in procs:
@@ -229,8 +238,9 @@ class RayCluster:
         return None
 
     def stop(self) -> None:
-        kill_tree([str(self.temp_dir), f":{self.gcs_port} "])
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        kill_tree([str(self.temp_dir), f":{self.gcs_port} ", *self.node_dirs])
+        for folder in (self.temp_dir, *self.node_dirs):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
