@@ -129,6 +129,7 @@ def load_coco_persons(
 
     images = _parse_images(images_raw, root, ann_path, skips)
     persons: dict[int, list[PersonRecord]] = {image_id: [] for image_id in images}
+    _check_unique_ids(anns_raw, ann_path)
     for ann in anns_raw:
         parsed = _parse_person(ann, images, aspect, padding)
         if isinstance(parsed, str):
@@ -188,6 +189,22 @@ def _parse_images(
             raise DataError(f"{source}: images[{i}].id: duplicate image id {image[0]}")
         images[image[0]] = image[1:]
     return images
+
+
+def _check_unique_ids(anns: list, source: Path) -> None:
+    """Two annotations with one id: pycocotools keeps the last for both, so evaluation would run on
+    other ground truth than training; which one is meant cannot be guessed."""
+    seen: dict[int, int] = {}
+    for i, ann in enumerate(anns):
+        ann_id = json_int(ann.get("id")) if isinstance(ann, dict) else None
+        if ann_id is None:
+            continue  # counted as bad_annotation
+        if ann_id in seen:
+            raise DataError(
+                f"{source}: annotations[{i}].id: duplicate annotation id {ann_id} "
+                f"(first at annotations[{seen[ann_id]}])"
+            )
+        seen[ann_id] = i
 
 
 def _read_json(path: Path) -> dict:

@@ -180,6 +180,16 @@ def test_unusable_annotation_files_raise_data_error_naming_file_and_field(tmp_pa
     assert str(ann_file) in str(error.value) and field in str(error.value)
 
 
+def test_duplicate_annotation_ids_are_an_error_naming_file_and_id(tmp_path):
+    # pycocotools would keep the last of the two and return it for both
+    anns = [_annotation(id=5), _annotation(id=6), _annotation(id=5, bbox=[20, 20, 30, 30])]
+    with pytest.raises(DataError) as error:
+        _load(tmp_path, annotations=anns)
+    message = str(error.value)
+    assert str(tmp_path / "ann.json") in message
+    assert "annotations[2].id: duplicate annotation id 5 (first at annotations[0])" in message
+
+
 def test_missing_annotation_file_raises_data_error(tmp_path):
     with pytest.raises(DataError, match="nope.json: cannot read"):
         load_coco_persons(tmp_path, tmp_path / "nope.json", INPUT_HW)
