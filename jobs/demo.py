@@ -62,6 +62,9 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
 def ensure_demo_data(cfg: Config) -> None:
     """Write the demo's synthetic dataset where a config expects it and it is absent."""
     root = Path(cfg.data.root)
-    if not (root / cfg.data.train_annotations).exists():
+    # each split's annotation file is written last and atomically: both present = complete data
+    # (a `psm make-data` killed between the splits leaves only the first)
+    annotations = (cfg.data.train_annotations, cfg.data.val_annotations)
+    if not all((root / a).exists() for a in annotations):
         print(f"== writing the synthetic COCO dataset to {root}")
         make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from psm_model.files import write_atomic
 from psm_model.geometry import box_problem
 
 if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm bench` without it
@@ -206,11 +207,7 @@ def make_results(
 
 def write_results(results: list[dict], path: str | os.PathLike) -> None:
     """Write the results JSON atomically (a crash leaves the old file or none, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,9 +91,11 @@ def test_a_parts_folder_resumes_and_refuses_other_inputs(tmp_path, uri):
     store.write(1, {"results": [{"score": 0.5}]})
     assert store.done(3) == [1]
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "LEASE",
         "manifest.json",
         "part-00001.json",
     ]
+    store.release()
     again = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
     assert again.done(3) == [1] and again.read(1) == {"results": [{"score": 0.5}]}
     with pytest.raises(DataError, match=r"p: holds parts of a job with other inputs "
