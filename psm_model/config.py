@@ -127,6 +127,9 @@ class TrainConfig:
     # good), "skip" drops that step's update, up to max_skipped_steps in the whole run
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
+    # keys (section.key) a resumed run may change from the config it was started with; any other
+    # difference is refused, naming the keys (jobs/run_safety.py)
+    resume_changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _finite_floats(self)
