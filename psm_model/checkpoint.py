@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,7 +150,7 @@ def _load_training_pieces(path: Path, optimizer, scheduler, scaler) -> None:
 
 
 def load_first_good(
-    directories: Sequence[str | Path],
+    directories: Iterable[str | Path],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
