@@ -313,6 +313,7 @@ def _parse_person(
 # --- decoding: header first, so an image that claims a billion pixels is never decompressed ---
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_METADATA_BYTES = 16 << 20  # EXIF, ICC profiles, thumbnails: a few MB in practice
 # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -375,7 +376,17 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
     EXIF orientation is ignored, as COCO annotations (and the official loader) use stored pixels.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            # no file of an allowed size is this long (4 bytes a pixel, headers and metadata):
+            # refuse it before reading, as a multi-GB file would exhaust the task's memory
+            size = os.fstat(f.fileno()).st_size
+            if size > max_pixels * 4 + _MAX_METADATA_BYTES:
+                raise ImageError(
+                    f"{path}: file of {size:,} bytes; an image of at most {max_pixels:,} pixels "
+                    f"has at most {max_pixels * 4 + _MAX_METADATA_BYTES:,}",
+                    "too_large",
+                )
+            data = f.read()
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found", "missing_image") from None
     except OSError as e:

@@ -284,3 +284,15 @@ def test_huge_declared_size_is_refused_before_decoding(tmp_path, picture):
     (tmp_path / "p.jpg").write_bytes(_encode(picture, ".jpg"))
     with pytest.raises(ImageError, match="80x60 pixels"):
         decode_image(tmp_path / "p.jpg", max_pixels=80 * 60 - 1)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path, picture):
+    # a small valid JPEG followed by 32 MiB of (sparse) zeros: before, the whole file was read
+    # into memory first (a multi-GB file would exhaust the task's memory), then called corrupt
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(_encode(picture, ".jpg"))
+    with open(path, "r+b") as f:
+        f.truncate(32 << 20)
+    with pytest.raises(ImageError, match=r"huge\.jpg: file of 33,554,432 bytes") as error:
+        decode_image(path, max_pixels=10_000)
+    assert error.value.reason == "too_large"
