@@ -274,7 +274,11 @@ def run_training(
         ),
     )
     log.info("training %s: storage %s/%s, MLflow run %s", name, storage, name, run_id)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # Ray Train 2.60 raises TrainingFailedError rather than set .error
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
     if result.error:
         tracking.end_run(cfg, run_id, "FAILED")
         raise result.error

@@ -196,3 +196,17 @@ def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run
     b, state_b = _weights(resumed, cfg)
     assert (state_a.epoch, state_a.step) == (state_b.epoch, state_b.step)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step(ray_local, synthetic_root, tmp_path):
+    # lr 1e30: the first Adam step blows the weights up, and the second loss is NaN. Before, the
+    # run trained on to its last epoch at a NaN loss and checkpointed NaN weights.
+    cfg = _cfg(tmp_path, synthetic_root, "diverged", epochs=2, lr=1e30, max_failures=0)
+    with pytest.raises(Exception, match=r"epoch 0, step 1: the training loss is not finite"):
+        run_training(cfg)
+    run_dir = tmp_path / "runs" / "diverged"
+    assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # nothing NaN was saved
+    runs = mlflow.MlflowClient(cfg.train.mlflow_uri).search_runs(
+        [mlflow.get_experiment_by_name(cfg.train.experiment).experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
