@@ -77,8 +77,21 @@ def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp
     assert model(torch.zeros(1, 3, 96, 64)).shape == (1, 17, 48, 32)
 
 
-def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_path):
-    straight = run_training(_cfg(tmp_path, synthetic_root, "straight", epochs=3))
+@pytest.fixture(scope="module")
+def straight(ray_local, synthetic_root, tmp_path_factory):
+    """An uninterrupted 3-epoch run: what every interrupted one must reproduce exactly."""
+    return run_training(_cfg(tmp_path_factory.mktemp("straight"), synthetic_root, "straight",
+                             epochs=3))  # fmt: skip
+
+
+def _same_weights(run_a, run_b, cfg):
+    a, state_a = _weights(run_a, cfg)
+    b, state_b = _weights(run_b, cfg)
+    assert (state_a.epoch, state_a.step) == (state_b.epoch, state_b.step) == (3, state_a.step)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_path, straight):
     run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=2))
     # a resumed run must match the config it started with; more epochs are accepted explicitly
     with pytest.raises(ConfigError, match=r"train\.epochs: 2 -> 3"):
@@ -90,11 +103,7 @@ def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_p
     newest.write_bytes(newest.read_bytes()[:1000])
     longer = _cfg(tmp_path, synthetic_root, "resumed", epochs=3, resume_changes="[train.epochs]")
     resumed = run_training(longer)  # same name
-    cfg = _cfg(tmp_path, synthetic_root, "x")
-    a, state_a = _weights(straight, cfg)
-    b, state_b = _weights(resumed, cfg)
-    assert (state_a.epoch, state_a.step) == (state_b.epoch, state_b.step) == (3, state_a.step)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_weights(straight, resumed, _cfg(tmp_path, synthetic_root, "x"))
     assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
 
 
@@ -103,7 +112,7 @@ def _train_worker_pids():
     return [int(line.split()[0]) for line in out if "ray::RayTrainWorker" in line]
 
 
-def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path):
+def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path, straight):
     cfg = _cfg(tmp_path, synthetic_root, "killed", epochs=3, max_failures=2)
     killed = []
 
@@ -123,6 +132,7 @@ def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path):
     killer.join(timeout=5)
     assert killed, "no train worker was found to kill"
     assert summary["epochs_done"] == 3
+    _same_weights(straight, summary, cfg)  # the restart replayed the lost epoch exactly
 
 
 def test_bad_images_are_skipped_and_counted(ray_local, synthetic_root, tmp_path):
@@ -173,11 +183,10 @@ def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_
 
 
 def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run(
-    ray_local, synthetic_root, tmp_path
+    ray_local, synthetic_root, tmp_path, straight
 ):
     """A real kill: `psm train` in a subprocess (on this session's Ray), SIGKILL mid-epoch 2 once
     epoch 1's checkpoint is written, then the same command again."""
-    straight = run_training(_cfg(tmp_path, synthetic_root, "straight", epochs=3))
     cfg = _cfg(tmp_path, synthetic_root, "driver", epochs=3)
     argv = ["train", str(TINY), *_overrides(tmp_path, synthetic_root, "driver", epochs=3)]
     env = dict(os.environ, PYTHONPATH=str(TINY.parents[1]),
@@ -191,11 +200,7 @@ def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1
-    resumed = run_training(cfg)  # resubmitted
-    a, state_a = _weights(straight, cfg)
-    b, state_b = _weights(resumed, cfg)
-    assert (state_a.epoch, state_a.step) == (state_b.epoch, state_b.step)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _same_weights(straight, run_training(cfg), cfg)  # resubmitted
 
 
 def test_a_diverging_run_stops_naming_epoch_and_step(ray_local, synthetic_root, tmp_path):
