@@ -133,6 +133,9 @@ def check_resume_config(cfg: Config) -> None:
     """A new run saves its config in the run folder; a resumed one must match it, except in the
     FREE_ON_RESUME keys and those listed in train.resume_changes (then the saved config is
     updated). Keys missing on either side (added or removed in the code since) are ignored."""
+    unknown = sorted(set(cfg.train.resume_changes) - set(cfg.flat()))
+    if unknown:  # a typo would otherwise accept nothing and refuse the resume anyway
+        raise ConfigError(f"train.resume_changes: unknown keys {unknown} (expected section.key)")
     path = f"{run_folder(cfg)}/{RUN_CONFIG}"
     fs, where = filesystem(path)
     if fs.get_file_info(where).type == pafs.FileType.File:

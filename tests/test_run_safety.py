@@ -79,6 +79,8 @@ def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
     run_safety.check_resume_config(accepted)  # explicit, and saved: the next resume compares to it
     with pytest.raises(ConfigError, match="train.epochs: 20 -> 10"):
         run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
+    with pytest.raises(ConfigError, match=r"train.resume_changes: unknown keys \['train.epoch'\]"):
+        run_safety.check_resume_config(_cfg(tmp_path, "train.resume_changes=[train.epoch]"))
 
 
 def test_default_run_names_are_unique_within_a_second(tmp_path):
