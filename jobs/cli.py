@@ -126,7 +126,9 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
             "warmup": args.warmup,
             **dataclasses.asdict(r),
         }
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        from psm_model.files import write_atomic
+
+        write_atomic(args.json, json.dumps(record, indent=1))
 
 
 def cmd_bench_data(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.tracking import KIND_TAG, PARENT_TAG
+from psm_model.files import write_atomic
 
 METRICS = {"AP": "val_AP", "AP50": "val_AP50", "AP75": "val_AP75", "AR": "val_AR",
            "best_AP": "best_AP", "epochs": "epochs_done"}  # fmt: skip
@@ -112,7 +113,7 @@ def write_csv(rows: list[dict], params: list[str], path: str | Path) -> None:
     if str(path) == "-":
         sys.stdout.write(out.getvalue())
     else:
-        Path(path).write_text(out.getvalue())
+        write_atomic(path, out.getvalue())
 
 
 def plot_sweep(rows: list[dict], keys: list[str], path: str | Path) -> None:

@@ -59,9 +59,16 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
     return {"untrained": untrained, "trained": trained, **summary}
 
 
+def demo_data_complete(cfg: Config) -> bool:
+    """Each split's annotation file is written last and atomically: both present = complete data
+    (a `psm make-data` killed between the splits leaves only the first)."""
+    root = Path(cfg.data.root)
+    return all((root / a).exists() for a in (cfg.data.train_annotations, cfg.data.val_annotations))
+
+
 def ensure_demo_data(cfg: Config) -> None:
     """Write the demo's synthetic dataset where a config expects it and it is absent."""
     root = Path(cfg.data.root)
-    if not (root / cfg.data.train_annotations).exists():
+    if not demo_data_complete(cfg):
         print(f"== writing the synthetic COCO dataset to {root}")
         make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)

@@ -146,6 +146,8 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     except BaseException:
         tracking.end_run(cfg, run_id, "FAILED")
         raise
+    finally:
+        store.release()  # the next job on this output may start
     tracking.end_run(cfg, run_id)
     print(
         f"{output}: {len(results)} poses for {len(rows)} images ({info}) with the boxes of "

@@ -196,3 +196,12 @@ def register_model(cfg: Config, run_id: str, model) -> str:
 
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
     _mlflow(cfg).MlflowClient().set_terminated(run_id, status)
+
+
+def registered_versions(cfg: Config, run_id: str) -> list:
+    """The versions of cfg.train.registered_model registered from `run_id`, oldest first."""
+    client = _mlflow(cfg).MlflowClient()
+    found = client.search_model_versions(
+        f"name = '{cfg.train.registered_model}' and run_id = '{run_id}'"
+    )
+    return sorted((v.version for v in found), key=int)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import storage, tracking
+from jobs import run_safety, storage, tracking
 from pipelines.coco import load_coco_persons
 from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
@@ -68,8 +68,8 @@ def train_loop(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
     if checkpoint := ray.train.get_checkpoint():  # Ray: the newest checkpoint after a restart
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, model, optimizer, scheduler, scaler)
+        # a corrupt newest checkpoint falls back to an older one
+        state = run_safety.restore(checkpoint, model, optimizer, scheduler, scaler)
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
     model = prepare_model(model, move_to_device=False)  # Ray: DDP over gloo or NCCL
     # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
@@ -113,9 +113,12 @@ def train_loop(loop_config: dict) -> None:
             if keep.any():  # skip rows carry zero weights; dropping them keeps BN statistics clean
                 batch = {k: v[keep] for k, v in batch.items()}
             _set_warmup_lr(optimizer, cfg, state.step, warmup_steps, scheduler)
-            loss = _train_step(step_model, optimizer, scaler, codec, batch, cfg, device)
-            loss_sum += loss * int(keep.sum())
-            samples += int(keep.sum())
+            loss = _train_step(step_model, optimizer, scaler, codec, batch, cfg, device, world)
+            if loss is None:  # not finite on some rank: no rank updated
+                run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
+            else:
+                loss_sum += loss * int(keep.sum())
+                samples += int(keep.sum())
             state.step += 1
         batches.close()  # a rank stopped early by the others drops its prefetched chunk here
         scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
@@ -133,6 +136,7 @@ def train_loop(loop_config: dict) -> None:
             "epoch_seconds": seconds,
         }
         last = epoch == cfg.train.epochs - 1
+        best_before = state.best_ap
         if rank == 0 and cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
             with eager():  # as with scope "model": validation runs the eager model, no recompiles
                 metrics |= _validate(unwrap(model), cfg, device, state, epoch)
@@ -143,12 +147,15 @@ def train_loop(loop_config: dict) -> None:
             if rank == 0:  # rank 0 writes, every rank reports
                 save_checkpoint(d, model, optimizer, scheduler, scaler, state, cfg)
                 ckpt = Checkpoint.from_directory(d)
+                if state.best_ap > best_before:  # kept whatever happens to the later epochs
+                    run_safety.keep_best(cfg, d)
             ray.train.report(metrics, checkpoint=ckpt)  # Ray
         if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
             state.held_metrics = tracking.deliver(cfg, state.mlflow_run_id, state.held_metrics)
 
 
-def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device) -> float:
+def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device, world=1):
+    """One update; returns the loss, or None (and no update) if it is not finite on any rank."""
     images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
     x = normalize_images(images, cfg.train.channels_last)
     target, weight = codec.encode(
@@ -160,6 +167,8 @@ def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device) -> 
         heatmaps = model(x)
     loss = joints_mse_loss(heatmaps.float(), target, weight, cfg.train.ohkm_topk)
     optimizer.zero_grad(set_to_none=True)
+    if not run_safety.all_ranks_finite(loss, world):
+        return None
     scaler.scale(loss).backward()
     if cfg.train.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -236,12 +245,11 @@ def run_training(
     A Tune trial passes its report callback, the tags that nest its MLflow run under the sweep's,
     and `register=False` (the sweep registers its best trial's model).
     """
-    name = (
-        cfg.train.name or f"{cfg.model.fusion}-w{cfg.model.width}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    name = cfg.train.name or run_safety.default_run_name(cfg)
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     storage_path = cfg.train.storage_path
+    run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
 
     root = Path(cfg.data.root)  # read once here: a bad file fails before any worker starts
     _, skips = load_coco_persons(
@@ -271,7 +279,11 @@ def run_training(
         ),
     )
     log.info("training %s: storage %s/%s, MLflow run %s", name, storage_path, name, run_id)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # Ray Train 2.60 raises TrainingFailedError rather than set .error
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
     if result.error:
         tracking.end_run(cfg, run_id, "FAILED")
         raise result.error

@@ -264,7 +264,9 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
     _deliver_held_metrics(base, grid)
     errored = {r.metrics.get("trial_id") for r in grid if r.error and r.metrics}
     for run in tracking.child_runs(base, parent):
-        if run.data.tags.get("psm.trial_id") in errored:
+        # a trial that failed before its first report has no metrics in `grid` to match, and
+        # ASHA stops only trials that reported: no epochs_done means it failed
+        if run.data.tags.get("psm.trial_id") in errored or "epochs_done" not in run.data.metrics:
             tracking.end_run(base, run.info.run_id, "FAILED")
             continue
         # ASHA stops trials at its rungs and also at max_t, the last epoch: a stopped trial's
@@ -315,7 +317,11 @@ def _deliver_held_metrics(base: Config, grid) -> None:
 
 
 def _register_best(base: Config, run_id: str) -> str:
-    """Register the best weights of the best trial (its `best_checkpoint` artifact)."""
+    """Register the best weights of the best trial (its `best_checkpoint` artifact), once: a
+    `--resume` after a driver died while registering finds the version it made."""
+    if versions := tracking.registered_versions(base, run_id):
+        log.info("run %s: already registered as version %s", run_id, versions[-1])
+        return versions[-1]
     status = tracking.get_run(base, run_id).info.status
     with tempfile.TemporaryDirectory() as d:
         folder = tracking.download_artifacts(base, run_id, "best_checkpoint", d)

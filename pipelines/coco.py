@@ -129,6 +129,7 @@ def load_coco_persons(
 
     images = _parse_images(images_raw, root, ann_path, skips)
     persons: dict[int, list[PersonRecord]] = {image_id: [] for image_id in images}
+    _check_unique_ids(anns_raw, ann_path)
     for ann in anns_raw:
         parsed = _parse_person(ann, images, aspect, padding)
         if isinstance(parsed, str):
@@ -188,6 +189,22 @@ def _parse_images(
             raise DataError(f"{source}: images[{i}].id: duplicate image id {image[0]}")
         images[image[0]] = image[1:]
     return images
+
+
+def _check_unique_ids(anns: list, source: Path) -> None:
+    """Two annotations with one id: pycocotools keeps the last for both, so evaluation would run on
+    other ground truth than training; which one is meant cannot be guessed."""
+    seen: dict[int, int] = {}
+    for i, ann in enumerate(anns):
+        ann_id = json_int(ann.get("id")) if isinstance(ann, dict) else None
+        if ann_id is None:
+            continue  # counted as bad_annotation
+        if ann_id in seen:
+            raise DataError(
+                f"{source}: annotations[{i}].id: duplicate annotation id {ann_id} "
+                f"(first at annotations[{seen[ann_id]}])"
+            )
+        seen[ann_id] = i
 
 
 def _read_json(path: Path) -> dict:
@@ -296,6 +313,7 @@ def _parse_person(
 # --- decoding: header first, so an image that claims a billion pixels is never decompressed ---
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_METADATA_BYTES = 16 << 20  # EXIF, ICC profiles, thumbnails: a few MB in practice
 # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -358,7 +376,17 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
     EXIF orientation is ignored, as COCO annotations (and the official loader) use stored pixels.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            # no file of an allowed size is this long (4 bytes a pixel, headers and metadata):
+            # refuse it before reading, as a multi-GB file would exhaust the task's memory
+            size = os.fstat(f.fileno()).st_size
+            if size > max_pixels * 4 + _MAX_METADATA_BYTES:
+                raise ImageError(
+                    f"{path}: file of {size:,} bytes; an image of at most {max_pixels:,} pixels "
+                    f"has at most {max_pixels * 4 + _MAX_METADATA_BYTES:,}",
+                    "too_large",
+                )
+            data = f.read()
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found", "missing_image") from None
     except OSError as e:

@@ -134,7 +134,8 @@ def oracle_eval(
         ]
     else:
         by_image = {r.image_id: r for r in records}
-        dets, skips = read_detections(detections, set(by_image), cfg.box_score_threshold)
+        sizes = {i: (r.width, r.height) for i, r in by_image.items()}
+        dets, skips = read_detections(detections, sizes, cfg.box_score_threshold)
         log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
         persons = []
         for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
@@ -188,7 +189,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     """Image rows whose boxes are a detector's (COCO results format), with their scores."""
     h, w = cfg.model.input_size
     dets, skips = read_detections(
-        detections, {r.image_id for r in records}, cfg.eval.box_score_threshold
+        detections, {r.image_id: (r.width, r.height) for r in records}, cfg.eval.box_score_threshold
     )
     log.info("%s: %d person boxes; skipped: %s", detections, len(dets), dict(skips) or "none")
     # the box indices of each image, grouped once (a scan per image is quadratic: test-dev has

@@ -13,8 +13,11 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -28,10 +31,13 @@ from pipelines.coco import DataError
 from pipelines.datasets import pose_predictions
 from pipelines.evaluate import pose_results
 from psm_model.config import Config
+from psm_model.files import fsync_folder, sha256, temporary_name, write_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PART_HASHES = "part_sha256"  # manifest key: part file name -> sha256 of its bytes
+LEASE = "LEASE"  # present while a job writes the folder
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -44,34 +50,70 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a local path or URI by a temporary name and a move: a crash leaves the old file or
-    none, never half of one."""
+    """Write a local path or URI by a unique temporary name and a move: a crash leaves the old file
+    or none, never half of one, and two writers never share a temporary."""
+    if "://" not in path:
+        write_atomic(path, data)  # also synced to disk, file and folder
+        return
     fs, where = filesystem(path)
     fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(where + ".tmp") as f:
+    tmp = str(temporary_name(where))
+    with fs.open_output_stream(tmp) as f:
         f.write(data)
-    fs.move(where + ".tmp", where)
+    fs.move(tmp, where)
 
 
 class PartStore:
-    """The parts folder of one output (a local path or a URI): its manifest (what the results are
-    of) and the part files."""
+    """The parts folder of one output (a local path or a URI): its lease (one job at a time), its
+    manifest (what the results are of, and the sha256 of each finished part) and the part files.
+
+    Take it as a context manager, or call `release()`: a job that dies without releasing leaves a
+    lease that a later job on the same host takes over once the holder's process is gone.
+    """
 
     def __init__(self, folder: str, manifest: dict) -> None:
         self.folder = folder
         self.fs, self.root = filesystem(folder)
         self.fs.create_dir(self.root, recursive=True)
+        self._lease = _take_lease(self.fs, self.root, folder)
+        try:
+            self._open_manifest(manifest)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open_manifest(self, manifest: dict) -> None:
+        # under the lease: no other job checks or writes the manifest between the two steps
         if MANIFEST in self._names():
             old = self._read(MANIFEST)
+            self.hashes: dict[str, str] = old.pop(PART_HASHES, {})
             keys = old.keys() | manifest.keys()
             changed = sorted(k for k in keys if old.get(k) != manifest.get(k))
             if changed:
                 raise DataError(
-                    f"{folder}: holds parts of a job with other inputs ({', '.join(changed)} "
+                    f"{self.folder}: holds parts of a job with other inputs ({', '.join(changed)} "
                     "differ): delete the folder to start over, or choose another infer.output"
                 )
         else:
-            write_bytes(self._uri(MANIFEST), json.dumps(manifest).encode())
+            self.hashes = {}
+        self.manifest = manifest
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        data = json.dumps({**self.manifest, PART_HASHES: self.hashes}, sort_keys=True).encode()
+        write_bytes(self._uri(MANIFEST), data)
+
+    def release(self) -> None:
+        if self._lease:
+            with contextlib.suppress(OSError, FileNotFoundError):
+                self.fs.delete_file(self._lease)
+            self._lease = ""
+
+    def __enter__(self) -> PartStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def _names(self) -> set[str]:  # one listing, not a request per part (object stores)
         infos = self.fs.get_file_info(pafs.FileSelector(self.root))
@@ -80,23 +122,105 @@ class PartStore:
     def _uri(self, name: str) -> str:
         return f"{self.folder.rstrip('/')}/{name}"
 
-    def _read(self, name: str) -> dict:
+    def _bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(f"{self.root}/{name}") as f:
-            return json.loads(f.read())
+            return f.read()
+
+    def _read(self, name: str) -> dict:
+        try:
+            return json.loads(self._bytes(name))
+        except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"{self._uri(name)}: unreadable or not JSON: {e}") from e
 
     @staticmethod
     def name(index: int) -> str:
         return f"part-{index:05d}.json"
 
     def done(self, count: int) -> list[int]:
-        names = self._names()
-        return [k for k in range(count) if self.name(k) in names]
+        """The parts whose file is present and matches the sha256 the manifest recorded; any other
+        part (missing, never recorded, truncated or changed) is logged and will be redone."""
+        names, finished = self._names(), []
+        for k in range(count):
+            name = self.name(k)
+            if name not in self.hashes:
+                continue  # not finished: the manifest records a part after its file is on disk
+            if name in names and sha256(self._bytes(name)) == self.hashes[name]:
+                finished.append(k)
+            else:
+                log.warning("%s: corrupt or missing (sha256 differs from the manifest): redone",
+                            self._uri(name))  # fmt: skip
+                del self.hashes[name]
+        return finished
 
     def write(self, index: int, part: dict) -> None:
-        write_bytes(self._uri(self.name(index)), json.dumps(part).encode())
+        data = json.dumps(part).encode()
+        write_bytes(self._uri(self.name(index)), data)
+        self.hashes[self.name(index)] = sha256(data)
+        self._write_manifest()
 
     def read(self, index: int) -> dict:
         return self._read(self.name(index))
+
+
+def _take_lease(fs: pafs.FileSystem, root: str, folder: str) -> str:
+    """Create the folder's lease file if absent (exclusively, on a local disk); a lease whose
+    process is gone (same host) is taken over. Another job's live lease is a DataError."""
+    path = f"{root}/{LEASE}"
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for _ in range(3):
+        if isinstance(fs, pafs.LocalFileSystem):
+            # a complete file under a private name, then a hard link: created only if absent, and
+            # never seen empty by another job
+            tmp = temporary_name(path)
+            write_atomic(tmp, json.dumps(mine))
+            try:
+                os.link(tmp, path)
+                fsync_folder(root)
+                return path
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        elif fs.get_file_info(path).type == pafs.FileType.NotFound:
+            # object stores have no create-if-absent here: write, then read back who holds it
+            write_bytes(f"{folder.rstrip('/')}/{LEASE}", json.dumps(mine).encode())
+        holder = _lease_holder(fs, path)
+        if holder == mine:
+            return path
+        if holder.get("host") == mine["host"] and holder.get("pid") == mine["pid"]:
+            return path  # this process holds it already (a second store of the same job)
+        if holder and not _stale(holder, mine["host"]):
+            raise DataError(
+                f"{folder}: another job writes these parts (lease {LEASE}: host "
+                f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, or delete "
+                f"{folder}/{LEASE} if no such job runs"
+            )
+        # stale: move it aside (only one of several takers succeeds) and try again
+        with contextlib.suppress(OSError, FileNotFoundError):
+            fs.move(path, str(temporary_name(path)) + ".stale")
+    raise DataError(f"{folder}: cannot take the lease {LEASE} (contended); try again")
+
+
+def _lease_holder(fs: pafs.FileSystem, path: str) -> dict:
+    try:
+        with fs.open_input_stream(path) as f:
+            holder = json.loads(f.read())
+    except (OSError, ValueError, FileNotFoundError):
+        return {}  # unreadable (a holder killed while writing it): stale
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict, host: str) -> bool:
+    """True if the holder's process is known to be gone: only decidable on this host."""
+    if holder.get("host") != host or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def split_parts(rows: Sequence[dict], part_images: int) -> list[list[dict]]:

@@ -24,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from psm_model.files import write_atomic
+
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
     "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
@@ -238,7 +240,7 @@ def write_split(
         )
         if not ok:
             raise RuntimeError(f"{out / split / file_name}: JPEG encoding failed")
-        (out / split / file_name).write_bytes(jpeg.tobytes())
+        write_atomic(out / split / file_name, jpeg.tobytes())
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for k, (keypoints, (x0, y0, x1, y1)) in enumerate(persons):
             # x, y rounded to 1/100 pixel, v an integer, flat: x1, y1, v1, x2, ...
@@ -267,7 +269,9 @@ def write_split(
         "annotations": annotations,
         "categories": [PERSON_CATEGORY],
     }
-    (out / "annotations" / f"person_keypoints_{split}.json").write_text(json.dumps(dataset))
+    # last, and whole or not at all: a split whose annotation file exists is complete (the demo
+    # and a rerun after a kill rely on that)
+    write_atomic(out / "annotations" / f"person_keypoints_{split}.json", json.dumps(dataset))
     return {"images": num_images, "persons": len(annotations), "visible_keypoints": visible}
 
 

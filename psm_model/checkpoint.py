@@ -4,20 +4,31 @@
     optimizer.pt    optimiser, lr scheduler and AMP scaler states, torch RNG state
     train_state.json  next epoch, global step, best AP so far, MLflow run id, unsent metrics
     config.yaml     the full config the run was started with
+    checksums.json  sha256 of each file above, written last: verified on load
 
-Everything is read back with `torch.load(weights_only=True)`.
+Everything is read back with `torch.load(weights_only=True)`. Each file is written atomically
+(`psm_model.files`); a checkpoint whose bytes changed since (a bad disk, a copy cut short) or
+whose pieces are malformed raises CheckpointError naming the file, and `load_first_good` falls
+back to an older checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from psm_model.config import Config, load_config, redact_secrets
+from psm_model.config import Config, ConfigError, load_config, redact_secrets
+from psm_model.files import sha256, write_atomic
 from psm_model.weights import CheckpointError, read_state_dict
+
+log = logging.getLogger(__name__)
+CHECKSUMS = "checksums.json"
 
 
 @dataclass
@@ -27,6 +38,7 @@ class TrainState:
     best_ap: float = -1.0
     best_epoch: int = -1
     mlflow_run_id: str = ""
+    skipped_steps: int = 0  # steps without an update because the loss was not finite
     # metric batches MLflow has not confirmed: saved with the checkpoint, sent again until it has
     held_metrics: list = field(default_factory=list)
 
@@ -47,20 +59,48 @@ def save_checkpoint(
     cfg: Config,
 ) -> Path:
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save(unwrap(model).state_dict(), d / "model.pt")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        d / "optimizer.pt",
-    )
-    (d / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-    (d / "config.yaml").write_text(redact_secrets(cfg.to_yaml()))
+    files = {
+        "model.pt": _torch_bytes(unwrap(model).state_dict()),
+        "optimizer.pt": _torch_bytes(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
+        ),
+        "train_state.json": json.dumps(asdict(state), indent=1).encode(),
+        "config.yaml": redact_secrets(cfg.to_yaml()).encode(),
+    }
+    for name, data in files.items():
+        write_atomic(d / name, data)
+    write_atomic(d / CHECKSUMS, json.dumps({k: sha256(v) for k, v in files.items()}, indent=1))
     return d
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file against checksums.json (checkpoints written before it have none)."""
+    d = Path(directory)
+    if not (d / CHECKSUMS).exists():
+        return
+    try:
+        expected = json.loads((d / CHECKSUMS).read_text())
+        assert isinstance(expected, dict)
+    except (OSError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{d / CHECKSUMS}: unreadable or not a JSON object") from e
+    for name, digest in expected.items():
+        try:
+            data = (d / name).read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{d / name}: cannot read: {e.strerror or e}") from e
+        if sha256(data) != digest:
+            raise CheckpointError(f"{d / name}: sha256 differs from {CHECKSUMS} (corrupt file)")
 
 
 def load_checkpoint(
@@ -72,23 +112,64 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore what is given (the model at least) and return the train state."""
     d = Path(directory)
+    verify_checkpoint(d)
     weights, name = read_state_dict(d / "model.pt")
-    unwrap(model).load_state_dict(weights, strict=True)
+    try:
+        unwrap(model).load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        raise CheckpointError(f"{name}: does not fit the model: {e}") from e
     if optimizer is not None:
-        try:
-            extra = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{d / 'optimizer.pt'}: cannot read: {e}") from e
-        optimizer.load_state_dict(extra["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(extra["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(extra["scaler"])
-        torch.set_rng_state(extra["torch_rng"])
+        _load_training_pieces(d / "optimizer.pt", optimizer, scheduler, scaler)
     try:
         return TrainState(**json.loads((d / "train_state.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{d / 'train_state.json'}: not a train state: {e}") from e
+
+
+def _load_training_pieces(path: Path, optimizer, scheduler, scaler) -> None:
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    pieces = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(extra).__name__}")
+    for key, target in pieces.items():
+        if target is None:
+            continue
+        if not isinstance(extra.get(key), dict):
+            raise CheckpointError(f"{path}: {key}: missing or not a state dict")
+        try:  # a malformed state raises KeyError / ValueError / TypeError naming nothing
+            target.load_state_dict(extra[key])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(
+                f"{path}: {key}: malformed state ({type(e).__name__}: {e})"
+            ) from e
+    rng = extra.get("torch_rng")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise CheckpointError(f"{path}: torch_rng: missing or not a uint8 tensor")
+    torch.set_rng_state(rng)
+
+
+def load_first_good(
+    directories: Iterable[str | Path],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[TrainState, Path]:
+    """`load_checkpoint` of the first directory (newest first) that loads; each one that does not
+    is logged as a warning naming the file. Raises the newest one's error if none loads."""
+    errors = []
+    for directory in directories:
+        try:
+            return load_checkpoint(directory, model, optimizer, scheduler, scaler), Path(directory)
+        except (CheckpointError, ConfigError) as e:
+            log.warning("checkpoint %s unusable, trying the previous one: %s", directory, e)
+            errors.append(e)
+    if not errors:
+        raise CheckpointError("no checkpoint to load")
+    raise errors[0]
 
 
 def checkpoint_config(directory: str | Path) -> Config:

@@ -8,6 +8,7 @@ Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pm
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -35,6 +36,7 @@ class ModelConfig:
     pretrained: str = ""  # ImageNet HRNet classification checkpoint (official key layout)
 
     def __post_init__(self) -> None:
+        _positive(self, "num_joints")
         if self.widths is not None and len(self.widths) != 4:
             raise ValueError(f"widths: expected 4 branch widths, got {len(self.widths)}")
         if any(w <= 0 for w in self.branch_widths):
@@ -78,15 +80,15 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
 
     def __post_init__(self) -> None:
-        if self.sigma <= 0:
-            raise ValueError(f"sigma: must be positive, got {self.sigma}")
+        _finite_floats(self)
+        _positive(self, "sigma", "box_padding", "max_image_pixels")
+        _at_least(self, 0, "half_body_min_joints")
+        _within(self, 0.0, 180.0, "rotation")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(
                 f"scale_min/scale_max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}"
             )
-        for name in ("rotation_prob", "half_body_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
+        _within(self, 0.0, 1.0, "rotation_prob", "half_body_prob")
 
 
 @dataclass(frozen=True)
@@ -118,21 +120,28 @@ class TrainConfig:
     val_every: int = 10  # validate (COCO AP) every K epochs and after the last one; 0 = never
     storage_path: str = "runs"  # checkpoints: a local folder or a pyarrow URI (s3://...)
     name: str = ""  # run name; an existing name resumes that run. Empty: a new timestamped name
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest ones; the best by val AP is kept besides them
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from checkpoint)
     mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "psm-pose"
     registered_model: str = "psm_model"  # MLflow model registry name of the final model
+    # a NaN or infinite loss: "stop" fails the run naming epoch and step (its checkpoints stay
+    # good), "skip" drops that step's update, up to max_skipped_steps in the whole run
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
+    # keys (section.key) a resumed run may change from the config it was started with; any other
+    # difference is refused, naming the keys (jobs/run_safety.py)
+    resume_changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0 or self.num_workers <= 0:
-            raise ValueError("epochs, batch_size, num_workers: must be positive")
-        if self.cpus_per_worker <= 0 or self.data_cpus <= 0:
-            raise ValueError("cpus_per_worker, data_cpus: must be positive")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if self.images_per_epoch < 0:
-            raise ValueError(f"images_per_epoch: must be >= 0, got {self.images_per_epoch}")
+        _finite_floats(self)
+        _positive(self, "epochs", "batch_size", "num_workers", "cpus_per_worker", "data_cpus")
+        _positive(self, "lr", "lr_factor", "data_chunk_images", "keep_checkpoints")
+        _at_least(self, 0, "weight_decay", "warmup_epochs", "grad_clip", "ohkm_topk", "seed")
+        _at_least(self, 0, "images_per_epoch", "val_every", "max_skipped_steps")
+        _at_least(self, -1, "max_failures")  # -1: Ray Train retries without limit
+        if any(s < 0 for s in self.lr_steps):
+            raise ValueError(f"lr_steps: epochs must be >= 0, got {self.lr_steps}")
 
 
 @dataclass(frozen=True)
@@ -151,8 +160,10 @@ class EvalConfig:
     cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: train.data_cpus)
 
     def __post_init__(self) -> None:
-        if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_size <= 0:
-            raise ValueError("workers, cpus_per_worker, batch_size: must be positive")
+        _finite_floats(self)
+        _positive(self, "workers", "cpus_per_worker", "batch_size")
+        _within(self, 0.0, 1.0, "keypoint_score_threshold", "oks_nms_threshold")
+        _at_least(self, 0, "box_score_threshold", "visualize")
 
 
 @dataclass(frozen=True)
@@ -168,8 +179,7 @@ class InferConfig:
     part_images: int = 512  # images per part file: a killed job resumes after its last part
 
     def __post_init__(self) -> None:
-        if self.part_images <= 0:
-            raise ValueError(f"part_images: must be positive, got {self.part_images}")
+        _positive(self, "part_images")
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,40 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, e.g. for MLflow params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# Range checks of the sections' __post_init__. They raise ValueError("key: ..."), which `_build`
+# prefixes with the file and the section.
+
+
+def _finite_floats(section: object) -> None:
+    """NaN passes every `x <= 0` check (comparisons with NaN are false), so refuse it, and the
+    infinities, before any range check."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}: must be a finite number, got {value}")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not value > 0:  # written so that NaN fails too
+            raise ValueError(f"{name}: must be positive, got {value}")
+
+
+def _at_least(section: object, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not value >= minimum:
+            raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _within(section: object, low: float, high: float, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not low <= value <= high:
+            raise ValueError(f"{name}: must be within [{low}, {high}], got {value}")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -19,11 +19,15 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from psm_model.files import write_atomic
+from psm_model.geometry import box_problem
 
 if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm bench` without it
     from pycocotools.coco import COCO
@@ -75,7 +79,8 @@ DETECTION_SKIPS = {
     "bad_image_id": "image_id not an integer",
     "unknown_image": "image_id not in the ground-truth file",
     "not_person": "category_id is not 1",
-    "bad_box": "bbox not 4 finite numbers with w > 0 and h > 0",
+    "bad_box": "bbox not 4 finite numbers, a side under 1 pixel, a value beyond 1e6 pixels, or "
+    "outside its image",
     "bad_score": "score not a finite number",
     "low_score": "score below the box score threshold",
 }
@@ -202,11 +207,7 @@ def make_results(
 
 def write_results(results: list[dict], path: str | os.PathLike) -> None:
     """Write the results JSON atomically (a crash leaves the old file or none, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +255,9 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
-def _parse_detection(entry: object, image_ids: set[int] | None) -> tuple | str:
+def _parse_detection(
+    entry: object, image_sizes: Collection[int] | Mapping[int, tuple[int, int]] | None
+) -> tuple | str:
     """(image id, box, score) or (skip reason, field)."""
     if not isinstance(entry, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(
         entry
@@ -263,14 +266,14 @@ def _parse_detection(entry: object, image_ids: set[int] | None) -> tuple | str:
     image_id = json_int(entry["image_id"])
     if image_id is None:
         return "bad_image_id", "image_id"
-    if image_ids is not None and image_id not in image_ids:
+    if image_sizes is not None and image_id not in image_sizes:
         return "unknown_image", "image_id"
     if json_int(entry["category_id"]) != PERSON_CATEGORY_ID:
         return "not_person", "category_id"
     box = entry["bbox"]
     if not isinstance(box, list) or len(box) != 4 or any(_number(v) is None for v in box):
         return "bad_box", "bbox"
-    if box[2] <= 0 or box[3] <= 0:
+    if box_problem(box, image_sizes.get(image_id) if isinstance(image_sizes, Mapping) else None):
         return "bad_box", "bbox"
     score = _number(entry["score"])
     if score is None:
@@ -279,10 +282,13 @@ def _parse_detection(entry: object, image_ids: set[int] | None) -> tuple | str:
 
 
 def read_detections(
-    path: str | os.PathLike, image_ids: set[int] | None = None, score_threshold: float = 0.0
+    path: str | os.PathLike,
+    image_ids: Collection[int] | Mapping[int, tuple[int, int]] | None = None,
+    score_threshold: float = 0.0,
 ) -> tuple[Detections, Counter]:
     """Person detections (COCO results format: image_id, category_id, bbox xywh, score) and the
-    entries skipped, by reason (`DETECTION_SKIPS`). With `image_ids`, ids outside it are skipped.
+    entries skipped, by reason (`DETECTION_SKIPS`). With `image_ids`, ids outside it are skipped;
+    given as a mapping id -> (width, height), boxes that miss their image are skipped too.
 
     An empty list is valid: every image then yields no poses.
     """
@@ -367,6 +373,7 @@ def load_gt(gt_file: str | os.PathLike) -> COCO:
     for field in ("images", "annotations", "categories"):
         if not isinstance(data.get(field), list):
             raise EvalError(f"{path}: {field}: missing or not a list (not a COCO annotation file?)")
+    _check_gt(data, path)
     from pycocotools.coco import COCO
 
     coco = COCO()
@@ -374,6 +381,54 @@ def load_gt(gt_file: str | os.PathLike) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _check_gt(data: dict, path: Path) -> None:
+    """What pycocotools and COCOeval read of the ground truth, checked with the file and field
+    named: pycocotools raises a bare KeyError on a missing field, and of two annotations with one
+    id it keeps the last and returns it for both, so AP is computed on corrupted ground truth."""
+    image_ids = set()
+    for i, image in enumerate(data["images"]):
+        image_id = json_int(image.get("id")) if isinstance(image, dict) else None
+        if image_id is None:
+            raise EvalError(f"{path}: images[{i}].id: missing or not an integer")
+        image_ids.add(image_id)
+    for i, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or json_int(category.get("id")) is None:
+            raise EvalError(f"{path}: categories[{i}].id: missing or not an integer")
+    seen: dict[int, int] = {}  # annotation id -> index of its first entry
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise EvalError(f"{where}: expected an object, got {type(ann).__name__}")
+        for field in ("id", "image_id", "category_id"):
+            if json_int(ann.get(field)) is None:
+                raise EvalError(f"{where}.{field}: missing or not an integer")
+        ann_id = json_int(ann["id"])
+        if ann_id in seen:
+            raise EvalError(
+                f"{where}.id: duplicate annotation id {ann_id} "
+                f"(first at annotations[{seen[ann_id]}])"
+            )
+        seen[ann_id] = i
+        if json_int(ann["image_id"]) not in image_ids:
+            raise EvalError(f"{where}.image_id: {ann['image_id']} is not an image of the file")
+        if json_int(ann["category_id"]) != PERSON_CATEGORY_ID:
+            continue  # COCOeval of keypoints reads only persons
+        kpts = ann.get("keypoints")
+        if (
+            not isinstance(kpts, list)
+            or len(kpts) != 3 * NUM_JOINTS
+            or any(_number(v) is None for v in kpts)
+        ):
+            raise EvalError(f"{where}.keypoints: expected 51 finite numbers")
+        box = ann.get("bbox")
+        if not isinstance(box, list) or len(box) != 4 or any(_number(v) is None for v in box):
+            raise EvalError(f"{where}.bbox: expected 4 finite numbers")
+        if _number(ann.get("area")) is None:
+            raise EvalError(f"{where}.area: expected a finite number")
+        if json_int(ann.get("num_keypoints")) is None:
+            raise EvalError(f"{where}.num_keypoints: missing or not an integer")
 
 
 def coco_eval(

@@ -10,6 +10,7 @@ float64, image -> crop unless named otherwise. Also here: the per-person trainin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -18,6 +19,27 @@ import numpy as np
 from psm_model.config import DataConfig
 
 PIXEL_STD = 200.0
+# A box narrower than a pixel holds no person, and at [10, 10, 1e-50, 1e-50] its float32 crop scale
+# is 0 (ZeroDivisionError in affine_matrix); coordinates beyond 1e6 pixels are no image's.
+MIN_BOX_SIDE = 1.0
+MAX_BOX_COORD = 1e6
+
+
+def box_problem(box: Sequence[float], image_size: tuple[int, int] | None = None) -> str:
+    """Why a COCO xywh box of finite numbers cannot be cropped, or "" if it can; with the image's
+    (width, height), the box must overlap the image."""
+    x, y, w, h = (float(v) for v in box)
+    if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)):
+        return "not finite"
+    if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
+        return f"a side under {MIN_BOX_SIDE} pixel"
+    if max(abs(x), abs(y), w, h) > MAX_BOX_COORD:
+        return f"beyond {MAX_BOX_COORD:g} pixels"
+    if image_size is not None and (
+        x >= image_size[0] or y >= image_size[1] or x + w <= 0 or y + h <= 0
+    ):
+        return "outside the image"
+    return ""
 
 
 def box_to_center_scale(
@@ -56,6 +78,9 @@ def affine_matrix(
     """
     cx, cy = float(center[0]), float(center[1])
     out_h, out_w = output_size_hw
+    if not (float(scale[0]) > 0 and math.isfinite(float(scale[0]) + cx + cy)):
+        # readers skip such boxes (box_problem); this names the value if one slips through
+        raise ValueError(f"affine_matrix: crop centre {cx, cy} / scale {float(scale[0])} unusable")
     k = out_w / (float(scale[0]) * PIXEL_STD)
     theta = math.radians(rotation_deg)
     cs, sn = math.cos(theta), math.sin(theta)

@@ -180,6 +180,16 @@ def test_unusable_annotation_files_raise_data_error_naming_file_and_field(tmp_pa
     assert str(ann_file) in str(error.value) and field in str(error.value)
 
 
+def test_duplicate_annotation_ids_are_an_error_naming_file_and_id(tmp_path):
+    # pycocotools would keep the last of the two and return it for both
+    anns = [_annotation(id=5), _annotation(id=6), _annotation(id=5, bbox=[20, 20, 30, 30])]
+    with pytest.raises(DataError) as error:
+        _load(tmp_path, annotations=anns)
+    message = str(error.value)
+    assert str(tmp_path / "ann.json") in message
+    assert "annotations[2].id: duplicate annotation id 5 (first at annotations[0])" in message
+
+
 def test_missing_annotation_file_raises_data_error(tmp_path):
     with pytest.raises(DataError, match="nope.json: cannot read"):
         load_coco_persons(tmp_path, tmp_path / "nope.json", INPUT_HW)
@@ -274,3 +284,15 @@ def test_huge_declared_size_is_refused_before_decoding(tmp_path, picture):
     (tmp_path / "p.jpg").write_bytes(_encode(picture, ".jpg"))
     with pytest.raises(ImageError, match="80x60 pixels"):
         decode_image(tmp_path / "p.jpg", max_pixels=80 * 60 - 1)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path, picture):
+    # a small valid JPEG followed by 32 MiB of (sparse) zeros: before, the whole file was read
+    # into memory first (a multi-GB file would exhaust the task's memory), then called corrupt
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(_encode(picture, ".jpg"))
+    with open(path, "r+b") as f:
+        f.truncate(32 << 20)
+    with pytest.raises(ImageError, match=r"huge\.jpg: file of 33,554,432 bytes") as error:
+        decode_image(path, max_pixels=10_000)
+    assert error.value.reason == "too_large"

@@ -89,6 +89,41 @@ def test_bad_overrides(override, expected):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # NaN passes `x <= 0`: every one of these was accepted before
+        ("train:\n  lr: .nan\n", "train.lr: must be a finite number, got nan"),
+        ("data:\n  sigma: .inf\n", "data.sigma: must be a finite number, got inf"),
+        ("eval:\n  oks_nms_threshold: .nan\n", "eval.oks_nms_threshold: must be a finite number"),
+        ("eval:\n  oks_nms_threshold: 1.5\n", "eval.oks_nms_threshold: must be within [0.0, 1.0]"),
+        ("data:\n  box_padding: -1\n", "data.box_padding: must be positive, got -1.0"),
+        ("data:\n  max_image_pixels: -5\n", "data.max_image_pixels: must be positive, got -5"),
+        ("data:\n  rotation: -10\n", "data.rotation: must be within [0.0, 180.0]"),
+        ("train:\n  keep_checkpoints: 0\n", "train.keep_checkpoints: must be positive, got 0"),
+        ("train:\n  grad_clip: -1\n", "train.grad_clip: must be >= 0"),
+        ("train:\n  lr_factor: 0\n", "train.lr_factor: must be positive"),
+        ("train:\n  val_every: -1\n", "train.val_every: must be >= 0"),
+        ("train:\n  lr_steps: [-3]\n", "train.lr_steps: epochs must be >= 0"),
+        ("train:\n  nonfinite_loss: ignore\n", "train.nonfinite_loss: 'ignore' is not one of"),
+        ("infer:\n  part_images: 0\n", "infer.part_images: must be positive"),
+    ],
+)
+def test_out_of_range_values_name_file_and_key(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "data.sigma=-inf"])
+def test_non_finite_overrides_are_refused(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, [override])
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
         load_config("nope.yaml")

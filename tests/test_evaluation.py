@@ -147,6 +147,37 @@ def test_bad_gt_file(tmp_path):
         coco_eval(path, [])
 
 
+def _gt(**changes) -> dict:
+    keypoints = [0.0] * 51
+    keypoints[15:18] = [30.0, 20.0, 2]
+    ann = {"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 40, 50],
+           "area": 1200.0, "keypoints": keypoints, "num_keypoints": 1}  # fmt: skip
+    return {k: v for k, v in {**ann, **changes}.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "match"),
+    [
+        # before: a bare KeyError: 'image_id' from pycocotools
+        ([_gt(image_id=None)], r"annotations\[0\]\.image_id: missing"),
+        ([_gt(), _gt(id=8, image_id=2)], r"annotations\[1\]\.image_id: 2 is not an image"),
+        # before: accepted, pycocotools returned the last annotation for both ids
+        ([_gt(), _gt(bbox=[50, 10, 40, 50])], r"annotations\[1\]\.id: duplicate annotation id 7"),
+        ([_gt(keypoints=[1.0] * 50)], r"annotations\[0\]\.keypoints: expected 51"),
+        ([_gt(num_keypoints=None)], r"annotations\[0\]\.num_keypoints: missing"),
+        ([_gt(area=None)], r"annotations\[0\]\.area"),
+    ],
+)
+def test_bad_gt_annotations_name_file_and_field(tmp_path, annotations, match):
+    path = tmp_path / "gt.json"
+    image = {"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}
+    categories = [{"id": 1, "name": "person"}]
+    path.write_text(json.dumps({"images": [image], "annotations": annotations,
+                                "categories": categories}))  # fmt: skip
+    with pytest.raises(EvalError, match=r"gt\.json: " + match):
+        load_gt(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Detections files
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +213,27 @@ def test_bad_detections_are_counted_not_fatal(tmp_path, caplog):
     assert skips == {"bad_entry": 2, "bad_image_id": 1, "unknown_image": 1, "not_person": 1,
                      "bad_box": 2, "bad_score": 1}  # fmt: skip
     assert "dets.json: [6].bbox" in caplog.text and "dets.json: [8].score" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bbox",
+    [
+        [10, 10, 1e-50, 1e-50],  # before: ZeroDivisionError in affine_matrix inside a Ray task
+        [10, 10, 0.5, 40],  # under a pixel wide
+        [1e39, 10, 30, 40],  # before: an infinite crop centre
+        [10, 10, 1e7, 40],  # beyond any image
+        [640, 10, 30, 40],  # right of its 640-pixel-wide image
+        [-50, 10, 30, 40],  # left of it
+    ],
+)
+def test_degenerate_or_absurd_boxes_are_counted_skips_naming_file_and_index(tmp_path, caplog, bbox):
+    good = {"image_id": 785, "category_id": 1, "bbox": [10, 20, 30, 40], "score": 0.9}
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps([good, dict(good, bbox=bbox)]))
+    dets, skips = read_detections(path, {785: (640, 425)})
+    assert dets.boxes.tolist() == [[10, 20, 30, 40]]
+    assert skips == {"bad_box": 1}
+    assert "dets.json: [1].bbox" in caplog.text
 
 
 def test_empty_or_malformed_detections_file(tmp_path):

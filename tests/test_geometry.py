@@ -14,6 +14,7 @@ from psm_model.geometry import (
     PIXEL_STD,
     Augmentation,
     affine_matrix,
+    box_problem,
     box_to_center_scale,
     draw_augmentation,
     flip_keypoints,
@@ -337,3 +338,18 @@ def test_crops_warp_into_a_given_batch_row():
     assert not batch[0].any() and not batch[2].any()
     make_eval_crop(image, center, scale, SIZE_HW, out=batch[2])
     np.testing.assert_array_equal(batch[2], make_eval_crop(image, center, scale, SIZE_HW)[0])
+
+
+@pytest.mark.parametrize("scale", [(0.0, 0.0), (float("nan"), 1.0)])
+def test_affine_matrix_names_an_unusable_scale(scale):
+    # before: ZeroDivisionError (scale 0) or a matrix of NaNs, naming nothing
+    with pytest.raises(ValueError, match="affine_matrix: crop centre"):
+        affine_matrix((10.0, 10.0), scale, 0.0, (64, 48))
+
+
+def test_box_problem_reasons():
+    assert box_problem([10, 10, 30, 40], (640, 480)) == ""
+    assert box_problem([10, 10, 1e-50, 1e-50]) == "a side under 1.0 pixel"
+    assert box_problem([1e39, 10, 30, 40]) == "beyond 1e+06 pixels"
+    assert box_problem([700, 10, 30, 40], (640, 480)) == "outside the image"
+    assert box_problem([-29, 10, 30, 40], (640, 480)) == ""  # one pixel column inside

@@ -3,7 +3,12 @@ same poses as `psm eval` with the same boxes, a killed job resumed to the same f
 image skipped and counted, the test-dev format without annotations, and clear input errors."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -91,9 +96,11 @@ def test_a_parts_folder_resumes_and_refuses_other_inputs(tmp_path, uri):
     store.write(1, {"results": [{"score": 0.5}]})
     assert store.done(3) == [1]
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "LEASE",
         "manifest.json",
         "part-00001.json",
     ]
+    store.release()
     again = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
     assert again.done(3) == [1] and again.read(1) == {"results": [{"score": 0.5}]}
     with pytest.raises(DataError, match=r"p: holds parts of a job with other inputs "
@@ -217,3 +224,44 @@ def test_infer_input_errors(synthetic_root, tmp_path, capsys):
     assert "infer.detections: required" in capsys.readouterr().err
     assert main([*argv, "--dets", str(tmp_path / "dets.json")]) == 2
     assert "test2017: infer.images: not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_inference_driver_killed_mid_job_reruns_to_a_byte_identical_file(ray_local, tmp_path):
+    """A real kill: `psm infer` in a subprocess (on this session's Ray), SIGKILL once it has
+    written parts, then the same command again; the file equals an uninterrupted job's."""
+    from pipelines.synthetic import make_synthetic_coco
+
+    make_synthetic_coco(tmp_path, 60, seed=5, val_fraction=0.5)  # 30 val images
+    gt = json.loads((tmp_path / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+            for a in gt["annotations"]]  # fmt: skip
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    common = [f"data.root={tmp_path}", "infer.images=val2017", "infer.part_images=1"]
+    common += ["infer.image_info=annotations/person_keypoints_val2017.json", "eval.visualize=0"]
+    argv = ["infer", TINY, *_args(tmp_path, *common), "--checkpoint", str(tmp_path / "model.pt")]
+    argv += ["--dets", str(tmp_path / "dets.json")]
+
+    def job(output: Path) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(Path(TINY).parents[1]),
+                   RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)  # fmt: skip
+        args = [*argv, "--output", str(output)]
+        code = f"import sys; from jobs.cli import main; sys.exit(main({args!r}))"
+        return subprocess.Popen([sys.executable, "-c", code], env=env)
+
+    whole = tmp_path / "whole.json"
+    assert job(whole).wait(timeout=600) == 0
+    killed = tmp_path / "killed.json"
+    parts = tmp_path / "killed.json.parts"
+    proc = job(killed)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(parts.glob("part-*.json"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the job finished before it could be killed"
+    assert 3 <= len(list(parts.glob("part-*.json"))) < 30 and (parts / "LEASE").exists()
+    assert job(killed).wait(timeout=600) == 0  # the dead job's lease is taken over
+    assert killed.read_bytes() == whole.read_bytes()
+    assert _run(tmp_path, "killed")["metrics.parts_resumed"] >= 3

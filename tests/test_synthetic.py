@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from jobs.demo import demo_data_complete
 from pipelines.coco import decode_image, load_coco_persons
 from pipelines.synthetic import (
     KEYPOINT_NAMES,
@@ -16,6 +23,7 @@ from pipelines.synthetic import (
     make_synthetic,
     make_synthetic_coco,
 )
+from psm_model.config import load_config
 from psm_model.geometry import COCO_FLIP_PAIRS
 
 ANN_KEYS = {
@@ -153,3 +161,36 @@ def test_split_counts_and_summary(tmp_path, capsys, synthetic):
         make_synthetic_coco(tmp_path, num_images=1)
     make_synthetic(tmp_path / "s", train_images=1, val_images=1)
     assert "val2017: 1 images" in capsys.readouterr().out
+
+
+def _make_data(out, images: int) -> subprocess.Popen:
+    args = ["make-data", "synthetic", str(out), "--images", str(images)]
+    code = f"from jobs.cli import main; main({args!r})"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
+
+
+def test_a_killed_make_data_leaves_no_half_file_and_a_rerun_gives_valid_data(tmp_path):
+    killed = tmp_path / "killed"
+    proc = _make_data(killed, 150)  # 120 train images, then 30 val images
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "val2017").glob("*.jpg"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real kill, mid-way through the val split
+    proc.wait()
+    cfg = load_config(None, [f"data.root={killed}"])
+    assert (killed / "annotations" / "person_keypoints_train2017.json").exists()
+    assert not demo_data_complete(cfg)  # before: the demo saw the train file and went on
+    for jpeg in killed.glob("*/*.jpg"):  # every file that has its name is whole
+        decode_image(jpeg, 10**8)
+    proc = _make_data(killed, 150)
+    assert proc.wait() == 0 and demo_data_complete(cfg)
+    whole = tmp_path / "whole"
+    assert _make_data(whole, 150).wait() == 0
+    for split in ("train2017", "val2017"):  # the same data as a run never killed
+        name = f"annotations/person_keypoints_{split}.json"
+        assert (killed / name).read_bytes() == (whole / name).read_bytes()
+        records, skips = load_coco_persons(killed / split, killed / name, (64, 48))
+        assert records and not skips.get("bad_box")
+        for r in records:
+            decode_image(r.path, 10**8)

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 from jobs.train import run_training
 from psm_model.checkpoint import load_checkpoint
-from psm_model.config import load_config
+from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
 
 pytestmark = pytest.mark.slow
@@ -25,6 +27,10 @@ STILL = ["data.flip=false", "data.rotation=0", "data.scale_min=1", "data.scale_m
 
 
 def _cfg(tmp_path, root, name, **train):
+    return load_config(TINY, _overrides(tmp_path, root, name, **train))
+
+
+def _overrides(tmp_path, root, name, **train) -> list[str]:
     overrides = {
         "epochs": 2,
         "batch_size": 4,
@@ -39,7 +45,7 @@ def _cfg(tmp_path, root, name, **train):
         **train,
     }
     train_overrides = [f"train.{k}={v}" for k, v in overrides.items()]
-    return load_config(TINY, [f"data.root={root}", *STILL, *train_overrides])
+    return [f"data.root={root}", *STILL, *train_overrides]
 
 
 def _weights(summary, cfg):
@@ -71,15 +77,33 @@ def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp
     assert model(torch.zeros(1, 3, 96, 64)).shape == (1, 17, 48, 32)
 
 
-def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_path):
-    straight = run_training(_cfg(tmp_path, synthetic_root, "straight", epochs=3))
-    run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=2))
-    resumed = run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=3))  # same name
-    cfg = _cfg(tmp_path, synthetic_root, "x")
-    a, state_a = _weights(straight, cfg)
-    b, state_b = _weights(resumed, cfg)
+@pytest.fixture(scope="module")
+def straight(ray_local, synthetic_root, tmp_path_factory):
+    """An uninterrupted 3-epoch run: what every interrupted one must reproduce exactly."""
+    return run_training(_cfg(tmp_path_factory.mktemp("straight"), synthetic_root, "straight",
+                             epochs=3))  # fmt: skip
+
+
+def _same_weights(run_a, run_b, cfg):
+    a, state_a = _weights(run_a, cfg)
+    b, state_b = _weights(run_b, cfg)
     assert (state_a.epoch, state_a.step) == (state_b.epoch, state_b.step) == (3, state_a.step)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_path, straight):
+    run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=2))
+    # a resumed run must match the config it started with; more epochs are accepted explicitly
+    with pytest.raises(ConfigError, match=r"train\.epochs: 2 -> 3"):
+        run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=3))
+    # the newest checkpoint is corrupt (a copy cut short): the run falls back to the previous one
+    # and replays epoch 2, deterministically
+    kept = sorted(p for p in (tmp_path / "runs" / "resumed").glob("checkpoint_*") if p.is_dir())
+    newest = kept[-1] / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    longer = _cfg(tmp_path, synthetic_root, "resumed", epochs=3, resume_changes="[train.epochs]")
+    resumed = run_training(longer)  # same name
+    _same_weights(straight, resumed, _cfg(tmp_path, synthetic_root, "x"))
     assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
 
 
@@ -88,7 +112,7 @@ def _train_worker_pids():
     return [int(line.split()[0]) for line in out if "ray::RayTrainWorker" in line]
 
 
-def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path):
+def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path, straight):
     cfg = _cfg(tmp_path, synthetic_root, "killed", epochs=3, max_failures=2)
     killed = []
 
@@ -108,6 +132,7 @@ def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path):
     killer.join(timeout=5)
     assert killed, "no train worker was found to kill"
     assert summary["epochs_done"] == 3
+    _same_weights(straight, summary, cfg)  # the restart replayed the lost epoch exactly
 
 
 def test_bad_images_are_skipped_and_counted(ray_local, synthetic_root, tmp_path):
@@ -152,3 +177,41 @@ def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_
     assert len(poses) == 2 and all(p.path.endswith(".jpg") for p in poses)
     best = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "best_checkpoint")}
     assert best == {"best_checkpoint/model.pt", "best_checkpoint/config.yaml"}
+    # the best checkpoint is also kept in the run folder, whatever Ray's retention drops later
+    kept = tmp_path / "runs" / "coco" / "best_checkpoint"
+    assert load_checkpoint(kept, build_model(cfg.model)).best_ap == summary["best_AP"]
+
+
+def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run(
+    ray_local, synthetic_root, tmp_path, straight
+):
+    """A real kill: `psm train` in a subprocess (on this session's Ray), SIGKILL mid-epoch 2 once
+    epoch 1's checkpoint is written, then the same command again."""
+    cfg = _cfg(tmp_path, synthetic_root, "driver", epochs=3)
+    argv = ["train", str(TINY), *_overrides(tmp_path, synthetic_root, "driver", epochs=3)]
+    env = dict(os.environ, PYTHONPATH=str(TINY.parents[1]),
+               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)  # fmt: skip
+    code = f"import sys; from jobs.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    run_dir = tmp_path / "runs" / "driver"
+    deadline = time.time() + 600
+    while time.time() < deadline and not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1
+    _same_weights(straight, run_training(cfg), cfg)  # resubmitted
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step(ray_local, synthetic_root, tmp_path):
+    # lr 1e30: the first Adam step blows the weights up, and the second loss is NaN. Before, the
+    # run trained on to its last epoch at a NaN loss and checkpointed NaN weights.
+    cfg = _cfg(tmp_path, synthetic_root, "diverged", epochs=2, lr=1e30, max_failures=0)
+    with pytest.raises(Exception, match=r"epoch 0, step 1: the training loss is not finite"):
+        run_training(cfg)
+    run_dir = tmp_path / "runs" / "diverged"
+    assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # nothing NaN was saved
+    runs = mlflow.MlflowClient(cfg.train.mlflow_uri).search_runs(
+        [mlflow.get_experiment_by_name(cfg.train.experiment).experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -1,0 +1,157 @@
+"""What keeps a training run's good work: the non-finite loss guard, the best checkpoint kept beside
+Ray's newest ones, the fallback from a corrupt newest checkpoint, the config check of a resumed
+run, and unique default run names. Used by `jobs.train`; Ray calls are marked `# Ray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray.train
+import torch
+
+from pipelines.inference import filesystem, write_bytes
+from psm_model.checkpoint import TrainState, load_first_good
+from psm_model.config import Config, ConfigError, parse_config, redact_secrets
+from psm_model.files import temporary_name
+
+log = logging.getLogger(__name__)
+
+BEST = "best_checkpoint"  # in the run folder, beside Ray's checkpoint_* folders
+RUN_CONFIG = "psm_config.yaml"  # in the run folder: the config a resumed run must match
+# keys that change where or how fast a run trains, or how it reacts to failures, but not what it
+# trains: a resumed run may change them freely
+FREE_ON_RESUME = frozenset(
+    {
+        "train.max_failures",
+        "train.keep_checkpoints",
+        "train.cpus_per_worker",
+        "train.data_cpus",
+        "train.mlflow_uri",
+        "train.registered_model",
+        "train.nonfinite_loss",
+        "train.max_skipped_steps",
+        "train.resume_changes",
+        "eval.workers",
+        "eval.cpus_per_worker",
+        "eval.batch_size",
+        "eval.visualize",
+    }
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite training loss the run's policy does not let it train past."""
+
+
+def default_run_name(cfg: Config) -> str:
+    """A new run's name: readable, and unique even for runs started in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.model.fusion}-w{cfg.model.width}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def skip_nonfinite_step(cfg: Config, state: TrainState, epoch: int) -> None:
+    """Account for a step whose loss was not finite (no rank updated); raises unless the policy
+    is "skip" and the run's budget is not spent."""
+    state.skipped_steps += 1
+    where = f"epoch {epoch}, step {state.step}"
+    if cfg.train.nonfinite_loss == "stop":
+        raise NonFiniteLossError(
+            f"{where}: the training loss is not finite (NaN or inf); stopped before the update, "
+            f"so the checkpoints up to epoch {epoch - 1} are intact. Lower train.lr, set "
+            "train.grad_clip, or let a few steps be skipped with train.nonfinite_loss=skip"
+        )
+    if state.skipped_steps > cfg.train.max_skipped_steps:
+        raise NonFiniteLossError(
+            f"{where}: {state.skipped_steps} steps with a non-finite loss in this run, more than "
+            f"train.max_skipped_steps={cfg.train.max_skipped_steps}: the run diverges"
+        )
+    log.warning("%s: non-finite loss, step skipped (%d of at most %d)", where,
+                state.skipped_steps, cfg.train.max_skipped_steps)  # fmt: skip
+
+
+def all_ranks_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank: all of them skip the update together (DDP would
+    otherwise wait forever in the gradient all-reduce of the ranks that go on)."""
+    flag = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def run_folder(cfg: Config) -> str:
+    return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name}"
+
+
+def keep_best(cfg: Config, directory: str | Path) -> None:
+    """Copy a checkpoint folder to the run folder's best_checkpoint, replacing the previous best
+    only once the copy is complete. Ray keeps only the newest train.keep_checkpoints."""
+    fs, target = filesystem(f"{run_folder(cfg)}/{BEST}")
+    tmp, old = str(temporary_name(target)), str(temporary_name(target)) + ".old"
+    fs.create_dir(tmp, recursive=True)
+    pafs.copy_files(str(directory), tmp, destination_filesystem=fs)
+    if fs.get_file_info(target).type != pafs.FileType.NotFound:
+        fs.move(target, old)
+    fs.move(tmp, target)
+    if fs.get_file_info(old).type != pafs.FileType.NotFound:
+        fs.delete_dir(old)
+
+
+def restore(checkpoint: ray.train.Checkpoint, model, optimizer, scheduler, scaler) -> TrainState:
+    """Load the newest checkpoint Ray hands back; if it is corrupt, the run folder's older ones
+    (newest first), then its best one, each failure logged naming the file."""
+    fs = checkpoint.filesystem
+    run_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(run_dir))
+    older = sorted(
+        (i.path for i in infos if i.type == pafs.FileType.Directory
+         and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path),
+        reverse=True,  # Ray names them checkpoint_<timestamp>
+    )  # fmt: skip
+    best = [i.path for i in infos if i.base_name == BEST]
+    with contextlib.ExitStack() as stack:
+
+        def local_dirs() -> Iterator[str]:  # fetched one at a time, only while needed
+            yield stack.enter_context(checkpoint.as_directory())  # Ray
+            for path in [*older, *best]:
+                ckpt = ray.train.Checkpoint(path, filesystem=fs)  # Ray
+                yield stack.enter_context(ckpt.as_directory())
+
+        state, used = load_first_good(local_dirs(), model, optimizer, scheduler, scaler)
+    if Path(used).name != Path(checkpoint.path).name:
+        log.warning("resumed from %s: the newest checkpoint %s is unusable", used, checkpoint.path)
+    return state
+
+
+def check_resume_config(cfg: Config) -> None:
+    """A new run saves its config in the run folder; a resumed one must match it, except in the
+    FREE_ON_RESUME keys and those listed in train.resume_changes (then the saved config is
+    updated). Keys missing on either side (added or removed in the code since) are ignored."""
+    unknown = sorted(set(cfg.train.resume_changes) - set(cfg.flat()))
+    if unknown:  # a typo would otherwise accept nothing and refuse the resume anyway
+        raise ConfigError(f"train.resume_changes: unknown keys {unknown} (expected section.key)")
+    path = f"{run_folder(cfg)}/{RUN_CONFIG}"
+    fs, where = filesystem(path)
+    if fs.get_file_info(where).type == pafs.FileType.File:
+        with fs.open_input_stream(where) as f:
+            first = parse_config(f.read().decode(), path).flat()
+        now = parse_config(redact_secrets(cfg.to_yaml()), "<config>").flat()  # as saved
+        allowed = FREE_ON_RESUME | set(cfg.train.resume_changes)
+        changed = [
+            f"{k}: {first[k]!r} -> {now[k]!r}"
+            for k in first
+            if k in now and now[k] != first[k] and k not in allowed
+        ]
+        if changed:
+            raise ConfigError(
+                f"{path}: run {cfg.train.name!r} was started with other values "
+                f"({'; '.join(changed)}). Resuming would train a mix of both. Accept the change "
+                "with train.resume_changes=[KEY, ...], or start a new run (another train.name)"
+            )
+    write_bytes(path, redact_secrets(cfg.to_yaml()).encode())

@@ -1,0 +1,94 @@
+"""Training checkpoints: verified against their checksums on load, malformed pieces named, and a
+corrupt newest checkpoint replaced by the previous one."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from psm_model.checkpoint import TrainState, load_checkpoint, load_first_good, save_checkpoint
+from psm_model.config import load_config
+from psm_model.hrnet import build_model
+from psm_model.weights import CheckpointError
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _pieces(cfg):
+    model = build_model(cfg.model)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, opt, sched, scaler
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(TINY, ["model.width=4", "model.input_size=[64,32]"])
+
+
+def _save(path, cfg, epoch):
+    model, opt, sched, scaler = _pieces(cfg)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float(epoch))  # tells the checkpoints apart
+    save_checkpoint(path, model, opt, sched, scaler, TrainState(epoch=epoch, step=10 * epoch), cfg)
+    return model
+
+
+def test_round_trip_writes_checksums(tmp_path, cfg):
+    saved = _save(tmp_path / "c", cfg, 3)
+    model, opt, sched, scaler = _pieces(cfg)
+    state = load_checkpoint(tmp_path / "c", model, opt, sched, scaler)
+    assert (state.epoch, state.step, state.skipped_steps) == (3, 30, 0)
+    loaded = model.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in saved.state_dict().items())
+    names = set(json.loads((tmp_path / "c" / "checksums.json").read_text()))
+    assert names == {"model.pt", "optimizer.pt", "train_state.json", "config.yaml"}
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([*names, "checksums.json"])
+
+
+def test_changed_bytes_are_an_error_naming_the_file(tmp_path, cfg):
+    _save(tmp_path / "c", cfg, 3)
+    state_file = tmp_path / "c" / "train_state.json"
+    # still valid JSON, so the old loader resumed at the wrong epoch without a word
+    state_file.write_text(state_file.read_text().replace('"epoch": 3', '"epoch": 7'))
+    with pytest.raises(CheckpointError, match=rf"{state_file}: sha256 differs"):
+        load_checkpoint(tmp_path / "c", _pieces(cfg)[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda extra: extra["optimizer"].pop("param_groups"), r"optimizer: malformed state"),
+        (lambda extra: extra.pop("scheduler"), r"scheduler: missing"),
+        (lambda extra: extra.update(torch_rng=[1, 2]), r"torch_rng: missing or not a uint8"),
+    ],
+)
+def test_malformed_optimizer_pieces_name_the_file(tmp_path, cfg, change, match):
+    _save(tmp_path / "c", cfg, 1)
+    path = tmp_path / "c" / "optimizer.pt"
+    extra = torch.load(path, weights_only=True)
+    change(extra)
+    torch.save(extra, path)
+    (tmp_path / "c" / "checksums.json").unlink()  # as a checkpoint written before checksums
+    with pytest.raises(CheckpointError, match=rf"{path}: {match}"):  # before: a bare KeyError
+        load_checkpoint(tmp_path / "c", *_pieces(cfg))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, cfg, caplog):
+    _save(tmp_path / "epoch2", cfg, 2)
+    _save(tmp_path / "epoch3", cfg, 3)
+    model_file = tmp_path / "epoch3" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # a copy cut short
+    model, opt, sched, scaler = _pieces(cfg)
+    with caplog.at_level(logging.WARNING):
+        state, used = load_first_good(
+            [tmp_path / "epoch3", tmp_path / "epoch2"], model, opt, sched, scaler
+        )
+    assert used == tmp_path / "epoch2" and state.epoch == 2
+    assert float(next(model.parameters()).detach().flatten()[0]) == 2.0
+    assert f"{model_file}: sha256 differs" in caplog.text
+    with pytest.raises(CheckpointError, match="sha256 differs"):  # none usable: the newest's error
+        load_first_good([tmp_path / "epoch3"], model)

@@ -1,0 +1,52 @@
+"""The end of a sweep without Ray: its trials' MLflow runs closed with the right status, and the
+best model registered once even when a resumed sweep finishes a second time."""
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+
+from jobs import tracking
+from jobs.sweep_space import parse_space
+from jobs.tune import _finish
+from psm_model.config import load_config
+from psm_model.hrnet import build_model
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SPACE = "searcher: grid\nparams:\n  train.lr: {grid: [1.0e-3, 2.0e-3]}\n"
+
+
+def _trial(base, parent, name, lr, epochs_done=None):
+    cfg = load_config(TINY, [f"train.mlflow_uri={base.train.mlflow_uri}", f"train.lr={lr}",
+                             f"train.name={name}", "train.epochs=2"])  # fmt: skip
+    tags = {tracking.PARENT_TAG: parent, "psm.trial_id": name}
+    run_id = tracking.start_or_resume_run(cfg, name, tags=tags)
+    if epochs_done is not None:
+        metrics = {"epochs_done": epochs_done, "best_AP": 0.1 * lr * 1000}
+        tracking.log_metrics(cfg, run_id, metrics, step=0)
+        with tempfile.TemporaryDirectory() as d:  # what a training run logs as its best weights
+            torch.save(build_model(cfg.model).state_dict(), Path(d) / "model.pt")
+            (Path(d) / "config.yaml").write_text(cfg.to_yaml())
+            tracking.log_artifact(cfg, run_id, d, "best_checkpoint")
+    return run_id
+
+
+def test_finish_marks_unreported_trials_failed_and_registers_once(tmp_path):
+    base = load_config(TINY, [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    space = parse_space(SPACE, base)
+    parent = tracking.start_or_resume_run(base, "sweep1", kind="sweep")
+    done = _trial(base, parent, "t1", 1e-3, epochs_done=2)
+    failed = _trial(base, parent, "t2", 2e-3)  # died before its first report
+    summary = _finish(base, space, "sweep1", parent, grid=[])
+    client = mlflow.MlflowClient(base.train.mlflow_uri)
+    assert client.get_run(done).info.status == "FINISHED"
+    # before: KILLED and tagged psm.stopped_early, as if ASHA had stopped it
+    assert client.get_run(failed).info.status == "FAILED"
+    assert "psm.stopped_early" not in client.get_run(failed).data.tags
+    assert summary["best_run_id"] == done and str(summary["model_version"]) == "1"
+    # a --resume after the driver died while registering: no second version
+    again = _finish(base, space, "sweep1", parent, grid=[])
+    assert str(again["model_version"]) == "1"
+    versions = client.search_model_versions(f"name = '{base.train.registered_model}'")
+    assert [str(v.version) for v in versions] == ["1"]
