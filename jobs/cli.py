@@ -72,6 +72,21 @@ def cmd_infer(args: argparse.Namespace) -> None:
     run_inference(cfg, args.checkpoint)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from jobs.evaluate import load_model
+    from psm_model.config import load_config
+    from psm_model.export import export_onnx
+
+    model, cfg = load_model(args.checkpoint, load_config(args.config, args.overrides))
+    data = export_onnx(model, cfg.model.input_size)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_bytes(data)
+    h, w = cfg.model.input_size
+    print(f"{args.output}: images (batch, 3, {h}, {w}) -> heatmaps (batch, "
+          f"{cfg.model.num_joints}, {h // cfg.model.heatmap_stride}, "
+          f"{w // cfg.model.heatmap_stride}), {len(data) / 1e6:.1f} MB")  # fmt: skip
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
     from pipelines.synthetic import make_synthetic_coco
 
@@ -391,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)"
     )
     p.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser("export", help="export a model (see `psm export onnx --help`)")
+    export_sub = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    p = export_sub.add_parser(
+        "onnx",
+        help="the pose model as ONNX (dynamic batch), for infer.pose_runtime=onnxruntime",
+        description="Writes the checkpoint's pose model (its own config wins) as ONNX: input "
+        "'images' (batch, 3, H, W), ImageNet-normalised RGB; output 'heatmaps'; PixelShuffle as "
+        "DepthToSpace (mode CRD, PyTorch's order), BatchNorm folded into the convolutions.",
+    )
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint folder or .pth/.pt")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
 
     data = sub.add_parser("make-data", help="write datasets (see `psm make-data synthetic --help`)")
     data_sub = data.add_subparsers(dest="kind", required=True, metavar="KIND")

@@ -66,6 +66,7 @@ def _manifest(cfg: Config, weights: dict, rows: list[dict], images: Path, info: 
             )
         },
         "box_padding": cfg.data.box_padding,
+        "pose_runtime": cfg.infer.pose_runtime,
         "images": str(images.resolve()),
         "image_info": str(info.resolve()),
         "image_ids_sha256": _sha256(ids.encode()),

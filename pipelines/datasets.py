@@ -11,6 +11,7 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -25,7 +26,10 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from pipelines.predict import PosePredictor
 from pipelines.samples import BATCH_IMAGES, eval_batch, train_batch
-from psm_model.config import Config
+from psm_model.config import Config, PoseRuntime
+from psm_model.export import export_onnx
+from psm_model.hrnet import build_model
+from psm_model.weights import load_strict
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,14 @@ def eval_crops(
 
 
 def pose_predictions(
-    rows: Sequence[dict], cfg: Config, weights: dict[str, torch.Tensor]
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime = "torch",
 ) -> ray.data.Dataset:
     """`eval_crops` -> poses (pipelines.predict.POSE_COLUMNS) on a pool of eval.workers
-    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`.
+    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`, run
+    by `runtime` (onnxruntime: exported here once, the ONNX bytes shipped to the actors).
 
     Each actor reserves one GPU when the cluster has any, and eval.cpus_per_worker CPUs; the crop
     tasks reserve train.data_cpus besides. Except where both steps ask for the same resources (no
@@ -136,16 +144,26 @@ def pose_predictions(
             "(train.data_cpus=%s) need more than the cluster has now (need, have): %s",
             cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.train.data_cpus, short,
         )  # fmt: skip
+    model = weights
+    if runtime == "onnxruntime":
+        model = onnx_pose_model(cfg, weights)
     # Ray calls: the weights go to the object store once, and each actor fetches them from there
     return eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).map_batches(
         PosePredictor,
-        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(weights)},
+        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(model), "runtime": runtime},
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.eval.workers),
         num_cpus=cfg.eval.cpus_per_worker,
         num_gpus=gpus,
     )
+
+
+def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:
+    """The ONNX bytes of `cfg.model` with these weights (psm_model.export)."""
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    load_strict(model, weights, "pose weights")
+    return export_onnx(model, cfg.model.input_size)
 
 
 def iter_chunked(

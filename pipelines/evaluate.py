@@ -269,7 +269,9 @@ def evaluate_on_actors(
     """`evaluate_model` with the model on eval.workers Ray Data actors (`psm eval`): `weights` is
     a CPU state_dict for `cfg.model`. Only pose rows come back; scoring stays here."""
     records, rows = _val_rows(cfg)
-    poses = pose_predictions(rows, cfg, weights).iter_batches(batch_size=None, batch_format="numpy")
+    poses = pose_predictions(rows, cfg, weights, cfg.eval.pose_runtime).iter_batches(
+        batch_size=None, batch_format="numpy"
+    )
     return _score(poses, records, cfg, results_file, run_id)
 
 

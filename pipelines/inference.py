@@ -171,9 +171,8 @@ def infer_parts(
         close(k)
     if rows_with_boxes:
         # Ray call: one streaming graph; only pose rows come back to this driver
-        batches = pose_predictions(rows_with_boxes, cfg, weights).iter_batches(
-            batch_size=None, batch_format="numpy"
-        )
+        poses = pose_predictions(rows_with_boxes, cfg, weights, cfg.infer.pose_runtime)
+        batches = poses.iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             owner = np.array([part_of[int(i)] for i in batch["image_id"]])
             for k in np.unique(owner):

@@ -9,14 +9,18 @@ plus ids, centre, scale and box score, where one person's stride-2 heatmaps at 3
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from psm_model.codec import HeatmapCodec, normalize_images
-from psm_model.config import Config
+from psm_model.config import Config, PoseRuntime
 from psm_model.hrnet import build_model
 from psm_model.weights import load_strict
+
+if TYPE_CHECKING:
+    from pipelines.onnx_runtime import OnnxPoseModel
 
 # The one place that names the pose columns (per-row shapes / dtypes): what predict_poses returns.
 POSE_COLUMNS = {
@@ -33,7 +37,9 @@ _PASSED_THROUGH = ("image_id", "ann_id", "center", "scale", "score", "skip")
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module | OnnxPoseModel, images: np.ndarray, cfg: Config, device
+) -> torch.Tensor:
     """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
     x = normalize_images(torch.from_numpy(images).to(device), cfg.train.channels_last)
     heatmaps = model(x).float()
@@ -44,7 +50,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> 
 
 
 def predict_poses(
-    model: torch.nn.Module, batch: dict[str, np.ndarray], cfg: Config, device
+    model: torch.nn.Module | OnnxPoseModel, batch: dict[str, np.ndarray], cfg: Config, device
 ) -> dict[str, np.ndarray]:
     """A numpy batch of eval crops (pipelines.samples.SAMPLE_COLUMNS) -> its poses (POSE_COLUMNS).
 
@@ -69,17 +75,24 @@ class PosePredictor:
     """Ray Data callable class (see `pipelines.datasets.pose_predictions`): builds the model once
     per actor, then maps batches of crops to poses with `predict_poses`.
 
-    `weights` is an object ref of a CPU state_dict for `cfg.model`: unlike a file path, it reaches
+    `weights` is an object ref of a CPU state_dict for `cfg.model` (runtime "torch") or of the
+    model's ONNX bytes (runtime "onnxruntime", psm_model.export): unlike a file path, it reaches
     actors on every node without shared storage.
     """
 
-    def __init__(self, cfg: Config, weights) -> None:
+    def __init__(self, cfg: Config, weights, runtime: PoseRuntime = "torch") -> None:
         import ray
 
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
         self.cfg = cfg
         # an actor that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); others see none
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if runtime == "onnxruntime":
+            from pipelines.onnx_runtime import OnnxPoseModel
+
+            threads = max(1, int(cfg.eval.cpus_per_worker))
+            self.model = OnnxPoseModel(state, "pose model (ONNX)", threads)
+            return
         model = build_model(dataclasses.replace(cfg.model, pretrained=""))
         load_strict(model, state, "predictor weights")
         self.model = model.to(self.device).eval()

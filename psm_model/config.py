@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+# where the pose model runs in `psm eval` / `psm infer`: PyTorch eager, or its ONNX export
+# (psm_model.export) on ONNX Runtime
+PoseRuntime = Literal["torch", "onnxruntime"]
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
@@ -147,6 +151,7 @@ class EvalConfig:
     # cluster). Validation inside training runs in its rank-0 worker instead.
     workers: int = 1
     cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: train.data_cpus)
+    pose_runtime: PoseRuntime = "torch"  # `psm eval --checkpoint`: the pose model's runtime
 
     def __post_init__(self) -> None:
         if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_size <= 0:
@@ -164,6 +169,7 @@ class InferConfig:
     detections: str = ""  # the person detector's boxes, COCO results format (required)
     output: str = "results/person_keypoints_test-dev2017_psm_results.json"
     part_images: int = 512  # images per part file: a killed job resumes after its last part
+    pose_runtime: PoseRuntime = "torch"  # the pose model's runtime (same poses within 1e-4)
 
     def __post_init__(self) -> None:
         if self.part_images <= 0:
