@@ -24,6 +24,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+from pipelines.detect import Detector, crops_with_boxes
 from pipelines.predict import PosePredictor
 from pipelines.samples import BATCH_IMAGES, eval_batch, train_batch
 from psm_model.config import Config, PoseRuntime
@@ -137,6 +138,12 @@ def pose_predictions(
     need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + (
         0 if fused else cfg.train.data_cpus
     )
+    _warn_short(need, total, cfg)
+    crops = eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus)
+    return _pose_actors(crops, cfg, weights, runtime, gpus)
+
+
+def _warn_short(need: dict[str, float], total: dict[str, float], cfg: Config) -> None:
     short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
     if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
         log.warning(
@@ -144,11 +151,20 @@ def pose_predictions(
             "(train.data_cpus=%s) need more than the cluster has now (need, have): %s",
             cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.train.data_cpus, short,
         )  # fmt: skip
+
+
+def _pose_actors(
+    crops: ray.data.Dataset,
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    gpus: int,
+) -> ray.data.Dataset:
     model = weights
     if runtime == "onnxruntime":
         model = onnx_pose_model(cfg, weights)
     # Ray calls: the weights go to the object store once, and each actor fetches them from there
-    return eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).map_batches(
+    return crops.map_batches(
         PosePredictor,
         fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(model), "runtime": runtime},
         batch_size=cfg.eval.batch_size,
@@ -157,6 +173,55 @@ def pose_predictions(
         num_cpus=cfg.eval.cpus_per_worker,
         num_gpus=gpus,
     )
+
+
+def detected_pose_predictions(
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    detector: bytes,
+    source: str,
+) -> ray.data.Dataset:
+    """Image rows (image_id, path) -> person boxes on infer.detector.workers `Detector` actors
+    -> crops (`crops_with_boxes` tasks) -> poses on the eval.workers pose actors, one streaming
+    graph: the two actor pools are separate, so detection and pose overlap.
+
+    `detector` is the .onnx bytes (object store, as the pose weights). Every image gives at least
+    one row (a "no_person" or decode skip row), with its box count, so the driver knows when an
+    image is complete. Each stage decodes the image itself (docs/benchmarks.md).
+    """
+    total = ray.cluster_resources()  # Ray call
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    det = cfg.infer.detector
+    need = {"GPU": (cfg.eval.workers + det.workers) * gpus}
+    need["CPU"] = (
+        cfg.eval.workers * cfg.eval.cpus_per_worker
+        + det.workers * det.cpus_per_worker
+        + cfg.train.data_cpus
+    )
+    _warn_short(need, total, cfg)
+    # Ray calls: blocks of detector.batch_images image rows through the detector actors
+    found = _dataset(rows, None, det.batch_images).map_batches(
+        Detector,
+        fn_constructor_kwargs={"cfg": cfg, "model": ray.put(detector), "source": source},
+        batch_size=det.batch_images,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=det.workers),
+        num_cpus=det.cpus_per_worker,
+        num_gpus=gpus,
+    )
+    make = functools.partial(
+        crops_with_boxes, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
+    )
+    threads = max(1, math.floor(cfg.train.data_cpus))
+    crops = found.map_batches(
+        functools.partial(crops_task, make=make, threads=threads),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.train.data_cpus,
+    )
+    return _pose_actors(crops, cfg, weights, runtime, gpus)
 
 
 def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:

@@ -32,8 +32,12 @@ POSE_COLUMNS = {
     "skip": "str: '' for a pose, else why this image gave none (its coords/maxvals are 0)",
     "coords": "float64 (17, 2) decoded keypoints x, y in image pixels",
     "maxvals": "float32 (17, 1) heatmap maxima (keypoint confidences)",
+    # only behind the detector stage of `psm infer` (pipelines.detect.crops_with_boxes):
+    "box": "float32 (4,) the detector's box, COCO x, y, w, h (optional)",
+    "image_boxes": "int64 boxes the detector found in this row's image (optional)",
 }
 _PASSED_THROUGH = ("image_id", "ann_id", "center", "scale", "score", "skip")
+_OPTIONAL = ("box", "image_boxes")
 
 
 @torch.no_grad()
@@ -68,7 +72,8 @@ def predict_poses(
         coords[keep], maxvals[keep] = codec.decode(
             heatmaps, batch["center"][keep], batch["scale"][keep], cfg.eval.decode
         )
-    return {**{k: batch[k] for k in _PASSED_THROUGH}, "coords": coords, "maxvals": maxvals}
+    passed = {k: batch[k] for k in (*_PASSED_THROUGH, *_OPTIONAL) if k in batch}
+    return {**passed, "coords": coords, "maxvals": maxvals}
 
 
 class PosePredictor:

@@ -13,6 +13,7 @@ our output or a submission, so any bad entry in it raises (a skipped pose would 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -406,3 +407,21 @@ def coco_eval(
         evaluator.summarize()
     log.debug("COCOeval of %s:\n%s", source, buffer.getvalue())
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+
+def coco_box_eval(gt: COCO, boxes: list[dict]) -> dict[str, float]:
+    """COCOeval (bbox, person) of detector boxes (COCO results format) against `gt`'s person
+    boxes: box_AP, box_AP50, box_AP75 and box_AR (100 detections per image); 0 when empty."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not boxes:  # loadRes cannot take an empty list; no boxes score 0
+        return {"box_AP": 0.0, "box_AP50": 0.0, "box_AP75": 0.0, "box_AR": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(boxes)), "bbox")
+        evaluator.params.catIds = [PERSON_CATEGORY_ID]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    names = {"box_AP": 0, "box_AP50": 1, "box_AP75": 2, "box_AR": 8}
+    return {name: float(stats[i]) for name, i in names.items()}
