@@ -25,6 +25,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from jobs import tracking
@@ -32,8 +33,15 @@ from jobs.evaluate import load_model
 from pipelines.coco import DataError, load_coco_persons, load_images
 from pipelines.detect import detector_session, load_detector
 from pipelines.samples import image_rows
+from psm_model.codec import flip_shift
 from psm_model.config import Config, ConfigError
-from psm_model.evaluation import coco_box_eval, coco_eval, load_gt, metrics_table
+from psm_model.evaluation import (
+    check_submission,
+    coco_box_eval,
+    coco_eval,
+    load_gt,
+    metrics_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +155,9 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
     if not done:  # a resumed job keeps the params it started with (MLflow refuses changes)
         params = {"infer.checkpoint": checkpoint, **tracking_flat("infer.box_source", box_source)}
+        params["infer.flip_shift"] = (
+            flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
+        )
         tracking.log_params(cfg, run_id, params)
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
@@ -156,9 +167,18 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
         seconds = time.perf_counter() - started
         written = [store.read(k) for k in range(len(parts))]
         results = [r for part in written for r in part["results"]]
+        no_person = sum(p.get("no_person", 0) for p in written)
+        skips: Counter = Counter()
+        for part in written:
+            skips.update(part["skipped"])
+        accounted = {"no_person": no_person, **skips}
+        if not detector:
+            accounted["no_boxes"] = sum(len(r["ann_ids"]) == 0 for r in rows)
+        # a submission that checks itself: nothing is written as final unless it passes
+        sizes = {r.image_id: (r.width, r.height) for r in records}
+        check_submission(results, sizes, accounted, output)
         data = json.dumps(results).encode()
         write_bytes(output, data)
-        no_person = sum(p.get("no_person", 0) for p in written)
         posed = sum(p["persons"] for p in written)
         metrics = {
             "images": float(len(rows)),

@@ -15,7 +15,7 @@ from jobs.cli import main
 from pipelines.coco import DataError, load_images
 from pipelines.inference import PartStore, _Part, split_parts
 from psm_model.config import load_config
-from psm_model.evaluation import validate_results
+from psm_model.evaluation import EvalError, check_submission, validate_results
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -220,7 +220,9 @@ def test_infer_input_errors(synthetic_root, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(ray_local, tmp_path, monkeypatch):
+def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(
+    ray_local, tmp_path, monkeypatch, capsys
+):
     """Detector stage -> pose stage -> validated results on plain-background people (a real
     ONNX detector whose boxes are the figures'): the boxes file holds the drawn boxes, box AP is
     reported, the empty image is counted; a killed job resumes to the same file; the boxes file
@@ -280,3 +282,54 @@ def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(ray_local, tmp
     assert onnx_run["metrics.AP"] == pytest.approx(run["metrics.AP"], abs=1e-3)
     got = _sorted(json.loads(onnx_out.read_text()))
     assert [r["image_id"] for r in got] == [r["image_id"] for r in _sorted(results)]
+
+    # ground-truth boxes (infer.boxes=gt): the empty image is counted as having no boxes
+    gt_out = tmp_path / "gt.json"
+    argv = ["infer", TINY, *_args(tmp_path, *common, "infer.boxes=gt"), *ckpt]
+    assert main([*argv, "--output", str(gt_out)]) == 0
+    assert {r["image_id"] for r in json.loads(gt_out.read_text())} == {1, 2, 3, 4}
+    assert _run(tmp_path, "gt")["params.infer.box_source.boxes"] == "gt"
+
+    # a part whose poses fail the check: no results file, the error names the entry and field
+    part = tmp_path / "whole.json.parts" / "part-00000.json"
+    data = json.loads(part.read_text())
+    data["results"][1]["score"] = None
+    part.write_text(json.dumps(data))
+    whole.unlink()
+    capsys.readouterr()
+    argv = ["infer", TINY, *_args(tmp_path, *common, *detector), *ckpt]
+    assert main([*argv, "--output", str(whole)]) == 2
+    assert f"{whole}: [1].score: expected a finite number" in capsys.readouterr().err
+    assert not whole.exists()
+
+
+def _pose(image_id, x=10.0, score=0.5):
+    return {
+        "image_id": image_id,
+        "category_id": 1,
+        "keypoints": [x, 20.0, 0.5] * 17,
+        "score": score,
+    }
+
+
+def test_a_submission_checks_itself_naming_the_entry_and_field():
+    images = {1: (64, 48), 2: (64, 48), 3: (64, 48)}
+    good = [_pose(1), _pose(1, 12.0), _pose(3)]
+    check_submission(good, images, {"no_person": 1}, "out.json")  # 2 posed + 1 no person
+    with pytest.raises(EvalError, match=r"out.json: 3 images in the list, 2 with poses and 0 "
+                       r"accounted for .*: \[2\]"):  # fmt: skip
+        check_submission(good, images, {"no_person": 0}, "out.json")
+    cases = [
+        ({"category_id": 2}, r"out.json: \[1\].category_id: expected 1"),
+        ({"keypoints": [1.0] * 50}, r"out.json: \[1\].keypoints: expected 51 finite numbers"),
+        ({"keypoints": [float("nan")] * 51}, r"\[1\].keypoints: expected 51 finite numbers"),
+        ({"score": float("inf")}, r"out.json: \[1\].score: expected a finite number"),
+        ({"image_id": 9}, r"out.json: \[1\].image_id: 9 is not an image"),
+        ({"keypoints": [10.0, 20.0, 1.0] * 16 + [500.0, 20.0, 1.0]},
+         r"out.json: \[1\].keypoints: joint 16 at \(500.0, 20.0\) is far outside image 1"),
+    ]  # fmt: skip
+    for change, message in cases:
+        with pytest.raises(EvalError, match=message):
+            check_submission(
+                [good[0], {**good[1], **change}, good[2]], images, {"x": 1}, "out.json"
+            )
