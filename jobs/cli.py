@@ -143,6 +143,14 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 
+def cmd_bench_infer(args: argparse.Namespace) -> None:
+    from jobs.bench_infer import bench_infer
+    from psm_model.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    bench_infer(cfg, args.images, args.size, args.json)
+
+
 def cmd_bench_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -281,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps (the first one compiles)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
+    p = bench_sub.add_parser(
+        "infer",
+        help="persons/s of the whole infer job (detector + pose) vs the pose model alone",
+        description="On the same plain-background people, in one run: persons/s of the infer "
+        "graph (decode, the tests' ONNX detector, crops, pose actors, results) against the pose "
+        "model alone on the same crops in one process (eval.cpus_per_worker threads, what one "
+        "pose actor has), for infer.pose_runtime torch and onnxruntime; the pose forward on "
+        "ONNX Runtime vs PyTorch eager; decode ms per image vs the decoded size.",
+    )
+    _config_args(p)
+    p.add_argument("--images", type=int, default=64, help="images (one person each)")
+    p.add_argument("--size", type=_size_hw, default=(480, 640), metavar="HxW", help="image size")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_infer)
     p = bench_sub.add_parser(
         "data",
         help="augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
