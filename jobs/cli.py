@@ -372,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch inference: poses for every image of an image list -> COCO results JSON",
         description="Poses for every image of infer.image_info (a COCO JSON with an images list: "
         "the test-dev image info, or an annotation file) in infer.images, with the person boxes "
-        "of infer.detections (COCO results format), by the eval.* test recipe on eval.workers "
+        "of infer.boxes: a detections file (infer.detections, COCO results format), an ONNX "
+        "detector run in the job on its own actors (infer.detector.model) or the annotations "
+        "(gt), by the eval.* test recipe on eval.workers "
         "Ray Data actors. Writes infer.output (the test-dev submission format) in parts: run "
         "again with the same arguments, a killed job resumes after its last finished part. "
         "Logs an MLflow run; an annotation file with keypoints is also scored (COCO AP).",
@@ -381,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="a training checkpoint folder or a weights file (.pth)"
     )
-    p.add_argument("--dets", help="person detections, COCO results format (infer.detections)")
+    p.add_argument(
+        "--dets",
+        help="person detections, COCO results format (infer.boxes=file infer.detections=FILE)",
+    )
     p.add_argument("--output", help="results JSON to write (infer.output)")
     p.set_defaults(func=cmd_infer)
 

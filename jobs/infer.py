@@ -1,5 +1,7 @@
 """`psm infer CONFIG --checkpoint CKPT`: poses for every image of infer.image_info, with the person
-boxes of infer.detections, written as a COCO keypoint results JSON (the test-dev submission format).
+boxes of infer.boxes (a detections file, the ONNX detector of infer.detector run as a stage of the
+same Ray Data graph, or the annotations), written as a COCO keypoint results JSON (the test-dev
+submission format) once it passes `check_submission`.
 
 A Ray job: the model runs on eval.workers Ray Data actors (one GPU each on a GPU cluster) with the
 eval.* test recipe (flip test, decode, rescoring, OKS-NMS); only poses come back to this driver,

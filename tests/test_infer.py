@@ -217,6 +217,17 @@ def test_infer_input_errors(synthetic_root, tmp_path, capsys):
     assert "infer.detections: required" in capsys.readouterr().err
     assert main([*argv, "--dets", str(tmp_path / "dets.json")]) == 2
     assert "test2017: infer.images: not a folder" in capsys.readouterr().err
+    det = ["infer", TINY, *_args(tmp_path, f"data.root={synthetic_root}", "infer.images=val2017")]
+    det += ["infer.boxes=detector"]
+    ckpt = ["--checkpoint", str(tmp_path / "model.pt")]
+    assert main([*det, *ckpt]) == 2
+    assert "infer.detector.model: required with infer.boxes=detector" in capsys.readouterr().err
+    model = f"infer.detector.model={tmp_path / 'd.onnx'}"
+    assert main([*det, model, *ckpt]) == 2
+    assert f"{tmp_path / 'd.onnx'}: infer.detector.model: cannot read" in capsys.readouterr().err
+    (tmp_path / "d.onnx").write_bytes(b"junk")
+    assert main([*det, model, *ckpt]) == 2
+    assert "d.onnx: ONNX Runtime cannot load the model" in capsys.readouterr().err
 
 
 @pytest.mark.slow
