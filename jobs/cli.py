@@ -73,6 +73,21 @@ def cmd_infer(args: argparse.Namespace) -> None:
     run_inference(cfg, args.checkpoint)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from jobs.evaluate import load_model
+    from psm_model.config import load_config
+    from psm_model.export import export_onnx
+
+    model, cfg = load_model(args.checkpoint, load_config(args.config, args.overrides))
+    data = export_onnx(model, cfg.model.input_size)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_bytes(data)
+    h, w = cfg.model.input_size
+    print(f"{args.output}: images (batch, 3, {h}, {w}) -> heatmaps (batch, "
+          f"{cfg.model.num_joints}, {h // cfg.model.heatmap_stride}, "
+          f"{w // cfg.model.heatmap_stride}), {len(data) / 1e6:.1f} MB")  # fmt: skip
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
     from pipelines.synthetic import make_synthetic_coco
 
@@ -129,6 +144,14 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         from psm_model.files import write_atomic
 
         write_atomic(args.json, json.dumps(record, indent=1))
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> None:
+    from jobs.bench_infer import bench_infer
+    from psm_model.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    bench_infer(cfg, args.images, args.size, args.json)
 
 
 def cmd_bench_data(args: argparse.Namespace) -> None:
@@ -271,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_train)
     p = bench_sub.add_parser(
+        "infer",
+        help="persons/s of the whole infer job (detector + pose) vs the pose model alone",
+        description="On the same plain-background people, in one run: persons/s of the infer "
+        "graph (decode, the tests' ONNX detector, crops, pose actors, results) against the pose "
+        "model alone on the same crops in one process (eval.cpus_per_worker threads, what one "
+        "pose actor has), for infer.pose_runtime torch and onnxruntime; the pose forward on "
+        "ONNX Runtime vs PyTorch eager; decode ms per image vs the decoded size.",
+    )
+    _config_args(p)
+    p.add_argument("--images", type=int, default=64, help="images (one person each)")
+    p.add_argument("--size", type=_size_hw, default=(480, 640), metavar="HxW", help="image size")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_infer)
+    p = bench_sub.add_parser(
         "data",
         help="augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
         description="On one core in-process: our train_batch path (decode each image once, "
@@ -339,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch inference: poses for every image of an image list -> COCO results JSON",
         description="Poses for every image of infer.image_info (a COCO JSON with an images list: "
         "the test-dev image info, or an annotation file) in infer.images, with the person boxes "
-        "of infer.detections (COCO results format), by the eval.* test recipe on eval.workers "
+        "of infer.boxes: a detections file (infer.detections, COCO results format), an ONNX "
+        "detector run in the job on its own actors (infer.detector.model) or the annotations "
+        "(gt), by the eval.* test recipe on eval.workers "
         "Ray Data actors. Writes infer.output (the test-dev submission format) in parts: run "
         "again with the same arguments, a killed job resumes after its last finished part. "
         "Logs an MLflow run; an annotation file with keypoints is also scored (COCO AP).",
@@ -348,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="a training checkpoint folder or a weights file (.pth)"
     )
-    p.add_argument("--dets", help="person detections, COCO results format (infer.detections)")
+    p.add_argument(
+        "--dets",
+        help="person detections, COCO results format (infer.boxes=file infer.detections=FILE)",
+    )
     p.add_argument("--output", help="results JSON to write (infer.output)")
     p.set_defaults(func=cmd_infer)
 
@@ -403,6 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)"
     )
     p.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser("export", help="export a model (see `psm export onnx --help`)")
+    export_sub = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    p = export_sub.add_parser(
+        "onnx",
+        help="the pose model as ONNX (dynamic batch), for infer.pose_runtime=onnxruntime",
+        description="Writes the checkpoint's pose model (its own config wins) as ONNX: input "
+        "'images' (batch, 3, H, W), ImageNet-normalised RGB; output 'heatmaps'; PixelShuffle as "
+        "DepthToSpace (mode CRD, PyTorch's order), BatchNorm folded into the convolutions.",
+    )
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint folder or .pth/.pt")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
 
     data = sub.add_parser("make-data", help="write datasets (see `psm make-data synthetic --help`)")
     data_sub = data.add_subparsers(dest="kind", required=True, metavar="KIND")

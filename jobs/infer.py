@@ -1,5 +1,7 @@
 """`psm infer CONFIG --checkpoint CKPT`: poses for every image of infer.image_info, with the person
-boxes of infer.detections, written as a COCO keypoint results JSON (the test-dev submission format).
+boxes of infer.boxes (a detections file, the ONNX detector of infer.detector run as a stage of the
+same Ray Data graph, or the annotations), written as a COCO keypoint results JSON (the test-dev
+submission format) once it passes `check_submission`.
 
 A Ray job: the model runs on eval.workers Ray Data actors (one GPU each on a GPU cluster) with the
 eval.* test recipe (flip test, decode, rescoring, OKS-NMS); only poses come back to this driver,
@@ -25,13 +27,23 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from jobs import storage, tracking
 from jobs.evaluate import load_model
-from pipelines.coco import DataError, load_images
+from pipelines.coco import DataError, load_coco_persons, load_images
+from pipelines.detect import detector_session, load_detector
+from pipelines.samples import image_rows
+from psm_model.codec import flip_shift
 from psm_model.config import Config, ConfigError, redact_secrets
-from psm_model.evaluation import coco_eval, load_gt, metrics_table
+from psm_model.evaluation import (
+    check_submission,
+    coco_box_eval,
+    coco_eval,
+    load_gt,
+    metrics_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +56,27 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _manifest(cfg: Config, weights: dict, rows: list[dict], images: Path, info: Path) -> dict:
+def _box_source(cfg: Config, detector_sha: str) -> dict:
+    """What the boxes are (manifest and MLflow params): the file and its sha256, the detector
+    model, its sha256 and every threshold, or the annotations."""
+    if cfg.infer.boxes == "file":
+        data = Path(cfg.infer.detections).read_bytes()
+        return {"boxes": "file", "detections": cfg.infer.detections,
+                "detections_sha256": _sha256(data),
+                "box_score_threshold": cfg.eval.box_score_threshold}  # fmt: skip
+    if cfg.infer.boxes == "detector":
+        return {"boxes": "detector", "detector_sha256": detector_sha,
+                **tracking_flat("detector", cfg.to_dict()["infer"]["detector"])}  # fmt: skip
+    return {"boxes": "gt", "gt": cfg.infer.image_info}
+
+
+def tracking_flat(prefix: str, values: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _manifest(
+    cfg: Config, weights: dict, rows: list[dict], images: Path, info: Path, boxes: dict
+) -> dict:
     """What the parts of one output are the results of: a resume with any of it changed is
     refused (mixing two models' or two detectors' poses in one file would go unnoticed)."""
     weight_hash = hashlib.sha256()
@@ -66,10 +98,11 @@ def _manifest(cfg: Config, weights: dict, rows: list[dict], images: Path, info: 
             )
         },
         "box_padding": cfg.data.box_padding,
+        "pose_runtime": cfg.infer.pose_runtime,
         "images": str(images.resolve()),
         "image_info": str(info.resolve()),
         "image_ids_sha256": _sha256(ids.encode()),
-        "detections_sha256": _sha256(Path(cfg.infer.detections).read_bytes()),
+        **{k: v for k, v in boxes.items() if k not in ("detections", "detector.model")},
         "part_images": cfg.infer.part_images,
     }
 
@@ -81,24 +114,39 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     from pipelines.evaluate import detection_rows, log_visualizations
     from pipelines.inference import PartStore, filesystem, infer_parts, split_parts, write_bytes
 
-    if not cfg.infer.detections:
+    if cfg.infer.boxes == "file" and not cfg.infer.detections:
         raise ConfigError(
-            "infer.detections: required: the person detector's boxes in COCO results format "
-            "(e.g. the HRNet release's COCO_test-dev2017_detections_AP_H_609_person.json)"
+            "infer.detections: required with infer.boxes=file: the person detector's boxes in "
+            "COCO results format (e.g. the HRNet release's "
+            "COCO_test-dev2017_detections_AP_H_609_person.json), or set infer.boxes=detector"
         )
     storage.require_persistent(cfg.infer.output, "infer.output (--output)")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
     if not images.is_dir():
         raise DataError(f"{images}: infer.images: not a folder")
+    detector, detector_sha = None, ""
+    if cfg.infer.boxes == "detector":  # read and checked before any work: a clear error first
+        data, detector_sha = load_detector(cfg.infer.detector.model)
+        detector_session(data, cfg.infer.detector.model)  # DetectorError: unknown layout
+        detector = (data, cfg.infer.detector.model)
     records, image_skips = load_images(images, info)
     model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     del model
-    rows = detection_rows(records, cfg.infer.detections, cfg)
+    if cfg.infer.boxes == "file":
+        rows = detection_rows(records, cfg.infer.detections, cfg)
+    elif cfg.infer.boxes == "gt":
+        gt_records, _ = load_coco_persons(
+            images, info, cfg.model.input_size, cfg.data.box_padding, False
+        )
+        rows = image_rows(sorted(gt_records, key=lambda r: r.image_id))
+    else:  # the detector stage makes each row's boxes
+        rows = [{"image_id": r.image_id, "path": r.path} for r in records]
     parts = split_parts(rows, cfg.infer.part_images)
     output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
-    store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info))
+    box_source = _box_source(cfg, detector_sha)
+    store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info, box_source))
     done = store.done(len(parts))
     todo = sorted(set(range(len(parts))) - set(done))
     if done:
@@ -110,22 +158,41 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     name = f"infer-{stem}-{_sha256(f'{fs.type_name}:{where}'.encode())[:8]}"
     run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
     if not done:  # a resumed job keeps the params it started with (MLflow refuses changes)
-        params = {"infer.checkpoint": checkpoint, "infer.boxes": cfg.infer.detections}
+        params = {"infer.checkpoint": checkpoint, **tracking_flat("infer.box_source", box_source)}
+        params["infer.flip_shift"] = (
+            flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
+        )
         tracking.log_params(cfg, run_id, params)
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
             ray.init()
         started = time.perf_counter()
-        sent = infer_parts(parts, todo, cfg, weights, store)
+        sent = infer_parts(parts, todo, cfg, weights, store, detector)
         seconds = time.perf_counter() - started
         written = [store.read(k) for k in range(len(parts))]
         results = [r for part in written for r in part["results"]]
+        no_person = sum(p.get("no_person", 0) for p in written)
+        skips: Counter = Counter()
+        for part in written:
+            skips.update(part["skipped"])
+        accounted = {"no_person": no_person, **skips}
+        if not detector:
+            accounted["no_boxes"] = sum(len(r["ann_ids"]) == 0 for r in rows)
+        # a submission that checks itself: nothing is written as final unless it passes
+        sizes = {r.image_id: (r.width, r.height) for r in records}
+        check_submission(results, sizes, accounted, output)
         data = json.dumps(results).encode()
         write_bytes(output, data)
+        posed = sum(p["persons"] for p in written)
         metrics = {
             "images": float(len(rows)),
-            "images_with_boxes": float(sum(len(r["ann_ids"]) > 0 for r in rows)),
-            "boxes": float(sum(len(r["ann_ids"]) for r in rows)),
+            "images_with_boxes": float(
+                len(rows) - no_person - sum(sum(p["skipped"].values()) for p in written)
+                if detector
+                else sum(len(r["ann_ids"]) > 0 for r in rows)
+            ),
+            "images_no_person": float(no_person),
+            "boxes": float(posed if detector else sum(len(r["ann_ids"]) for r in rows)),
             "poses": float(len(results)),
             "skipped_images": float(sum(sum(p["skipped"].values()) for p in written)),
             "skipped_image_entries": float(sum(image_skips.values())),
@@ -134,8 +201,16 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             "images_per_s": sum(len(parts[k]) for k in todo) / max(seconds, 1e-9),
             "images_with_boxes_sent": float(sent),
         }
+        boxes_file = ""
+        if detector:  # the boxes the job used, for a later run (infer.boxes=file) or a tool
+            boxes = [b for part in written for b in part["boxes"]]
+            boxes_file = cfg.infer.boxes_output or _beside(output, "_person_boxes.json")
+            write_bytes(boxes_file, json.dumps(boxes).encode())
         if "annotations" in json.loads(info.read_text()):  # an annotation file: score it too
-            metrics.update(coco_eval(load_gt(info), results))
+            gt = load_gt(info)
+            metrics.update(coco_eval(gt, results))
+            if detector:
+                metrics.update(coco_box_eval(gt, boxes))
         tracking.log_metrics(cfg, run_id, metrics, step=0)
         with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files
             local = Path(tmp) / PurePosixPath(where).name
@@ -149,9 +224,12 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     finally:
         store.release()  # the next job on this output may start
     tracking.end_run(cfg, run_id)
+    source = {"file": cfg.infer.detections, "detector": cfg.infer.detector.model}
     print(
         f"{output}: {len(results)} poses for {len(rows)} images ({info}) with the boxes of "
-        f"{cfg.infer.detections}; {int(metrics['skipped_images'])} images skipped"
+        f"{source.get(cfg.infer.boxes, 'the annotations')}; "
+        f"{int(metrics['skipped_images'])} images skipped"
+        + (f", {no_person} without a person; boxes in {boxes_file}" if detector else "")
     )
     if "AP" in metrics:
         print(metrics_table(metrics))
@@ -159,9 +237,18 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     return metrics
 
 
+def _beside(output: str, suffix: str) -> str:
+    """OUTPUT's folder, its stem + suffix (a local path or a URI)."""
+    stem, dot, ext = output.rpartition(".")
+    return f"{stem if dot and '/' not in ext else output}{suffix}"
+
+
 def with_paths(cfg: Config, detections: str | None, output: str | None) -> Config:
-    """`--dets` / `--output` over infer.detections / infer.output."""
-    changes = {k: v for k, v in (("detections", detections), ("output", output)) if v}
+    """`--dets` / `--output` over infer.detections / infer.output; `--dets` also means
+    infer.boxes=file."""
+    changes: dict = {k: v for k, v in (("detections", detections), ("output", output)) if v}
+    if detections:
+        changes["boxes"] = "file"
     return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **changes))
 
 

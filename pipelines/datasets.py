@@ -11,6 +11,7 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -23,9 +24,13 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+from pipelines.detect import Detector, crops_with_boxes
 from pipelines.predict import PosePredictor
 from pipelines.samples import BATCH_IMAGES, eval_batch, train_batch
-from psm_model.config import Config
+from psm_model.config import Config, PoseRuntime
+from psm_model.export import export_onnx
+from psm_model.hrnet import build_model
+from psm_model.weights import load_strict
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +116,14 @@ def eval_crops(
 
 
 def pose_predictions(
-    rows: Sequence[dict], cfg: Config, weights: dict[str, torch.Tensor]
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime = "torch",
 ) -> ray.data.Dataset:
     """`eval_crops` -> poses (pipelines.predict.POSE_COLUMNS) on a pool of eval.workers
-    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`.
+    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`, run
+    by `runtime` (onnxruntime: exported here once, the ONNX bytes shipped to the actors).
 
     Each actor reserves one GPU when the cluster has any, and eval.cpus_per_worker CPUs; the crop
     tasks reserve train.data_cpus besides. Except where both steps ask for the same resources (no
@@ -129,6 +138,12 @@ def pose_predictions(
     need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + (
         0 if fused else cfg.train.data_cpus
     )
+    _warn_short(need, total, cfg)
+    crops = eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus)
+    return _pose_actors(crops, cfg, weights, runtime, gpus)
+
+
+def _warn_short(need: dict[str, float], total: dict[str, float], cfg: Config) -> None:
     short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
     if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
         log.warning(
@@ -136,16 +151,84 @@ def pose_predictions(
             "(train.data_cpus=%s) need more than the cluster has now (need, have): %s",
             cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.train.data_cpus, short,
         )  # fmt: skip
+
+
+def _pose_actors(
+    crops: ray.data.Dataset,
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    gpus: int,
+) -> ray.data.Dataset:
+    model = weights
+    if runtime == "onnxruntime":
+        model = onnx_pose_model(cfg, weights)
     # Ray calls: the weights go to the object store once, and each actor fetches them from there
-    return eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus).map_batches(
+    return crops.map_batches(
         PosePredictor,
-        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(weights)},
+        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(model), "runtime": runtime},
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.eval.workers),
         num_cpus=cfg.eval.cpus_per_worker,
         num_gpus=gpus,
     )
+
+
+def detected_pose_predictions(
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    detector: bytes,
+    source: str,
+) -> ray.data.Dataset:
+    """Image rows (image_id, path) -> person boxes on infer.detector.workers `Detector` actors
+    -> crops (`crops_with_boxes` tasks) -> poses on the eval.workers pose actors, one streaming
+    graph: the two actor pools are separate, so detection and pose overlap.
+
+    `detector` is the .onnx bytes (object store, as the pose weights). Every image gives at least
+    one row (a "no_person" or decode skip row), with its box count, so the driver knows when an
+    image is complete. Each stage decodes the image itself (docs/benchmarks.md).
+    """
+    total = ray.cluster_resources()  # Ray call
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    det = cfg.infer.detector
+    need = {"GPU": (cfg.eval.workers + det.workers) * gpus}
+    need["CPU"] = (
+        cfg.eval.workers * cfg.eval.cpus_per_worker
+        + det.workers * det.cpus_per_worker
+        + cfg.train.data_cpus
+    )
+    _warn_short(need, total, cfg)
+    # Ray calls: blocks of detector.batch_images image rows through the detector actors
+    found = _dataset(rows, None, det.batch_images).map_batches(
+        Detector,
+        fn_constructor_kwargs={"cfg": cfg, "model": ray.put(detector), "source": source},
+        batch_size=det.batch_images,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=det.workers),
+        num_cpus=det.cpus_per_worker,
+        num_gpus=gpus,
+    )
+    make = functools.partial(
+        crops_with_boxes, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
+    )
+    threads = max(1, math.floor(cfg.train.data_cpus))
+    crops = found.map_batches(
+        functools.partial(crops_task, make=make, threads=threads),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.train.data_cpus,
+    )
+    return _pose_actors(crops, cfg, weights, runtime, gpus)
+
+
+def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:
+    """The ONNX bytes of `cfg.model` with these weights (psm_model.export)."""
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    load_strict(model, weights, "pose weights")
+    return export_onnx(model, cfg.model.input_size)
 
 
 def iter_chunked(

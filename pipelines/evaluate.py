@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 
 from pipelines.coco import ImageError, decode_image, load_coco_persons
 from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
+from pipelines.detect import box_row
 from pipelines.predict import predict_poses
 from pipelines.samples import count_skips, image_rows
 from pipelines.synthetic import SKELETON
@@ -187,7 +188,6 @@ def oracle_eval(
 
 def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     """Image rows whose boxes are a detector's (COCO results format), with their scores."""
-    h, w = cfg.model.input_size
     dets, skips = read_detections(
         detections, {r.image_id: (r.width, r.height) for r in records}, cfg.eval.box_score_threshold
     )
@@ -200,18 +200,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     rows = []
     for rec in records:
         mine = groups.get(rec.image_id, np.zeros(0, np.int64))
-        cs = [box_to_center_scale(dets.boxes[i], w / h, cfg.data.box_padding) for i in mine]
-        rows.append(
-            {
-                "image_id": rec.image_id,
-                "path": rec.path,
-                "ann_ids": np.arange(len(mine), dtype=np.int64),
-                "keypoints": np.zeros((len(mine), 17, 3), np.float32),
-                "centers": np.array([c for c, _ in cs], np.float32).reshape(-1, 2),
-                "scales": np.array([s for _, s in cs], np.float32).reshape(-1, 2),
-                "scores": dets.scores[mine].astype(np.float32),
-            }
-        )
+        rows.append(box_row(rec.image_id, rec.path, dets.boxes[mine], dets.scores[mine], cfg))
     return rows
 
 
@@ -270,7 +259,9 @@ def evaluate_on_actors(
     """`evaluate_model` with the model on eval.workers Ray Data actors (`psm eval`): `weights` is
     a CPU state_dict for `cfg.model`. Only pose rows come back; scoring stays here."""
     records, rows = _val_rows(cfg)
-    poses = pose_predictions(rows, cfg, weights).iter_batches(batch_size=None, batch_format="numpy")
+    poses = pose_predictions(rows, cfg, weights, cfg.eval.pose_runtime).iter_batches(
+        batch_size=None, batch_format="numpy"
+    )
     return _score(poses, records, cfg, results_file, run_id)
 
 

@@ -28,8 +28,9 @@ import pyarrow.fs as pafs
 import torch
 
 from pipelines.coco import DataError
-from pipelines.datasets import pose_predictions
+from pipelines.datasets import detected_pose_predictions, pose_predictions
 from pipelines.evaluate import pose_results
+from pipelines.samples import NO_PERSON
 from psm_model.config import Config
 from psm_model.files import fsync_folder, sha256, temporary_name, write_atomic
 
@@ -229,22 +230,36 @@ def split_parts(rows: Sequence[dict], part_images: int) -> list[list[dict]]:
 
 
 class _Part:
-    """One part while its poses come back: the boxes still due per image, the poses so far."""
+    """One part while its poses come back: the boxes still due per image, the poses so far.
 
-    def __init__(self, rows: list[dict]) -> None:
+    With `detected` (infer.boxes=detector) the box counts are unknown until the image's first
+    row arrives (its `image_boxes`); every image then gives rows, "no_person" ones included."""
+
+    def __init__(self, rows: list[dict], detected: bool = False) -> None:
         self.image_ids = [int(r["image_id"]) for r in rows]
-        self.due = {int(r["image_id"]): len(r["ann_ids"]) for r in rows if len(r["ann_ids"])}
+        self.detected = detected
+        self.due: dict[int, int | None] = (
+            {i: None for i in self.image_ids}
+            if detected
+            else {int(r["image_id"]): len(r["ann_ids"]) for r in rows if len(r["ann_ids"])}
+        )
         self.poses: list[dict[str, np.ndarray]] = []
         self.skipped: Counter = Counter()
+        self.no_person = 0
 
     def add(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
         self.poses.append({k: v[rows] for k, v in batch.items()})
         for i in rows:
             image_id = int(batch["image_id"][i])
-            if batch["skip"][i]:  # an image that could not be decoded gives one skip row
+            if batch["skip"][i] == NO_PERSON:  # the detector found nobody: done, counted
+                self.no_person += 1
+                self.due[image_id] = 0
+            elif batch["skip"][i]:  # an image that could not be decoded gives one skip row
                 self.skipped[str(batch["skip"][i])] += 1
                 self.due[image_id] = 0
             else:
+                if self.due[image_id] is None:
+                    self.due[image_id] = int(batch["image_boxes"][i])
                 self.due[image_id] -= 1
             if not self.due[image_id]:
                 del self.due[image_id]
@@ -253,12 +268,30 @@ class _Part:
         """The part file: its image ids, skips by reason and final results (rescored, OKS-NMS)."""
         persons = sum(int((p["skip"] == "").sum()) for p in self.poses)
         results = pose_results(self.poses, cfg)
-        return {
+        part = {
             "image_ids": self.image_ids,
             "persons": persons,
             "skipped": dict(self.skipped),
             "results": results,
         }
+        if self.detected:  # the boxes the job used, COCO results format, and who had none
+            part["no_person"] = self.no_person
+            part["boxes"] = detector_boxes(self.poses)
+        return part
+
+
+def detector_boxes(poses: Sequence[dict[str, np.ndarray]]) -> list[dict]:
+    """The detector's boxes behind pose rows, in COCO results format (what infer.boxes=file
+    reads), in image id then score order."""
+    out = []
+    for batch in poses:
+        for i in np.flatnonzero(batch["skip"] == ""):
+            out.append(
+                {"image_id": int(batch["image_id"][i]), "category_id": 1,
+                 "bbox": [round(float(v), 2) for v in batch["box"][i]],
+                 "score": round(float(batch["score"][i]), 5)}
+            )  # fmt: skip
+    return sorted(out, key=lambda b: (b["image_id"], -b["score"], b["bbox"]))
 
 
 def infer_parts(
@@ -267,19 +300,22 @@ def infer_parts(
     cfg: Config,
     weights: dict[str, torch.Tensor],
     store: PartStore,
+    detector: tuple[bytes, str] | None = None,
 ) -> int:
     """Poses for the parts `todo` (indices into `parts`), each written to `store` once complete.
 
     One Ray Data graph over all their images (a single actor pool, model loaded once per actor);
-    images without boxes never enter it. Returns the number of images sent to the actors.
+    images without boxes never enter it. With `detector` (the .onnx bytes and their name), the
+    boxes come from it inside the same graph and every image enters. Returns the number of
+    images sent to the actors.
     """
     open_parts: dict[int, _Part] = {}
     part_of: dict[int, int] = {}
     rows_with_boxes: list[dict] = []
     for k in todo:
-        open_parts[k] = _Part(parts[k])
+        open_parts[k] = _Part(parts[k], detected=detector is not None)
         for row in parts[k]:
-            if len(row["ann_ids"]):
+            if detector is not None or len(row["ann_ids"]):
                 part_of[int(row["image_id"])] = k
                 rows_with_boxes.append(row)
     started, written = time.perf_counter(), 0
@@ -295,9 +331,13 @@ def infer_parts(
         close(k)
     if rows_with_boxes:
         # Ray call: one streaming graph; only pose rows come back to this driver
-        batches = pose_predictions(rows_with_boxes, cfg, weights).iter_batches(
-            batch_size=None, batch_format="numpy"
-        )
+        if detector is not None:
+            poses = detected_pose_predictions(
+                rows_with_boxes, cfg, weights, cfg.infer.pose_runtime, *detector
+            )
+        else:
+            poses = pose_predictions(rows_with_boxes, cfg, weights, cfg.infer.pose_runtime)
+        batches = poses.iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             owner = np.array([part_of[int(i)] for i in batch["image_id"]])
             for k in np.unique(owner):

@@ -9,14 +9,18 @@ plus ids, centre, scale and box score, where one person's stride-2 heatmaps at 3
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from psm_model.codec import HeatmapCodec, normalize_images
-from psm_model.config import Config
+from psm_model.config import Config, PoseRuntime
 from psm_model.hrnet import build_model
 from psm_model.weights import load_strict
+
+if TYPE_CHECKING:
+    from pipelines.onnx_runtime import OnnxPoseModel
 
 # The one place that names the pose columns (per-row shapes / dtypes): what predict_poses returns.
 POSE_COLUMNS = {
@@ -28,12 +32,18 @@ POSE_COLUMNS = {
     "skip": "str: '' for a pose, else why this image gave none (its coords/maxvals are 0)",
     "coords": "float64 (17, 2) decoded keypoints x, y in image pixels",
     "maxvals": "float32 (17, 1) heatmap maxima (keypoint confidences)",
+    # only behind the detector stage of `psm infer` (pipelines.detect.crops_with_boxes):
+    "box": "float32 (4,) the detector's box, COCO x, y, w, h (optional)",
+    "image_boxes": "int64 boxes the detector found in this row's image (optional)",
 }
 _PASSED_THROUGH = ("image_id", "ann_id", "center", "scale", "score", "skip")
+_OPTIONAL = ("box", "image_boxes")
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module | OnnxPoseModel, images: np.ndarray, cfg: Config, device
+) -> torch.Tensor:
     """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
     x = normalize_images(torch.from_numpy(images).to(device), cfg.train.channels_last)
     heatmaps = model(x).float()
@@ -44,7 +54,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, cfg: Config, device) -> 
 
 
 def predict_poses(
-    model: torch.nn.Module, batch: dict[str, np.ndarray], cfg: Config, device
+    model: torch.nn.Module | OnnxPoseModel, batch: dict[str, np.ndarray], cfg: Config, device
 ) -> dict[str, np.ndarray]:
     """A numpy batch of eval crops (pipelines.samples.SAMPLE_COLUMNS) -> its poses (POSE_COLUMNS).
 
@@ -62,24 +72,32 @@ def predict_poses(
         coords[keep], maxvals[keep] = codec.decode(
             heatmaps, batch["center"][keep], batch["scale"][keep], cfg.eval.decode
         )
-    return {**{k: batch[k] for k in _PASSED_THROUGH}, "coords": coords, "maxvals": maxvals}
+    passed = {k: batch[k] for k in (*_PASSED_THROUGH, *_OPTIONAL) if k in batch}
+    return {**passed, "coords": coords, "maxvals": maxvals}
 
 
 class PosePredictor:
     """Ray Data callable class (see `pipelines.datasets.pose_predictions`): builds the model once
     per actor, then maps batches of crops to poses with `predict_poses`.
 
-    `weights` is an object ref of a CPU state_dict for `cfg.model`: unlike a file path, it reaches
+    `weights` is an object ref of a CPU state_dict for `cfg.model` (runtime "torch") or of the
+    model's ONNX bytes (runtime "onnxruntime", psm_model.export): unlike a file path, it reaches
     actors on every node without shared storage.
     """
 
-    def __init__(self, cfg: Config, weights) -> None:
+    def __init__(self, cfg: Config, weights, runtime: PoseRuntime = "torch") -> None:
         import ray
 
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
         self.cfg = cfg
         # an actor that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); others see none
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if runtime == "onnxruntime":
+            from pipelines.onnx_runtime import OnnxPoseModel
+
+            threads = max(1, int(cfg.eval.cpus_per_worker))
+            self.model = OnnxPoseModel(state, "pose model (ONNX)", threads)
+            return
         model = build_model(dataclasses.replace(cfg.model, pretrained=""))
         load_strict(model, state, "predictor weights")
         self.model = model.to(self.device).eval()

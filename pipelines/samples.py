@@ -26,6 +26,8 @@ from psm_model.geometry import make_eval_crop, make_training_sample, transform_p
 # 28 MB of crops at 384x288.
 BATCH_IMAGES = 32
 
+NO_PERSON = "no_person"  # the skip reason of an image the detector found nobody in
+
 # The one place that names the sample columns (and their per-row shapes / dtypes).
 SAMPLE_COLUMNS = {
     "image": "uint8 (H, W, 3) RGB crop",
@@ -103,16 +105,25 @@ def train_batch(
 
 
 def eval_batch(
-    images: Mapping[str, Sequence], *, input_size: tuple[int, int], max_pixels: int
+    images: Mapping[str, Sequence],
+    *,
+    input_size: tuple[int, int],
+    max_pixels: int,
+    no_person_rows: bool = False,
 ) -> dict[str, np.ndarray]:
     """`train_batch` without augmentation: every box of every image cropped as is, with the GT
-    joints (if any) in crop pixels (validation and inference)."""
+    joints (if any) in crop pixels (validation and inference). With `no_person_rows`, an image
+    without boxes gives a skip row "no_person" (the detector stage of `psm infer`: every image
+    sent must come back, so its part can close)."""
     out = _Columns(images, input_size)
     for row in _rows(images):
         try:
             image = decode_image(row["path"], max_pixels)
         except ImageError as e:
             out.add_skip(row, e.reason)
+            continue
+        if no_person_rows and not len(row["ann_ids"]):
+            out.add_skip(row, NO_PERSON)
             continue
         for k in range(len(row["ann_ids"])):
             i = out.next_index()

@@ -19,6 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+# where the pose model runs in `psm eval` / `psm infer`: PyTorch eager, or its ONNX export
+# (psm_model.export) on ONNX Runtime
+PoseRuntime = Literal["torch", "onnxruntime"]
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
@@ -158,12 +162,53 @@ class EvalConfig:
     # cluster). Validation inside training runs in its rank-0 worker instead.
     workers: int = 1
     cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: train.data_cpus)
+    pose_runtime: PoseRuntime = "torch"  # `psm eval --checkpoint`: the pose model's runtime
 
     def __post_init__(self) -> None:
         _finite_floats(self)
         _positive(self, "workers", "cpus_per_worker", "batch_size")
         _within(self, 0.0, 1.0, "keypoint_score_threshold", "oks_nms_threshold")
         _at_least(self, 0, "box_score_threshold", "visualize")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """`infer.boxes=detector`: a person detector in ONNX format on ONNX Runtime actors
+    (pipelines.detect). The output layout is read from the model; `auto` values are the layout's
+    exporter defaults: mmdeploy / rtmlib end-to-end YOLOX (BGR, no normalisation, image at the
+    top left of the letterbox), ultralytics YOLOv8 / YOLO11 raw (RGB / 255, image centred)."""
+
+    model: str = ""  # the .onnx file: a local path or a pyarrow URI (s3://...)
+    input_size: tuple[int, int] = (640, 640)  # (height, width) the model takes
+    channel_order: Literal["auto", "rgb", "bgr"] = "auto"
+    mean: tuple[float, float, float] | None = None  # in channel_order; None: the layout's default
+    std: tuple[float, float, float] | None = None
+    letterbox: Literal["auto", "top_left", "center"] = "auto"  # where the resized image sits
+    pad_value: float = 114.0  # letterbox padding, as both exporters
+    person_class: int = 0  # the person class index (COCO-trained detectors: 0)
+    score_threshold: float = 0.1  # low: keypoint AP ranks by score, extra low boxes cost little
+    nms_iou: float = 0.65  # class-wise NMS on our side (YOLOX's test setting)
+    max_persons: int = 100  # highest-scoring boxes kept per image
+    min_box_size: float = 2.0  # boxes narrower or lower than this (image pixels) are dropped
+    workers: int = 1  # detector actors (a GPU each where the cluster has GPUs), apart from pose
+    cpus_per_worker: float = 1.0
+    batch_images: int = 8  # images per actor call (exports take one image per run)
+
+    def __post_init__(self) -> None:
+        h, w = self.input_size
+        if h <= 0 or w <= 0:
+            raise ValueError(f"input_size: must be positive, got {self.input_size}")
+        if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(
+                "score_threshold, nms_iou: need 0 <= threshold <= 1 and 0 < iou <= 1, "
+                f"got {self.score_threshold}, {self.nms_iou}"
+            )
+        if self.std is not None and any(v == 0 for v in self.std):
+            raise ValueError(f"std: must not be 0, got {self.std}")
+        if self.person_class < 0 or self.max_persons <= 0 or self.min_box_size < 0:
+            raise ValueError("person_class, max_persons, min_box_size: out of range")
+        if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_images <= 0:
+            raise ValueError("workers, cpus_per_worker, batch_images: must be positive")
 
 
 @dataclass(frozen=True)
@@ -174,9 +219,16 @@ class InferConfig:
     # a COCO JSON with an "images" list (the test-dev image info, or an annotation file, whose
     # keypoints then also score the results); under data.root unless absolute
     image_info: str = "annotations/image_info_test-dev2017.json"
-    detections: str = ""  # the person detector's boxes, COCO results format (required)
+    # where the person boxes come from: `file` = infer.detections, `detector` = infer.detector
+    # run in the job, `gt` = the boxes of infer.image_info's annotations (val checks)
+    boxes: Literal["file", "detector", "gt"] = "file"
+    detections: str = ""  # boxes=file: a detector's boxes, COCO results format
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    # the boxes the job used, COCO results format (what boxes=file reads); empty: beside output
+    boxes_output: str = ""
     output: str = "results/person_keypoints_test-dev2017_psm_results.json"
     part_images: int = 512  # images per part file: a killed job resumes after its last part
+    pose_runtime: PoseRuntime = "torch"  # the pose model's runtime (same poses within 1e-4)
 
     def __post_init__(self) -> None:
         _positive(self, "part_images")
@@ -201,7 +253,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, e.g. for MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return _flat("", self.to_dict())
 
 
 # Range checks of the sections' __post_init__. They raise ValueError("key: ..."), which `_build`
@@ -277,7 +329,13 @@ def parse_config(text: str, source: str = "<text>", overrides: typing.Sequence[s
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         _section_type(section, "override")
-        tree.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else ""
+        target = tree.setdefault(section, {})
+        *parents, leaf = name.split(".")
+        for parent in parents:  # a nested section: infer.detector.model=...
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {section}.{parent} is not a section")
+        target[leaf] = yaml.safe_load(value) if value.strip() else ""
     return _build(tree, f"{source}{' + overrides' if overrides else ''}")
 
 
@@ -292,22 +350,29 @@ def _build(tree: dict[str, dict[str, Any]], source: str) -> Config:
     sections = {}
     for section, values in tree.items():
         cls = _section_type(section, source)
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"{source}: {section}.{key}: unknown key (known: {', '.join(hints)})"
-                )
-            kwargs[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
-        try:
-            sections[section] = cls(**kwargs)
-        except ValueError as e:  # raised by __post_init__ checks, which name the key
-            raise ConfigError(f"{source}: {section}.{e}") from e
+        sections[section] = _section(cls, values, f"{source}: {section}")
     return Config(**sections)
 
 
+def _section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """One (possibly nested) section's dataclass from its mapping; `where` = "source: a.b"."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(hints)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # raised by __post_init__ checks, which name the key
+        raise ConfigError(f"{where}.{e}") from e
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):  # a nested section (infer.detector)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _section(tp, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -359,7 +424,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else _plain(v) if isinstance(v, dict) else v
+        for k, v in d.items()
+    }
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(f"{prefix}{k}.", v) if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 # Credentials never reach params, logs or saved configs: a URI's user:password@, a secret-looking

@@ -13,6 +13,7 @@ our output or a submission, so any bad entry in it raises (a skipped pose would 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -461,3 +462,73 @@ def coco_eval(
         evaluator.summarize()
     log.debug("COCOeval of %s:\n%s", source, buffer.getvalue())
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+
+def coco_box_eval(gt: COCO, boxes: list[dict]) -> dict[str, float]:
+    """COCOeval (bbox, person) of detector boxes (COCO results format) against `gt`'s person
+    boxes: box_AP, box_AP50, box_AP75 and box_AR (100 detections per image); 0 when empty."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not boxes:  # loadRes cannot take an empty list; no boxes score 0
+        return {"box_AP": 0.0, "box_AP50": 0.0, "box_AP75": 0.0, "box_AR": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(boxes)), "bbox")
+        evaluator.params.catIds = [PERSON_CATEGORY_ID]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    names = {"box_AP": 0, "box_AP50": 1, "box_AP75": 2, "box_AR": 8}
+    return {name: float(stats[i]) for name, i in names.items()}
+
+
+def check_submission(
+    results: list[dict],
+    images: dict[int, tuple[int, int]],
+    accounted: dict[str, int],
+    source: str,
+) -> None:
+    """Refuse a results file that is not a complete, valid submission; EvalError naming `source`,
+    the entry and the field.
+
+    `images` maps every image id of the image list to its (width, height); `accounted` counts the
+    images that rightly have no pose (no_person, no_boxes, and each skip reason): with the images
+    that have poses they must add up to the whole list. Each entry: an image of the list,
+    category 1, 51 finite keypoint values in image coordinates (within the image grown by its own
+    size on each side: a crop may reach past the border, crop or heatmap coordinates would not
+    fit every image), a finite score; and pycocotools' loadRes must accept the file.
+    """
+    clean = validate_results(results, set(images), source)
+    for i, r in enumerate(clean):
+        width, height = images[r["image_id"]]
+        xy = np.asarray(r["keypoints"], np.float64).reshape(NUM_JOINTS, 3)[:, :2]
+        out = (xy < [-width, -height]) | (xy > [2 * width, 2 * height])
+        if out.any():
+            j = int(np.flatnonzero(out.any(1))[0])
+            raise EvalError(
+                f"{source}: [{i}].keypoints: joint {j} at ({xy[j, 0]:.1f}, {xy[j, 1]:.1f}) is far "
+                f"outside image {r['image_id']} ({width}x{height}): not image coordinates?"
+            )
+    posed = {r["image_id"] for r in clean}
+    if len(posed) + sum(accounted.values()) != len(images):
+        missing = sorted(set(images) - posed)[:10]
+        raise EvalError(
+            f"{source}: {len(images)} images in the list, {len(posed)} with poses and "
+            f"{sum(accounted.values())} accounted for ({accounted}): images unaccounted for "
+            f"among those without poses: {missing}"
+        )
+    if clean:
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = {
+            "images": [{"id": i, "width": w, "height": h} for i, (w, h) in images.items()],
+            "annotations": [],
+            "categories": [{"id": PERSON_CATEGORY_ID, "name": "person"}],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+            try:
+                coco.loadRes(copy.deepcopy(clean))
+            except Exception as e:  # pycocotools raises AssertionError / KeyError / ...
+                raise EvalError(f"{source}: pycocotools loadRes refuses it: {e!r}") from e

@@ -135,3 +135,29 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert cfg.flat()["model.width"] == 48 and cfg.flat()["train.amp"] == "bf16"
+
+
+def test_a_nested_section_reads_from_yaml_and_overrides_and_round_trips(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("infer:\n  boxes: detector\n  detector:\n    model: a.onnx\n    nms_iou: 0.5\n")
+    cfg = load_config(path, ["infer.detector.model=b.onnx", "infer.detector.mean=[1, 2, 3]"])
+    det = cfg.infer.detector
+    assert (det.model, det.nms_iou, det.mean, det.std) == ("b.onnx", 0.5, (1.0, 2.0, 3.0), None)
+    assert cfg.flat()["infer.detector.model"] == "b.onnx"
+    (tmp_path / "again.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("infer.detector.nms=1", "infer.detector.nms: unknown key"),
+        ("infer.detector.nms_iou=0", "infer.detector.score_threshold, nms_iou: need"),
+        ("infer.detector=x", "infer.detector: expected a mapping, got 'x'"),
+        ("infer.boxes=yolo", "infer.boxes: 'yolo' is not one of"),
+        ("eval.pose_runtime=tensorrt", "eval.pose_runtime: 'tensorrt' is not one of"),
+    ],
+)
+def test_bad_nested_overrides(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])

@@ -179,3 +179,28 @@ def test_eval_with_detections_gives_no_pose_to_an_image_without_boxes(
     assert no_boxes not in ids
     assert set(ids) == {d["image_id"] for d in dets}  # every other image keeps a pose
     assert _last_run(tmp_path)["params.eval.boxes"] == str(tmp_path / "dets.json")
+
+
+@pytest.mark.slow
+def test_eval_with_the_pose_model_on_onnx_runtime_scores_as_pytorch(
+    ray_local, synthetic_root, tmp_path
+):
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    metrics = {}
+    for runtime in ("torch", "onnxruntime"):
+        args = [*_args(synthetic_root, tmp_path), f"eval.pose_runtime={runtime}"]
+        results = tmp_path / f"{runtime}.json"
+        argv = ["eval", TINY, *args, "--checkpoint", str(tmp_path / "model.pt")]
+        assert main([*argv, "--results", str(results)]) == 0
+        run = _last_run(tmp_path)
+        assert run["params.eval.pose_runtime"] == runtime
+        metrics[runtime] = run
+    for k in METRIC_NAMES:
+        assert metrics["onnxruntime"][f"metrics.{k}"] == pytest.approx(
+            metrics["torch"][f"metrics.{k}"], abs=1e-3
+        ), k
+    torch_ids, _, torch_scores = _poses(tmp_path / "torch.json")
+    onnx_ids, _, onnx_scores = _poses(tmp_path / "onnxruntime.json")
+    assert onnx_ids == torch_ids
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)

@@ -20,7 +20,7 @@ from jobs.cli import main
 from pipelines.coco import DataError, load_images
 from pipelines.inference import PartStore, _Part, split_parts
 from psm_model.config import load_config
-from psm_model.evaluation import validate_results
+from psm_model.evaluation import EvalError, check_submission, validate_results
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -224,6 +224,133 @@ def test_infer_input_errors(synthetic_root, tmp_path, capsys):
     assert "infer.detections: required" in capsys.readouterr().err
     assert main([*argv, "--dets", str(tmp_path / "dets.json")]) == 2
     assert "test2017: infer.images: not a folder" in capsys.readouterr().err
+    det = ["infer", TINY, *_args(tmp_path, f"data.root={synthetic_root}", "infer.images=val2017")]
+    det += ["infer.boxes=detector"]
+    ckpt = ["--checkpoint", str(tmp_path / "model.pt")]
+    assert main([*det, *ckpt]) == 2
+    assert "infer.detector.model: required with infer.boxes=detector" in capsys.readouterr().err
+    model = f"infer.detector.model={tmp_path / 'd.onnx'}"
+    assert main([*det, model, *ckpt]) == 2
+    assert f"{tmp_path / 'd.onnx'}: infer.detector.model: cannot read" in capsys.readouterr().err
+    (tmp_path / "d.onnx").write_bytes(b"junk")
+    assert main([*det, model, *ckpt]) == 2
+    assert "d.onnx: ONNX Runtime cannot load the model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    """Detector stage -> pose stage -> validated results on plain-background people (a real
+    ONNX detector whose boxes are the figures'): the boxes file holds the drawn boxes, box AP is
+    reported, the empty image is counted; a killed job resumes to the same file; the boxes file
+    read back with infer.boxes=file and the pose model on ONNX Runtime give the same AP."""
+    from pipelines.toy_detector import export_toy_detector, write_plain_people
+
+    drawn = write_plain_people(tmp_path / "data", images=5, seed=1)
+    (tmp_path / "det.onnx").write_bytes(export_toy_detector("raw", (160, 160)))
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
+    common = [f"data.root={tmp_path / 'data'}", "infer.images=images"]
+    common += ["infer.image_info=annotations.json", "infer.part_images=2", "eval.visualize=0"]
+    detector = ["infer.boxes=detector", f"infer.detector.model={tmp_path / 'det.onnx'}"]
+    detector += ["infer.detector.input_size=[160,160]", "infer.detector.pad_value=20"]
+    ckpt = ["--checkpoint", str(tmp_path / "model.pt")]
+    whole = tmp_path / "whole.json"
+    argv = ["infer", TINY, *_args(tmp_path, *common, *detector), *ckpt]
+    assert main([*argv, "--output", str(whole)]) == 0
+    results = json.loads(whole.read_text())
+    assert {r["image_id"] for r in results} == {1, 2, 3, 4}  # image 5 is empty
+    boxes = json.loads((tmp_path / "whole_person_boxes.json").read_text())
+    assert [b["image_id"] for b in boxes] == [1, 2, 3, 4]
+    for b, (x1, y1, x2, y2) in zip(boxes, drawn[:4], strict=True):
+        x, y, w, h = b["bbox"]
+        np.testing.assert_allclose([x, y, x + w, y + h], [x1, y1, x2, y2], atol=1.0)
+    run = _run(tmp_path, "whole")
+    assert run["metrics.images_no_person"] == 1 and run["metrics.boxes"] == 4
+    assert run["metrics.box_AP"] > 0.9  # boxes within a pixel of the ground truth
+    assert run["params.infer.box_source.boxes"] == "detector"
+    assert len(run["params.infer.box_source.detector_sha256"]) == 64
+
+    # killed after its first part: the rerun detects and poses only the rest, same file
+    resumed = tmp_path / "resumed.json"
+    real_write = PartStore.write
+    writes = []
+
+    def dies_after_one(self, index, part):
+        if len(writes) == 1:
+            raise KeyboardInterrupt("killed")
+        writes.append(index)
+        real_write(self, index, part)
+
+    monkeypatch.setattr(PartStore, "write", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--output", str(resumed)])
+    monkeypatch.setattr(PartStore, "write", real_write)
+    assert main([*argv, "--output", str(resumed)]) == 0
+    assert json.loads(resumed.read_text()) == results
+    assert _run(tmp_path, "resumed")["metrics.parts_resumed"] == 1
+
+    # the job's boxes as a detections file, the pose model on ONNX Runtime: the same AP
+    onnx_out = tmp_path / "onnx.json"
+    argv = ["infer", TINY, *_args(tmp_path, *common, "infer.pose_runtime=onnxruntime"), *ckpt]
+    dets = str(tmp_path / "whole_person_boxes.json")
+    assert main([*argv, "--dets", dets, "--output", str(onnx_out)]) == 0
+    onnx_run = _run(tmp_path, "onnx")
+    assert onnx_run["metrics.AP"] == pytest.approx(run["metrics.AP"], abs=1e-3)
+    got = _sorted(json.loads(onnx_out.read_text()))
+    assert [r["image_id"] for r in got] == [r["image_id"] for r in _sorted(results)]
+
+    # ground-truth boxes (infer.boxes=gt): the empty image is counted as having no boxes
+    gt_out = tmp_path / "gt.json"
+    argv = ["infer", TINY, *_args(tmp_path, *common, "infer.boxes=gt"), *ckpt]
+    assert main([*argv, "--output", str(gt_out)]) == 0
+    assert {r["image_id"] for r in json.loads(gt_out.read_text())} == {1, 2, 3, 4}
+    assert _run(tmp_path, "gt")["params.infer.box_source.boxes"] == "gt"
+
+    # a part whose poses fail the check: no results file, the error names the entry and field
+    part = tmp_path / "whole.json.parts" / "part-00000.json"
+    data = json.loads(part.read_text())
+    data["results"][1]["score"] = None
+    part.write_text(json.dumps(data))
+    whole.unlink()
+    capsys.readouterr()
+    argv = ["infer", TINY, *_args(tmp_path, *common, *detector), *ckpt]
+    assert main([*argv, "--output", str(whole)]) == 2
+    assert f"{whole}: [1].score: expected a finite number" in capsys.readouterr().err
+    assert not whole.exists()
+
+
+def _pose(image_id, x=10.0, score=0.5):
+    return {
+        "image_id": image_id,
+        "category_id": 1,
+        "keypoints": [x, 20.0, 0.5] * 17,
+        "score": score,
+    }
+
+
+def test_a_submission_checks_itself_naming_the_entry_and_field():
+    images = {1: (64, 48), 2: (64, 48), 3: (64, 48)}
+    good = [_pose(1), _pose(1, 12.0), _pose(3)]
+    check_submission(good, images, {"no_person": 1}, "out.json")  # 2 posed + 1 no person
+    with pytest.raises(EvalError, match=r"out.json: 3 images in the list, 2 with poses and 0 "
+                       r"accounted for .*: \[2\]"):  # fmt: skip
+        check_submission(good, images, {"no_person": 0}, "out.json")
+    cases = [
+        ({"category_id": 2}, r"out.json: \[1\].category_id: expected 1"),
+        ({"keypoints": [1.0] * 50}, r"out.json: \[1\].keypoints: expected 51 finite numbers"),
+        ({"keypoints": [float("nan")] * 51}, r"\[1\].keypoints: expected 51 finite numbers"),
+        ({"score": float("inf")}, r"out.json: \[1\].score: expected a finite number"),
+        ({"image_id": 9}, r"out.json: \[1\].image_id: 9 is not an image"),
+        ({"keypoints": [10.0, 20.0, 1.0] * 16 + [500.0, 20.0, 1.0]},
+         r"out.json: \[1\].keypoints: joint 16 at \(500.0, 20.0\) is far outside image 1"),
+    ]  # fmt: skip
+    for change, message in cases:
+        with pytest.raises(EvalError, match=message):
+            check_submission(
+                [good[0], {**good[1], **change}, good[2]], images, {"x": 1}, "out.json"
+            )
 
 
 @pytest.mark.slow

@@ -1,0 +1,154 @@
+"""`psm bench infer`: the whole inference job (decode, detection, crops, pose, results) against
+the pose model alone on the same crops, the pose model on ONNX Runtime against PyTorch eager,
+and the decode cost that decides whether decoded images travel between stages. One run, the
+same images: figures for docs/benchmarks.md.
+
+The images are plain-background people (pipelines.toy_detector) at COCO size, the detector the
+ONNX model the tests build (the box around the figure), the pose model the config's with random
+weights (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.bench import machine
+from jobs.bench_data import _local_ray
+from pipelines.coco import decode_image
+from pipelines.detect import crops_with_boxes, detection_columns, detector_session
+from pipelines.onnx_runtime import OnnxPoseModel
+from pipelines.predict import predict, predict_poses
+from pipelines.toy_detector import export_toy_detector, write_plain_people
+from psm_model.config import Config, DetectorConfig
+from psm_model.export import export_onnx
+from psm_model.hrnet import build_model
+from psm_model.profile import describe
+
+log = logging.getLogger(__name__)
+
+DETECTOR_SIZE = (160, 160)  # the size the tests build
+
+
+def _rate(fn, count: int, repeats: int = 3) -> float:
+    """count / the best of `repeats` timed calls of fn (the first call is a warm-up)."""
+    fn()
+    best = min(_timed(fn) for _ in range(repeats))
+    return count / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: str | None) -> dict:
+    from pipelines.datasets import detected_pose_predictions
+    from pipelines.evaluate import pose_results
+
+    det = dataclasses.replace(
+        cfg.infer.detector, input_size=DETECTOR_SIZE, pad_value=20.0, model="toy-raw.onnx"
+    )
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, detector=det))
+    threads = max(1, int(cfg.eval.cpus_per_worker))
+    torch.set_num_threads(threads)  # the pose-alone figures get what one pose actor gets
+    model = build_model(dataclasses.replace(cfg.model, pretrained="")).eval()
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    detector = export_toy_detector("raw", DETECTOR_SIZE)
+    record: dict = {"machine": machine(), "model": describe(cfg.model), "images": images,
+                    "image_size": list(size_hw), "detector_input": list(DETECTOR_SIZE),
+                    "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        write_plain_people(tmp, images + 1, seed=0, size_hw=size_hw)
+        paths = sorted(str(p) for p in (Path(tmp) / "images").glob("*.png"))[:images]
+        rows = [{"image_id": i + 1, "path": p} for i, p in enumerate(paths)]
+
+        # decode per image, and what a decoded image would weigh in the object store
+        record["decode_ms"] = 1e3 / _rate(lambda: [decode_image(p, 1 << 28) for p in paths], 1)
+        record["decode_ms"] /= len(paths)
+        record["decoded_mb"] = size_hw[0] * size_hw[1] * 3 / 1e6
+
+        # the same crops in process: detection, then crops_with_boxes
+        session, layout = detector_session(detector, "toy-raw.onnx", threads)
+        columns = {"image_id": np.array([r["image_id"] for r in rows]), "path": np.array(paths)}
+        started = time.perf_counter()
+        found = detection_columns(columns, session, layout, cfg)
+        record["detect_ms_per_image"] = (time.perf_counter() - started) * 1e3 / len(paths)
+        crops = crops_with_boxes(
+            found, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
+        )
+        keep = crops["skip"] == ""
+        persons = int(keep.sum())
+        record["persons"] = persons
+        batches = [
+            {k: v[keep][i : i + cfg.eval.batch_size] for k, v in crops.items()}
+            for i in range(0, persons, cfg.eval.batch_size)
+        ]
+        onnx_model = OnnxPoseModel(export_onnx(model, cfg.model.input_size), "pose", threads)
+        record["pose_only_torch_persons_s"] = _rate(
+            lambda: [predict_poses(model, b, cfg, "cpu") for b in batches], persons
+        )
+        record["pose_only_onnxruntime_persons_s"] = _rate(
+            lambda: [predict_poses(onnx_model, b, cfg, "cpu") for b in batches], persons
+        )
+        record["forward_torch_persons_s"] = _rate(
+            lambda: [predict(model, b["image"], cfg, "cpu") for b in batches], persons
+        )
+        record["forward_onnxruntime_persons_s"] = _rate(
+            lambda: [predict(onnx_model, b["image"], cfg, "cpu") for b in batches], persons
+        )
+
+        # the whole job's graph: detector actors -> crop tasks -> pose actors -> results
+        with _local_ray(max(2, torch.get_num_threads())):
+            for runtime in ("torch", "onnxruntime"):
+                run_cfg = dataclasses.replace(
+                    cfg, infer=dataclasses.replace(cfg.infer, pose_runtime=runtime)
+                )
+
+                def job(rows=rows, run_cfg=run_cfg, runtime=runtime) -> None:
+                    ds = detected_pose_predictions(
+                        rows, run_cfg, weights, runtime, detector, "toy-raw.onnx"
+                    )
+                    pose_results(ds.iter_batches(batch_size=None, batch_format="numpy"), run_cfg)
+
+                job(rows[: min(8, len(rows))])  # warm-up: workers, imports
+                record[f"job_{runtime}_persons_s"] = persons / _timed(job)
+    record["job_over_pose_only_torch"] = (
+        record["job_torch_persons_s"] / record["pose_only_torch_persons_s"]
+    )
+    record["job_over_pose_only_onnxruntime"] = (
+        record["job_onnxruntime_persons_s"] / record["pose_only_onnxruntime_persons_s"]
+    )
+    record["onnxruntime_over_torch_forward"] = (
+        record["forward_onnxruntime_persons_s"] / record["forward_torch_persons_s"]
+    )
+    _print(record, cfg.infer.detector)
+    if json_out:
+        Path(json_out).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _print(r: dict, det: DetectorConfig) -> None:
+    print(
+        f"{r['machine']}; {r['model']}; {r['images']} images {r['image_size']}, "
+        f"{r['persons']} persons; detector input {r['detector_input']} ({r['date']})"
+    )
+    print("| figure | persons/s |")
+    print("|---|---:|")
+    for key in ("job_torch", "pose_only_torch", "job_onnxruntime", "pose_only_onnxruntime",
+                "forward_torch", "forward_onnxruntime"):  # fmt: skip
+        print(f"| {key.replace('_', ' ')} | {r[key + '_persons_s']:.1f} |")
+    print(f"\njob / pose only: torch {r['job_over_pose_only_torch']:.2f}, onnxruntime "
+          f"{r['job_over_pose_only_onnxruntime']:.2f} (goal >= 0.9); pose forward onnxruntime / "
+          f"torch eager {r['onnxruntime_over_torch_forward']:.2f}")  # fmt: skip
+    print(f"decode {r['decode_ms']:.2f} ms per image vs {r['decoded_mb']:.2f} MB decoded; "
+          f"detection {r['detect_ms_per_image']:.2f} ms per image (score >= "
+          f"{det.score_threshold}, NMS {det.nms_iou})")  # fmt: skip
