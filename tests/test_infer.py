@@ -2,6 +2,7 @@
 same poses as `psm eval` with the same boxes, a killed job resumed to the same file, a corrupt
 image skipped and counted, the test-dev format without annotations, and clear input errors."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -308,11 +309,16 @@ def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(
     assert {r["image_id"] for r in json.loads(gt_out.read_text())} == {1, 2, 3, 4}
     assert _run(tmp_path, "gt")["params.infer.box_source.boxes"] == "gt"
 
-    # a part whose poses fail the check: no results file, the error names the entry and field
+    # a part whose poses fail the check (written so by the job, its sha256 in the manifest: a
+    # part corrupted on disk is redone instead): no results file, the error names entry and field
     part = tmp_path / "whole.json.parts" / "part-00000.json"
     data = json.loads(part.read_text())
     data["results"][1]["score"] = None
     part.write_text(json.dumps(data))
+    manifest_file = part.parent / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["part_sha256"][part.name] = hashlib.sha256(part.read_bytes()).hexdigest()
+    manifest_file.write_text(json.dumps(manifest, sort_keys=True))
     whole.unlink()
     capsys.readouterr()
     argv = ["infer", TINY, *_args(tmp_path, *common, *detector), *ckpt]
