@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import ray.train
 import torch
 
 from pipelines.inference import filesystem, write_bytes
-from psm_model.checkpoint import TrainState, load_first_good
+from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
 from psm_model.files import temporary_name
 
@@ -93,6 +94,15 @@ def keep_best(cfg: Config, directory: str | Path) -> None:
     """Copy a checkpoint folder to the run folder's best_checkpoint, replacing the previous best
     only once the copy is complete. Ray keeps only the newest train.keep_checkpoints."""
     fs, target = filesystem(f"{run_folder(cfg)}/{BEST}")
+    if not isinstance(fs, pafs.LocalFileSystem):
+        # an object store renames no folders (S3's CopyObject of a "folder" fails): overwrite in
+        # place, the checksums first, so a copy cut short fails its verification when loaded
+        # (and is skipped), never passes as a mix of two epochs
+        files = sorted(Path(directory).iterdir(), key=lambda p: p.name != CHECKSUMS)
+        for path in files:
+            with fs.open_output_stream(f"{target}/{path.name}") as out:
+                out.write(path.read_bytes())
+        return
     tmp, old = str(temporary_name(target)), str(temporary_name(target)) + ".old"
     fs.create_dir(tmp, recursive=True)
     pafs.copy_files(str(directory), tmp, destination_filesystem=fs)
@@ -118,15 +128,23 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer, scheduler, scale
     with contextlib.ExitStack() as stack:
 
         def local_dirs() -> Iterator[str]:  # fetched one at a time, only while needed
-            yield stack.enter_context(checkpoint.as_directory())  # Ray
+            yield private_copy(checkpoint, stack)
             for path in [*older, *best]:
-                ckpt = ray.train.Checkpoint(path, filesystem=fs)  # Ray
-                yield stack.enter_context(ckpt.as_directory())
+                yield private_copy(ray.train.Checkpoint(path, filesystem=fs), stack)  # Ray
 
         state, used = load_first_good(local_dirs(), model, optimizer, scheduler, scaler)
     if Path(used).name != Path(checkpoint.path).name:
         log.warning("resumed from %s: the newest checkpoint %s is unusable", used, checkpoint.path)
     return state
+
+
+def private_copy(checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) -> str:
+    """The checkpoint in a folder of this process's own, removed when `stack` closes.
+    `Checkpoint.as_directory()` shares one /tmp folder per checkpoint between the processes of a
+    node (the ranks, the driver); a resumed run from s3:// once failed in all of them on one
+    truncated model.pt there."""
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="psm-ckpt-"))
+    return checkpoint.to_directory(folder)  # Ray: downloads from storage (s3://...) if remote
 
 
 def check_resume_config(cfg: Config) -> None:

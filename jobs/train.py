@@ -8,6 +8,7 @@ MLflow. Ray calls are marked `# Ray`; the rest is plain PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -289,8 +290,8 @@ def run_training(
         raise result.error
 
     model = build_model(cfg.model)
-    with result.checkpoint.as_directory() as d:
-        final = load_checkpoint(d, model)
+    with contextlib.ExitStack() as stack:
+        final = load_checkpoint(run_safety.private_copy(result.checkpoint, stack), model)
     # what rank 0 could not send while MLflow was away (sent twice, a batch is stored once)
     if not tracking.wait_until_reachable(cfg):
         raise tracking.TrackingError(

@@ -272,7 +272,7 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
         # ASHA stops trials at its rungs and also at max_t, the last epoch: a stopped trial's
         # run may still be RUNNING (its actor went first) or FINISHED (Train returned first)
         if run.data.metrics.get("epochs_done", 0) >= int(run.data.params["train.epochs"]):
-            if run.info.status == "RUNNING":
+            if run.info.status != "FINISHED":  # RUNNING, or FAILED by the stop's interruption
                 tracking.end_run(base, run.info.run_id, "FINISHED")
         else:
             tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
