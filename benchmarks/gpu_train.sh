@@ -41,7 +41,7 @@ bench() {  # NAME LIMIT_S OVERRIDES...
     echo "== $name (timeout ${limit}s, $(date +%T))"
     local t0=$SECONDS
     timeout -k 10 "$limit" $PY -c "$BENCH_TRAIN" "$CONFIG" train.batch_size="$BATCH" \
-        train.amp="$AMP" train.channels_last="$CL" "$@" --steps "$STEPS" --warmup "$WARMUP" \
+        train.amp="$AMP" data.channels_last="$CL" "$@" --steps "$STEPS" --warmup "$WARMUP" \
         --json "$OUT/$name.json" 2>"$OUT/$name.err" | tail -1
     local rc=${PIPESTATUS[0]}
     echo "== $name: rc=$rc, $((SECONDS - t0)) s wall"

@@ -55,21 +55,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from jobs.evaluate import run_eval
-    from psm_model.config import load_config
+    from psm_model.config import flag_overrides, load_config
 
     if not args.checkpoint and not args.oracle:
         raise SystemExit(
             "psm eval: error: give --checkpoint CKPT, or --oracle for the GT round trip"
         )
-    cfg = load_config(args.config, args.overrides)
-    run_eval(cfg, args.checkpoint, args.dets, args.oracle, args.results)
+    cfg = load_config(args.config, [*args.overrides, *flag_overrides("eval", dets=args.dets)])
+    run_eval(cfg, args.checkpoint, args.oracle, args.results)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from jobs.infer import run_inference, with_paths
-    from psm_model.config import load_config
+    from jobs.infer import run_inference
+    from psm_model.config import flag_overrides, load_config
 
-    cfg = with_paths(load_config(args.config, args.overrides), args.dets, args.output)
+    flags = flag_overrides("infer", dets=args.dets, output=args.output)
+    cfg = load_config(args.config, [*args.overrides, *flags])
     run_inference(cfg, args.checkpoint)
 
 
@@ -114,7 +115,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         steps=args.steps,
         warmup=args.warmup,
         amp=cfg.train.amp,
-        channels_last=cfg.train.channels_last,
+        channels_last=cfg.data.channels_last,
         compile=cfg.train.compile,
         device=device,
         compile_scope=cfg.train.compile_scope,
@@ -123,7 +124,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
     print(
         f"{describe(cfg.model)}: batch {cfg.train.batch_size}, amp {cfg.train.amp}, channels_last "
-        f"{cfg.train.channels_last}, {compiled}: {r.images_per_s:.1f} img/s, "
+        f"{cfg.data.channels_last}, {compiled}: {r.images_per_s:.1f} img/s, "
         f"{r.step_ms:.1f} ms/step, peak {r.peak_memory_gb:.2f} GiB; first step "
         f"{r.first_step_s:.1f} s, {args.warmup} warm-up steps {r.warmup_s:.1f} s"
     )
@@ -134,7 +135,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
             "device": device,
             "batch": cfg.train.batch_size,
             "amp": cfg.train.amp,
-            "channels_last": cfg.train.channels_last,
+            "channels_last": cfg.data.channels_last,
             "compile": cfg.train.compile,
             "compile_scope": cfg.train.compile_scope if cfg.train.compile else None,
             "steps": args.steps,
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train-step images/s and peak memory of the configured model and train settings",
         description="Full train steps (forward, JointsMSE, backward, Adam) of the configured model "
-        "on random data with train.batch_size, train.amp, train.channels_last, train.compile and "
+        "on random data with train.batch_size, train.amp, data.channels_last, train.compile and "
         "train.compile_scope, "
         "on the GPU when there is one: images/s, ms per step, peak GPU memory.",
     )

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from jobs import storage, tracking
-from psm_model.checkpoint import checkpoint_config, load_checkpoint
+from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, redact_secrets
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import PoseHRNet, build_model
@@ -53,20 +53,17 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
             return load_model(str(local), cfg)
     path = Path(checkpoint)
     if path.is_dir():
-        ckpt_cfg = checkpoint_config(path)
-        cfg = dataclasses.replace(cfg, model=ckpt_cfg.model)
-        model = build_model(dataclasses.replace(cfg.model, pretrained=""))
-        load_checkpoint(path, model)
-        return model, cfg
+        model, ckpt_cfg = load_checkpoint_model(path)
+        return model, dataclasses.replace(cfg, model=ckpt_cfg.model)
     state, name = read_state_dict(path)
     # PSM layers and the stride-2 head carry names the official layout never uses
     if not any(k.startswith("head_") or ".conv.weight" in k for k in state):
         model = from_official_checkpoint(state)
         model_cfg = dataclasses.replace(
-            cfg.model, widths=model.widths, fusion="hrnet", heatmap_stride=4, pretrained=""
+            cfg.model, widths=model.widths, fusion="hrnet", heatmap_stride=4
         )
         return model, dataclasses.replace(cfg, model=model_cfg)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    model = build_model(cfg.model)
     load_strict(model, state, name)
     return model, cfg
 
@@ -74,18 +71,14 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
 def run_eval(
     cfg: Config,
     checkpoint: str | None,
-    detections: str | None = None,
     oracle: bool = False,
     results_file: str | None = None,
 ) -> dict[str, float]:
-    if detections:
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, detections=detections))
     if not oracle and not checkpoint:
         raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     if results_file:
         storage.require_persistent(results_file, "--results")
-    root = Path(cfg.data.root)
     kind = "oracle" if oracle else "model"
     weights = None
     if not oracle:
@@ -104,19 +97,7 @@ def run_eval(
         if oracle:
             from pipelines.evaluate import oracle_eval
 
-            metrics = oracle_eval(
-                root / cfg.data.val_images,
-                root / cfg.data.val_annotations,
-                cfg.model.input_size,
-                cfg.model.heatmap_stride,
-                cfg.data.sigma,
-                decode=cfg.eval.decode,
-                flip=cfg.eval.flip_test,
-                detections=cfg.eval.detections or None,
-                eval_cfg=cfg.eval,
-                padding=cfg.data.box_padding,
-                results_file=results_file,
-            )
+            metrics = oracle_eval(cfg, results_file=results_file)
         else:
             import ray
 
@@ -124,13 +105,18 @@ def run_eval(
 
             if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
                 ray.init()
-            metrics = evaluate_on_actors(weights, cfg, results_file=results_file, run_id=run_id)
+            metrics = evaluate_on_actors(
+                weights,
+                cfg,
+                results_file=results_file,
+                save_drawings=tracking.save_pose_drawings(cfg, run_id),
+            )
     except BaseException:
         tracking.end_run(cfg, run_id, "FAILED")
         raise
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.end_run(cfg, run_id)
-    print(f"{kind} evaluation on {root / cfg.data.val_annotations} with {boxes}:")
+    print(f"{kind} evaluation on {Path(cfg.data.root) / cfg.data.val_annotations} with {boxes}:")
     print(metrics_table(metrics))
     print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
     return metrics

@@ -20,7 +20,6 @@ the image list is an annotation file with keypoints (val2017), the results are a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -111,7 +110,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     """Writes cfg.infer.output and returns the job's metrics (with COCO AP when scorable)."""
     import ray
 
-    from pipelines.evaluate import detection_rows, log_visualizations
+    from pipelines.evaluate import detection_rows, draw_results
     from pipelines.inference import PartStore, filesystem, infer_parts, split_parts, write_bytes
 
     if cfg.infer.boxes == "file" and not cfg.infer.detections:
@@ -217,7 +216,12 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             local.write_bytes(data)
             tracking.log_artifact(cfg, run_id, local, "results")
         if cfg.eval.visualize:
-            log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
+            draw_results(
+                records[: cfg.eval.visualize],
+                results,
+                cfg,
+                tracking.save_pose_drawings(cfg, run_id),
+            )
     except BaseException:
         tracking.end_run(cfg, run_id, "FAILED")
         raise
@@ -241,15 +245,6 @@ def _beside(output: str, suffix: str) -> str:
     """OUTPUT's folder, its stem + suffix (a local path or a URI)."""
     stem, dot, ext = output.rpartition(".")
     return f"{stem if dot and '/' not in ext else output}{suffix}"
-
-
-def with_paths(cfg: Config, detections: str | None, output: str | None) -> Config:
-    """`--dets` / `--output` over infer.detections / infer.output; `--dets` also means
-    infer.boxes=file."""
-    changes: dict = {k: v for k, v in (("detections", detections), ("output", output)) if v}
-    if detections:
-        changes["boxes"] = "file"
-    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, **changes))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ FREE_ON_RESUME = frozenset(
         "train.max_failures",
         "train.keep_checkpoints",
         "train.cpus_per_worker",
-        "train.data_cpus",
+        "data.cpus_per_task",
         "train.mlflow_uri",
         "train.registered_model",
         "train.nonfinite_loss",

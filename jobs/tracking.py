@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
@@ -138,6 +140,11 @@ def try_log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: 
     except Exception as e:  # the run goes on without it
         log.warning("MLflow: %s/ not logged (%s: %s)", artifact_path, type(e).__name__, e)
         return False
+
+
+def save_pose_drawings(cfg: Config, run_id: str) -> Callable[[str], bool]:
+    """Where evaluation hands its folder of drawn val images: the run's poses/ artifacts."""
+    return functools.partial(try_log_artifact, cfg, run_id, artifact_path="poses")
 
 
 def log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str | None = None):

@@ -31,12 +31,19 @@ from jobs import run_safety, storage, tracking
 from pipelines.coco import load_coco_persons
 from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
-from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
+from psm_model.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+    unwrap,
+)
 from psm_model.codec import HeatmapCodec, normalize_images
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config, parse_config, redact_secrets
 from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
+from psm_model.weights import load_pretrained
 
 log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,9 +63,11 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     model = build_model(cfg.model)
+    if cfg.model.pretrained:  # ImageNet backbone; a resumed run overwrites it below
+        load_pretrained(model, cfg.model.pretrained)
     if cfg.train.sync_bn and device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -97,9 +106,9 @@ def train_loop(loop_config: dict) -> None:
         order = order[: cfg.train.images_per_epoch or None]
         mine = [rows[i] for i in order[rank::world]]
         batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
-            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.train.data_cpus),
+            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task),
             mine,
-            cfg.train.data_chunk_images,
+            cfg.data.chunk_images,
             cfg.train.batch_size,
         )
         model.train()
@@ -158,7 +167,7 @@ def train_loop(loop_config: dict) -> None:
 def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device, world=1):
     """One update; returns the loss, or None (and no update) if it is not finite on any rank."""
     images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-    x = normalize_images(images, cfg.train.channels_last)
+    x = normalize_images(images, cfg.data.channels_last)
     target, weight = codec.encode(
         torch.from_numpy(batch["keypoints"]).to(device),
         torch.from_numpy(batch["visible"]).to(device),
@@ -206,13 +215,13 @@ def _all_reduce_sum(values: list[float], device, world: int) -> list[float]:
 def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict[str, float]:
     from pipelines.evaluate import evaluate_model
 
-    metrics = evaluate_model(model, cfg, device=device, run_id=state.mlflow_run_id)
+    drawings = tracking.save_pose_drawings(cfg, state.mlflow_run_id)
+    metrics = evaluate_model(model, cfg, device=device, save_drawings=drawings)
     ap = metrics.get("AP", -1.0)
     if ap > state.best_ap:
         state.best_ap, state.best_epoch = ap, epoch
         with tempfile.TemporaryDirectory() as d:
-            torch.save(model.state_dict(), Path(d) / "model.pt")
-            (Path(d) / "config.yaml").write_text(redact_secrets(cfg.to_yaml()))
+            save_model(d, model, cfg)  # the model part of a checkpoint: what eval/infer read
             tracking.try_log_artifact(cfg, state.mlflow_run_id, d, "best_checkpoint")
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 import yaml
 from ray import tune
 
@@ -32,8 +31,8 @@ from jobs import tracking
 from jobs.compare import comparison, format_table, plot_sweep, write_csv
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.train import resolve_paths, run_training
+from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
-from psm_model.hrnet import build_model
 
 log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune
@@ -192,7 +191,7 @@ def _trial_fit(configs: list[Config], resources: dict[str, float]) -> tuple[int,
     """(trials that fit in `resources`, CPUs a trial needs, GPUs a trial needs). Each trial holds
     its 0.1-CPU driver, its training workers and room for one Ray Data task; more than fit would
     starve the data tasks, and Train retries its worker startup forever."""
-    cpus = max(TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.train.data_cpus
+    cpus = max(TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.data.cpus_per_task
                for c in configs)  # fmt: skip
     fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
     gpu_workers = max((c.train.num_workers for c in configs if c.train.use_gpu), default=0)
@@ -206,8 +205,8 @@ def _concurrency(configs: list[Config], resources: dict[str, float], requested: 
     if fit < 1:
         raise ConfigError(
             f"a trial needs {cpus:g} CPUs and {gpu_workers} GPUs (train.num_workers, "
-            f"train.cpus_per_worker, train.data_cpus), the cluster has {resources.get('CPU', 0):g} "
-            f"CPUs and {resources.get('GPU', 0):g} GPUs"
+            f"train.cpus_per_worker, data.cpus_per_task), the cluster has "
+            f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
         )
     if requested > fit:
         log.warning("max_concurrent_trials %d > %d that fit now: trials will wait", requested, fit)
@@ -229,7 +228,7 @@ def _wait_for_resources(
         return have
     c = max(configs, key=lambda c: c.train.num_workers)
     worker = {"CPU": c.train.cpus_per_worker} | ({"GPU": 1} if gpus else {})
-    bundles = [worker] * c.train.num_workers + [{"CPU": TRIAL_CPUS + c.train.data_cpus}]
+    bundles = [worker] * c.train.num_workers + [{"CPU": TRIAL_CPUS + c.data.cpus_per_task}]
     if request is None:
         from ray.autoscaler.sdk import request_resources as request
     request(bundles=bundles)  # Ray: the autoscaler starts nodes for them (no-op on a fixed cluster)
@@ -325,9 +324,7 @@ def _register_best(base: Config, run_id: str) -> str:
     status = tracking.get_run(base, run_id).info.status
     with tempfile.TemporaryDirectory() as d:
         folder = tracking.download_artifacts(base, run_id, "best_checkpoint", d)
-        cfg = parse_config((folder / "config.yaml").read_text(), f"run {run_id} config.yaml")
-        model = build_model(dataclasses.replace(cfg.model, pretrained=""))
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        model, _ = load_checkpoint_model(folder)
     version = tracking.register_model(base, run_id, model)
     tracking.end_run(base, run_id, status)  # logging the model reopened the run
     return version

@@ -26,7 +26,6 @@ workers, through `decode_image`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,13 +36,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from psm_model.coco_keypoints import NUM_JOINTS, PERSON_CATEGORY_ID
 from psm_model.evaluation import json_int
+from psm_model.files import read_json
 from psm_model.geometry import box_to_center_scale
 
 log = logging.getLogger(__name__)
 
-NUM_JOINTS = 17
-PERSON_CATEGORY_ID = 1
 
 # reason -> what it counts. Image-level reasons count entries of "images", the rest count
 # entries of "annotations"; an annotation of a rejected image counts as 'unknown_image'.
@@ -208,13 +207,7 @@ def _check_unique_ids(anns: list, source: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
+    data = read_json(path, DataError)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level: expected a JSON object, got {type(data).__name__}")
     return data

@@ -11,7 +11,6 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -126,20 +125,20 @@ def pose_predictions(
     by `runtime` (onnxruntime: exported here once, the ONNX bytes shipped to the actors).
 
     Each actor reserves one GPU when the cluster has any, and eval.cpus_per_worker CPUs; the crop
-    tasks reserve train.data_cpus besides. Except where both steps ask for the same resources (no
-    GPU and train.data_cpus == eval.cpus_per_worker): then Ray fuses the crop step into the
+    tasks reserve data.cpus_per_task besides. Except where both steps ask for the same resources (no
+    GPU and data.cpus_per_task == eval.cpus_per_worker): then Ray fuses the crop step into the
     actors, which decode and crop their own batches (fusion follows equal resource requests,
     ray-project/ray#54433).
     """
     total = ray.cluster_resources()  # Ray call
     gpus = 1 if total.get("GPU", 0) > 0 else 0
-    fused = not gpus and cfg.train.data_cpus == cfg.eval.cpus_per_worker
+    fused = not gpus and cfg.data.cpus_per_task == cfg.eval.cpus_per_worker
     need = {"GPU": cfg.eval.workers * gpus}
     need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + (
-        0 if fused else cfg.train.data_cpus
+        0 if fused else cfg.data.cpus_per_task
     )
     _warn_short(need, total, cfg)
-    crops = eval_crops(rows, cfg, num_cpus=cfg.train.data_cpus)
+    crops = eval_crops(rows, cfg, num_cpus=cfg.data.cpus_per_task)
     return _pose_actors(crops, cfg, weights, runtime, gpus)
 
 
@@ -148,8 +147,8 @@ def _warn_short(need: dict[str, float], total: dict[str, float], cfg: Config) ->
     if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
         log.warning(
             "eval.workers=%d actors (eval.cpus_per_worker=%s) and a crop task "
-            "(train.data_cpus=%s) need more than the cluster has now (need, have): %s",
-            cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.train.data_cpus, short,
+            "(data.cpus_per_task=%s) need more than the cluster has now (need, have): %s",
+            cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.data.cpus_per_task, short,
         )  # fmt: skip
 
 
@@ -198,7 +197,7 @@ def detected_pose_predictions(
     need["CPU"] = (
         cfg.eval.workers * cfg.eval.cpus_per_worker
         + det.workers * det.cpus_per_worker
-        + cfg.train.data_cpus
+        + cfg.data.cpus_per_task
     )
     _warn_short(need, total, cfg)
     # Ray calls: blocks of detector.batch_images image rows through the detector actors
@@ -214,19 +213,19 @@ def detected_pose_predictions(
     make = functools.partial(
         crops_with_boxes, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
     )
-    threads = max(1, math.floor(cfg.train.data_cpus))
+    threads = max(1, math.floor(cfg.data.cpus_per_task))
     crops = found.map_batches(
         functools.partial(crops_task, make=make, threads=threads),
         batch_size=None,
         batch_format="numpy",
-        num_cpus=cfg.train.data_cpus,
+        num_cpus=cfg.data.cpus_per_task,
     )
     return _pose_actors(crops, cfg, weights, runtime, gpus)
 
 
 def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:
     """The ONNX bytes of `cfg.model` with these weights (psm_model.export)."""
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    model = build_model(cfg.model)
     load_strict(model, weights, "pose weights")
     return export_onnx(model, cfg.model.input_size)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cv2
@@ -31,9 +32,9 @@ from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
 from pipelines.detect import box_row
 from pipelines.predict import predict_poses
 from pipelines.samples import count_skips, image_rows
-from pipelines.synthetic import SKELETON
-from psm_model.codec import DecodeMethod, HeatmapCodec
-from psm_model.config import Config, EvalConfig
+from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
+from psm_model.codec import HeatmapCodec
+from psm_model.config import Config
 from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections, write_results
 from psm_model.geometry import (
     PIXEL_STD,
@@ -45,6 +46,8 @@ from psm_model.geometry import (
 
 log = logging.getLogger(__name__)
 
+# what a job does with a folder of drawn val images (jobs.tracking.save_pose_drawings: log it)
+SaveDrawings = Callable[[str], object]
 MATCH_IOU = 0.5  # a detection inherits a GT person's keypoints from this box IoU on
 
 
@@ -97,37 +100,28 @@ def _drop_joints_outside_crops(coco: COCO, ann_ids: list[int], outside: np.ndarr
 
 
 def oracle_eval(
-    images_dir: str | os.PathLike,
-    ann_file: str | os.PathLike,
-    input_size_hw: tuple[int, int],
-    stride: int,
-    sigma: float,
-    decode: DecodeMethod = "quarter",
-    flip: bool = True,
-    detections: str | os.PathLike | None = None,
-    eval_cfg: EvalConfig | None = None,
-    padding: float = 1.25,
-    gt_in_crop_only: bool = False,
+    cfg: Config,
+    *,
     results_file: str | os.PathLike | None = None,
-    batch_size: int = 32,
+    gt_in_crop_only: bool = False,
 ) -> dict[str, float]:
-    """COCO keypoint metrics of the GT round trip on `ann_file` (GT boxes, or `detections`).
+    """COCO keypoint metrics of the GT round trip on the val set (GT boxes, or eval.detections)
+    with the test recipe of `cfg` (flip test, decode, rescoring, OKS-NMS).
 
     `gt_in_crop_only` (GT boxes only) also unlabels, for COCOeval, the GT joints that lie outside
     their person's crop: no heatmap can hold them, so this isolates the chain's own error from
     annotations that reach beyond the padded box (the recipe's ceiling, not a chain error).
     """
-    if gt_in_crop_only and detections is not None:
-        raise ValueError("gt_in_crop_only: only defined with GT boxes (detections is set)")
-    cfg = eval_cfg or EvalConfig()
-    records, _ = load_coco_persons(
-        images_dir, ann_file, input_size_hw, padding=padding, for_training=False
-    )
-    h, w = input_size_hw
-    codec = HeatmapCodec((h // stride, w // stride), stride, sigma)
+    detections = cfg.eval.detections
+    if gt_in_crop_only and detections:
+        raise ValueError("gt_in_crop_only: only defined with GT boxes (eval.detections is set)")
+    records = _val_records(cfg)
+    ann_file = Path(cfg.data.root) / cfg.data.val_annotations
+    h, w = cfg.model.input_size
+    codec = HeatmapCodec.from_config(cfg)
 
     # one row per crop: (image id, centre, scale, GT keypoints (17, 3), box score, GT ann id)
-    if detections is None:  # GT boxes, box score 1 (the official GT-box validation)
+    if not detections:  # GT boxes, box score 1 (the official GT-box validation)
         persons = [
             (r.image_id, p.center, p.scale, p.keypoints, 1.0, p.ann_id)
             for r in records
@@ -136,17 +130,17 @@ def oracle_eval(
     else:
         by_image = {r.image_id: r for r in records}
         sizes = {i: (r.width, r.height) for i, r in by_image.items()}
-        dets, skips = read_detections(detections, sizes, cfg.box_score_threshold)
+        dets, skips = read_detections(detections, sizes, cfg.eval.box_score_threshold)
         log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
         persons = []
         for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
             gt = by_image[int(image_id)].persons
-            kpts = np.zeros((17, 3), np.float32)  # no GT match: all-zero maps, score 0
+            kpts = np.zeros((NUM_JOINTS, 3), np.float32)  # no GT match: all-zero maps, score 0
             if gt:
                 iou = _box_iou(box, np.array([p.box for p in gt]))
                 if iou.max() >= MATCH_IOU:
                     kpts = gt[int(iou.argmax())].keypoints
-            center, scale = box_to_center_scale(box, aspect=w / h, padding=padding)
+            center, scale = box_to_center_scale(box, aspect=w / h, padding=cfg.data.box_padding)
             persons.append((int(image_id), center, scale, kpts, float(score), -1))
 
     coco = load_gt(ann_file)
@@ -157,24 +151,24 @@ def oracle_eval(
         scales = np.stack([p[2] for p in persons]).astype(np.float64)
         keypoints = np.stack([p[3] for p in persons]).astype(np.float64)
         box_scores = np.array([p[4] for p in persons])
-        crop_xy = _crop_keypoints(keypoints, centers, scales, input_size_hw)
+        crop_xy = _crop_keypoints(keypoints, centers, scales, cfg.model.input_size)
         visible = keypoints[..., 2] > 0
         if gt_in_crop_only:
             x, y = crop_xy[..., 0], crop_xy[..., 1]
             outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)  # as the training crop's test
             n = _drop_joints_outside_crops(coco, [p[5] for p in persons], outside)
             log.info("%s: %d labelled joints outside their crop left out of COCOeval", ann_file, n)
-        coords, maxvals = [], []
-        for i in range(0, len(persons), batch_size):  # bounded memory: 17 maps per person
-            sl = slice(i, i + batch_size)
-            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, flip)
-            c, m = codec.decode(hm, centers[sl], scales[sl], method=decode)
+        coords, maxvals, batch = [], [], cfg.eval.batch_size
+        for i in range(0, len(persons), batch):  # bounded memory: 17 maps per person
+            sl = slice(i, i + batch)
+            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, cfg.eval.flip_test)
+            c, m = codec.decode(hm, centers[sl], scales[sl], method=cfg.eval.decode)
             coords.append(c)
             maxvals.append(m)
         areas = np.prod(scales * PIXEL_STD, axis=1)  # the official NMS area: the crop box
         results = make_results(
             image_ids, np.concatenate(coords), np.concatenate(maxvals), box_scores, areas,
-            cfg.keypoint_score_threshold, cfg.oks_nms_threshold,
+            cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
         )  # fmt: skip
     if results_file is not None:
         write_results(results, results_file)
@@ -204,8 +198,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     return rows
 
 
-def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
-    """The val records and their image rows: ground-truth boxes, or eval.detections."""
+def _val_records(cfg: Config) -> list:
     root = Path(cfg.data.root)
     records, _ = load_coco_persons(
         root / cfg.data.val_images,
@@ -214,6 +207,12 @@ def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
         cfg.data.box_padding,
         False,
     )
+    return records
+
+
+def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
+    """The val records and their image rows: ground-truth boxes, or eval.detections."""
+    records = _val_records(cfg)
     if cfg.eval.detections:
         return records, detection_rows(records, cfg.eval.detections, cfg)
     return records, image_rows(records)
@@ -225,26 +224,26 @@ def evaluate_model(
     *,
     device: str | torch.device = "cpu",
     results_file: str | os.PathLike | None = None,
-    run_id: str | None = None,
+    save_drawings: SaveDrawings | None = None,
 ) -> dict[str, float]:
     """COCO keypoint metrics of `model` on the val set (GT boxes, or eval.detections), the model
     running in this process (validation inside training: rank 0 of a Ray Train worker).
 
-    Crops come from the Ray Data graph; with `run_id`, a few val images with the predicted poses
-    drawn on them are logged to that MLflow run.
+    Crops come from the Ray Data graph; with `save_drawings`, it gets a folder of eval.visualize
+    val images with the predicted poses drawn on them (jobs log it to their MLflow run).
     """
     records, rows = _val_rows(cfg)
     was_training = model.training
     model.eval()
     batches = iter_chunked(
-        lambda chunk: eval_crops(chunk, cfg, num_cpus=cfg.train.data_cpus),
+        lambda chunk: eval_crops(chunk, cfg, num_cpus=cfg.data.cpus_per_task),
         rows,
-        cfg.train.data_chunk_images,
+        cfg.data.chunk_images,
         cfg.eval.batch_size,
     )
     try:
         poses = (predict_poses(model, batch, cfg, device) for batch in batches)
-        return _score(poses, records, cfg, results_file, run_id)
+        return _score(poses, records, cfg, results_file, save_drawings)
     finally:
         model.train(was_training)
 
@@ -254,7 +253,7 @@ def evaluate_on_actors(
     cfg: Config,
     *,
     results_file: str | os.PathLike | None = None,
-    run_id: str | None = None,
+    save_drawings: SaveDrawings | None = None,
 ) -> dict[str, float]:
     """`evaluate_model` with the model on eval.workers Ray Data actors (`psm eval`): `weights` is
     a CPU state_dict for `cfg.model`. Only pose rows come back; scoring stays here."""
@@ -262,7 +261,7 @@ def evaluate_on_actors(
     poses = pose_predictions(rows, cfg, weights, cfg.eval.pose_runtime).iter_batches(
         batch_size=None, batch_format="numpy"
     )
-    return _score(poses, records, cfg, results_file, run_id)
+    return _score(poses, records, cfg, results_file, save_drawings)
 
 
 def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[dict]:
@@ -289,7 +288,7 @@ def _score(
     records: list,
     cfg: Config,
     results_file: str | os.PathLike | None,
-    run_id: str | None,
+    save_drawings: SaveDrawings | None,
 ) -> dict[str, float]:
     """Batches of pose rows (POSE_COLUMNS) -> rescoring, OKS-NMS, results JSON, COCOeval."""
     batches, skipped = [], Counter()
@@ -301,8 +300,8 @@ def _score(
         write_results(results, results_file)
     metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
-    if run_id and cfg.eval.visualize:
-        log_visualizations(records[: cfg.eval.visualize], results, cfg, run_id)
+    if save_drawings and cfg.eval.visualize:
+        draw_results(records[: cfg.eval.visualize], results, cfg, save_drawings)
     return metrics
 
 
@@ -320,16 +319,15 @@ def draw_poses(image: np.ndarray, poses: list[np.ndarray], threshold: float = 0.
     return out
 
 
-def log_visualizations(records: list, results: list[dict], cfg: Config, run_id: str) -> None:
-    """The images of `records` with their poses from `results` drawn, as run artifacts (poses/)."""
-    import tempfile
-
-    from jobs import tracking
-
+def draw_results(
+    records: list, results: list[dict], cfg: Config, save_drawings: SaveDrawings
+) -> None:
+    """The images of `records` with their poses from `results` drawn, as JPEGs in a temporary
+    folder handed to `save_drawings` (an image that does not decode is left out)."""
     with tempfile.TemporaryDirectory() as d:
         for rec in records:
             poses = [
-                np.array(r["keypoints"], np.float32).reshape(17, 3)
+                np.array(r["keypoints"], np.float32).reshape(NUM_JOINTS, 3)
                 for r in results
                 if r["image_id"] == rec.image_id
             ]
@@ -339,4 +337,4 @@ def log_visualizations(records: list, results: list[dict], cfg: Config, run_id: 
                 continue
             drawn = draw_poses(image, poses, cfg.eval.keypoint_score_threshold)
             cv2.imwrite(f"{d}/{rec.image_id}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        tracking.try_log_artifact(cfg, run_id, d, "poses")
+        save_drawings(d)

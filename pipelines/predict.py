@@ -8,7 +8,6 @@ plus ids, centre, scale and box score, where one person's stride-2 heatmaps at 3
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,7 +44,7 @@ def predict(
     model: torch.nn.Module | OnnxPoseModel, images: np.ndarray, cfg: Config, device
 ) -> torch.Tensor:
     """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
-    x = normalize_images(torch.from_numpy(images).to(device), cfg.train.channels_last)
+    x = normalize_images(torch.from_numpy(images).to(device), cfg.data.channels_last)
     heatmaps = model(x).float()
     if cfg.eval.flip_test:
         codec = HeatmapCodec.from_config(cfg)
@@ -98,7 +97,7 @@ class PosePredictor:
             threads = max(1, int(cfg.eval.cpus_per_worker))
             self.model = OnnxPoseModel(state, "pose model (ONNX)", threads)
             return
-        model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+        model = build_model(cfg.model)
         load_strict(model, state, "predictor weights")
         self.model = model.to(self.device).eval()
 

@@ -24,18 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from psm_model.coco_keypoints import KEYPOINT_NAMES, SKELETON
 from psm_model.files import write_atomic
 
-KEYPOINT_NAMES = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
-    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
-    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
-)  # fmt: skip
-# COCO's person skeleton, 1-based as in the official annotation files
-SKELETON = [
-    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
-    [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
-]  # fmt: skip
 PERSON_CATEGORY = {
     "supercategory": "person",
     "id": 1,

@@ -1,10 +1,14 @@
-"""Training checkpoints as directories: weights, optimiser state, a JSON train state, the config.
+"""Checkpoints as directories, one format for every reader:
 
     model.pt        unwrapped model state_dict (no `module.` / `_orig_mod.` prefixes)
-    optimizer.pt    optimiser, lr scheduler and AMP scaler states, torch RNG state
-    train_state.json  next epoch, global step, best AP so far, MLflow run id, unsent metrics
     config.yaml     the full config the run was started with
+    optimizer.pt    (training only) optimiser, lr scheduler and AMP scaler states, torch RNG state
+    train_state.json  (training only) next epoch, step, best AP, MLflow run id, unsent metrics
     checksums.json  sha256 of each file above, written last: verified on load
+
+`save_model` writes the first two (the best model training logs to MLflow), `save_checkpoint` all
+of them (Ray's checkpoints, the run folder's best_checkpoint). `load_checkpoint_model` reads the
+model of either (eval, infer, export, tune's registration); `load_checkpoint` resumes training.
 
 Everything is read back with `torch.load(weights_only=True)`. Each file is written atomically
 (`psm_model.files`); a checkpoint whose bytes changed since (a bad disk, a copy cut short) or
@@ -25,6 +29,7 @@ import torch
 
 from psm_model.config import Config, ConfigError, load_config, redact_secrets
 from psm_model.files import sha256, write_atomic
+from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import CheckpointError, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+def save_model(directory: str | Path, model: torch.nn.Module, cfg: Config) -> Path:
+    """The model part of a checkpoint alone: enough to evaluate, infer, export or register."""
+    return _write(directory, _model_files(model, cfg))
+
+
 def save_checkpoint(
     directory: str | Path,
     model: torch.nn.Module,
@@ -58,9 +68,7 @@ def save_checkpoint(
     state: TrainState,
     cfg: Config,
 ) -> Path:
-    d = Path(directory)
-    files = {
-        "model.pt": _torch_bytes(unwrap(model).state_dict()),
+    training = {
         "optimizer.pt": _torch_bytes(
             {
                 "optimizer": optimizer.state_dict(),
@@ -70,8 +78,19 @@ def save_checkpoint(
             }
         ),
         "train_state.json": json.dumps(asdict(state), indent=1).encode(),
+    }
+    return _write(directory, {**_model_files(model, cfg), **training})
+
+
+def _model_files(model: torch.nn.Module, cfg: Config) -> dict[str, bytes]:
+    return {
+        "model.pt": _torch_bytes(unwrap(model).state_dict()),
         "config.yaml": redact_secrets(cfg.to_yaml()).encode(),
     }
+
+
+def _write(directory: str | Path, files: dict[str, bytes]) -> Path:
+    d = Path(directory)
     for name, data in files.items():
         write_atomic(d / name, data)
     write_atomic(d / CHECKSUMS, json.dumps({k: sha256(v) for k, v in files.items()}, indent=1))
@@ -113,17 +132,32 @@ def load_checkpoint(
     """Restore what is given (the model at least) and return the train state."""
     d = Path(directory)
     verify_checkpoint(d)
-    weights, name = read_state_dict(d / "model.pt")
-    try:
-        unwrap(model).load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
-        raise CheckpointError(f"{name}: does not fit the model: {e}") from e
+    _load_weights(d, model)
     if optimizer is not None:
         _load_training_pieces(d / "optimizer.pt", optimizer, scheduler, scaler)
     try:
         return TrainState(**json.loads((d / "train_state.json").read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{d / 'train_state.json'}: not a train state: {e}") from e
+
+
+def load_checkpoint_model(directory: str | Path) -> tuple[PoseHRNet, Config]:
+    """The model of a checkpoint folder (training's or `save_model`'s), built from its own
+    config.yaml and loaded strictly, and that config."""
+    d = Path(directory)
+    verify_checkpoint(d)
+    cfg = checkpoint_config(d)
+    model = build_model(cfg.model)
+    _load_weights(d, model)
+    return model, cfg
+
+
+def _load_weights(d: Path, model: torch.nn.Module) -> None:
+    weights, name = read_state_dict(d / "model.pt")
+    try:
+        unwrap(model).load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        raise CheckpointError(f"{name}: does not fit the model: {e}") from e
 
 
 def _load_training_pieces(path: Path, optimizer, scheduler, scaler) -> None:

@@ -8,6 +8,8 @@ Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pm
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
 import re
@@ -19,6 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+from psm_model.coco_keypoints import NUM_JOINTS
+
+log = logging.getLogger(__name__)
+
 # where the pose model runs in `psm eval` / `psm infer`: PyTorch eager, or its ONNX export
 # (psm_model.export) on ONNX Runtime
 PoseRuntime = Literal["torch", "onnxruntime"]
@@ -28,6 +34,32 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
 
+# keys that moved: a config (or a checkpoint's config.yaml) with the old key still loads, with a
+# warning naming the new one; giving both is an error
+MOVED_KEYS = {
+    "train.data_cpus": "data.cpus_per_task",
+    "train.data_chunk_images": "data.chunk_images",
+    "train.channels_last": "data.channels_last",
+}
+# the shorthand flags of `psm eval` / `psm infer`: each stands for these overrides ({} = its value)
+FLAG_OVERRIDES = {
+    "eval": {"dets": ("eval.detections={}",)},
+    "infer": {"dets": ("infer.boxes=file", "infer.detections={}"), "output": ("infer.output={}",)},
+}
+
+
+def flag_overrides(job: str, **flags: str | None) -> list[str]:
+    """The `section.key=value` overrides a job's given flags stand for, e.g. `psm infer --dets X`
+    -> infer.boxes=file infer.detections=X. Placed after the user's overrides, flags win."""
+    # the value as a YAML string: a path like `123` or `a #b.json` stays that text
+    return [
+        item.format(json.dumps(value))
+        for flag, value in flags.items()
+        if value
+        for item in FLAG_OVERRIDES[job][flag]
+    ]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     width: int = 32  # base width C: branches are C, 2C, 4C, 8C (HRNet-W32, -W48, ...)
@@ -35,12 +67,16 @@ class ModelConfig:
     fusion: Literal["hrnet", "psm"] = "psm"  # upward fusion: HRNet's upsample or Pixel Shuffle
     heatmap_stride: Literal[2, 4] = 2  # 4 = HRNet's final 1x1 conv, 2 = the PSM head
     input_size: tuple[int, int] = (384, 288)  # (height, width) of the person crop
-    num_joints: int = 17
+    num_joints: int = NUM_JOINTS  # the data side reads COCO's 17 person keypoints: only 17 fits
     final_conv_kernel: Literal[1, 3] = 1
     pretrained: str = ""  # ImageNet HRNet classification checkpoint (official key layout)
 
     def __post_init__(self) -> None:
-        _positive(self, "num_joints")
+        if self.num_joints != NUM_JOINTS:
+            raise ValueError(
+                f"num_joints: {self.num_joints}, but the data (COCO person keypoints) has "
+                f"{NUM_JOINTS} joints per person"
+            )
         if self.widths is not None and len(self.widths) != 4:
             raise ValueError(f"widths: expected 4 branch widths, got {len(self.widths)}")
         if any(w <= 0 for w in self.branch_widths):
@@ -82,10 +118,14 @@ class DataConfig:
     half_body_prob: float = 0.3  # for persons with more than half_body_min_joints visible joints
     half_body_min_joints: int = 8
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
+    # the Ray Data pipeline of training, evaluation and inference alike
+    cpus_per_task: float = 1.0  # CPUs each Ray Data decode/augment/crop task reserves
+    chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
+    channels_last: bool = False  # batches (and the model) in channels-last memory format
 
     def __post_init__(self) -> None:
         _finite_floats(self)
-        _positive(self, "sigma", "box_padding", "max_image_pixels")
+        _positive(self, "sigma", "box_padding", "max_image_pixels", "cpus_per_task", "chunk_images")
         _at_least(self, 0, "half_body_min_joints")
         _within(self, 0.0, 180.0, "rotation")
         if not 0 < self.scale_min <= self.scale_max:
@@ -107,7 +147,6 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     ohkm_topk: int = 0  # online hard keypoint mining: keep the k hardest joints; 0 disables
     amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
     compile: bool = False
     # what train.compile compiles (psm_model/compiling.py): "blocks" = each residual block in place
     # (regional compilation: a fraction of the compile time, same state_dict keys), "exchange" =
@@ -117,8 +156,6 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # CPUs each training worker reserves
-    data_cpus: float = 1.0  # CPUs each Ray Data decode/augment task reserves
-    data_chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
     images_per_epoch: int = 0  # train images drawn (anew) each epoch; 0 = all (quick sweeps)
     seed: int = 0
     val_every: int = 10  # validate (COCO AP) every K epochs and after the last one; 0 = never
@@ -139,8 +176,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _finite_floats(self)
-        _positive(self, "epochs", "batch_size", "num_workers", "cpus_per_worker", "data_cpus")
-        _positive(self, "lr", "lr_factor", "data_chunk_images", "keep_checkpoints")
+        _positive(self, "epochs", "batch_size", "num_workers", "cpus_per_worker")
+        _positive(self, "lr", "lr_factor", "keep_checkpoints")
         _at_least(self, 0, "weight_decay", "warmup_epochs", "grad_clip", "ohkm_topk", "seed")
         _at_least(self, 0, "images_per_epoch", "val_every", "max_skipped_steps")
         _at_least(self, -1, "max_failures")  # -1: Ray Train retries without limit
@@ -161,7 +198,7 @@ class EvalConfig:
     # `psm eval --checkpoint`: the model runs on this many Ray Data actors (one GPU each on a GPU
     # cluster). Validation inside training runs in its rank-0 worker instead.
     workers: int = 1
-    cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: train.data_cpus)
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: data.cpus_per_task)
     pose_runtime: PoseRuntime = "torch"  # `psm eval --checkpoint`: the pose model's runtime
 
     def __post_init__(self) -> None:
@@ -336,7 +373,21 @@ def parse_config(text: str, source: str = "<text>", overrides: typing.Sequence[s
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {section}.{parent} is not a section")
         target[leaf] = yaml.safe_load(value) if value.strip() else ""
-    return _build(tree, f"{source}{' + overrides' if overrides else ''}")
+    source = f"{source}{' + overrides' if overrides else ''}"
+    _move_keys(tree, source)
+    return _build(tree, source)
+
+
+def _move_keys(tree: dict[str, dict[str, Any]], source: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if old_key not in tree.get(old_section, {}):
+            continue
+        value = tree[old_section].pop(old_key)
+        if new_key in tree.get(new_section, {}):
+            raise ConfigError(f"{source}: {old}: moved to {new}, which is set too: keep only {new}")
+        log.warning("%s: %s is now %s: read as %s=%s", source, old, new, new, value)
+        tree.setdefault(new_section, {})[new_key] = value
 
 
 def _section_type(section: str, source: str) -> type:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from psm_model.files import write_atomic
+from psm_model.coco_keypoints import COCO_SIGMAS, NUM_JOINTS, PERSON_CATEGORY_ID
+from psm_model.files import read_json, write_atomic
 from psm_model.geometry import box_problem
 
 if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm bench` without it
@@ -35,33 +36,6 @@ if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm benc
 
 log = logging.getLogger(__name__)
 
-NUM_JOINTS = 17
-PERSON_CATEGORY_ID = 1
-# COCO keypoint sigmas (pycocotools' kpt_oks_sigmas), nose .. right ankle
-COCO_SIGMAS = (
-    np.array(
-        [
-            0.26,
-            0.25,
-            0.25,
-            0.35,
-            0.35,
-            0.79,
-            0.79,
-            0.72,
-            0.72,
-            0.62,
-            0.62,
-            1.07,
-            1.07,
-            0.87,
-            0.87,
-            0.89,
-            0.89,
-        ]
-    )  # fmt: skip
-    / 10.0
-)
 # names of COCOeval.stats[0..9] for iouType "keypoints" (maxDets 20; M = medium, L = large)
 METRIC_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 
@@ -229,13 +203,7 @@ class Detections:
 
 
 def _read_json(path: Path) -> object:
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read: {e.strerror or e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: not valid JSON: {e}") from e
+    return read_json(path, EvalError)
 
 
 def json_int(value: object) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -62,3 +63,15 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> object:
+    """A JSON file's value; `error` (the caller's error class) naming the file when it cannot be
+    read or is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from e

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from psm_model.coco_keypoints import COCO_FLIP_PAIRS, UPPER_BODY_JOINTS
 from psm_model.config import DataConfig
 
 PIXEL_STD = 200.0
@@ -136,19 +137,6 @@ def warp_crop(
 # ----------------------------------------------------------------------------------------------
 # Left/right flip of COCO keypoints
 # ----------------------------------------------------------------------------------------------
-
-# COCO order: nose, l/r eye, ear, shoulder, elbow, wrist, hip, knee, ankle (left first)
-COCO_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
-    (1, 2),
-    (3, 4),
-    (5, 6),
-    (7, 8),
-    (9, 10),
-    (11, 12),
-    (13, 14),
-    (15, 16),
-)
-UPPER_BODY_JOINTS: tuple[int, ...] = tuple(range(11))  # nose .. wrists; the rest is lower body
 
 
 def flip_permutation(

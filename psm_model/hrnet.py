@@ -248,12 +248,8 @@ class PoseHRNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> PoseHRNet:
-    """The one place that turns config into a model; loads `cfg.pretrained` when set."""
-    model = PoseHRNet(
+    """The one place that turns config into a model: freshly initialised (training loads
+    `cfg.pretrained` with `psm_model.weights.load_pretrained`)."""
+    return PoseHRNet(
         cfg.branch_widths, cfg.fusion, cfg.heatmap_stride, cfg.num_joints, cfg.final_conv_kernel
     )
-    if cfg.pretrained:
-        from psm_model.weights import load_pretrained
-
-        load_pretrained(model, cfg.pretrained)
-    return model

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from psm_model.checkpoint import TrainState, load_checkpoint, load_first_good, save_checkpoint
+from psm_model.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    load_checkpoint_model,
+    load_first_good,
+    save_checkpoint,
+    save_model,
+)
 from psm_model.config import load_config
 from psm_model.hrnet import build_model
 from psm_model.weights import CheckpointError
@@ -92,3 +99,20 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, cfg, c
     assert f"{model_file}: sha256 differs" in caplog.text
     with pytest.raises(CheckpointError, match="sha256 differs"):  # none usable: the newest's error
         load_first_good([tmp_path / "epoch3"], model)
+
+
+def test_one_format_the_model_part_alone_loads_as_any_checkpoint_does(tmp_path, cfg):
+    # the best model training logs to MLflow: model.pt + config.yaml (+ checksums), no
+    # optimiser and no train state; every model reader takes it like a training checkpoint
+    trained = _save(tmp_path / "full", cfg, 3)
+    save_model(tmp_path / "best", trained, cfg)
+    names = set(json.loads((tmp_path / "best" / "checksums.json").read_text()))
+    assert names == {"model.pt", "config.yaml"}
+    for folder in ("full", "best"):
+        model, got = load_checkpoint_model(tmp_path / folder)
+        assert got == cfg
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.state_dict().items())
+    # and it is verified as they are
+    (tmp_path / "best" / "model.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="model.pt: sha256 differs"):
+        load_checkpoint_model(tmp_path / "best")

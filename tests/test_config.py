@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from psm_model.config import Config, ConfigError, load_config
+from psm_model.config import Config, ConfigError, flag_overrides, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,7 +60,7 @@ def test_int_given_for_float_is_accepted():
         ("model:\n  input_size: [256]\n", "model.input_size: expected 2 values, got 1"),
         ("model:\n  widths: [8, 16]\n", "model.widths: expected 4 branch widths, got 2"),
         ("data:\n  sigma: -1\n", "data.sigma: must be positive"),
-        ("train:\n  channels_last: yes please\n", "train.channels_last: expected true or false"),
+        ("data:\n  channels_last: yes please\n", "data.channels_last: expected true or false"),
         ("- a\n- b\n", "expected a mapping of sections"),
         ("model: [1, 2]\n", "model: expected a mapping"),
         ("model: {width: 32\n", "not valid YAML"),
@@ -111,6 +111,10 @@ def test_bad_overrides(override, expected):
         ("train:\n  lr_steps: [-3]\n", "train.lr_steps: epochs must be >= 0"),
         ("train:\n  nonfinite_loss: ignore\n", "train.nonfinite_loss: 'ignore' is not one of"),
         ("infer:\n  part_images: 0\n", "infer.part_images: must be positive"),
+        ("data:\n  cpus_per_task: 0\n", "data.cpus_per_task: must be positive"),
+        ("data:\n  chunk_images: 0\n", "data.chunk_images: must be positive"),
+        # the data side reads COCO's 17 keypoints: another head size is refused up front
+        ("model:\n  num_joints: 5\n", "model.num_joints: 5, but the data (COCO person keypoints)"),
     ],
 )
 def test_out_of_range_values_name_file_and_key(tmp_path, text, expected):
@@ -160,3 +164,48 @@ def test_a_nested_section_reads_from_yaml_and_overrides_and_round_trips(tmp_path
 def test_bad_nested_overrides(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
+
+
+def test_moved_data_pipeline_keys_still_load_with_a_warning_naming_the_new_key(tmp_path, caplog):
+    # configs (and checkpoints' config.yaml) written before the Ray Data resources moved to data.*
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  data_cpus: 0.5\n  data_chunk_images: 64\n  channels_last: true\n")
+    with caplog.at_level("WARNING", logger="psm_model.config"):
+        cfg = load_config(path, ["train.data_cpus=0.25"])
+    assert (cfg.data.cpus_per_task, cfg.data.chunk_images, cfg.data.channels_last) == (
+        0.25,
+        64,
+        True,
+    )
+    for old, new in (("train.data_cpus", "data.cpus_per_task"),
+                     ("train.data_chunk_images", "data.chunk_images"),
+                     ("train.channels_last", "data.channels_last")):  # fmt: skip
+        assert f"{old} is now {new}" in caplog.text
+    assert cfg == parse_config(cfg.to_yaml())  # saved with the new keys only
+    assert "data_cpus" not in cfg.to_yaml()
+
+
+def test_a_moved_key_given_with_its_new_key_is_refused():
+    with pytest.raises(
+        ConfigError, match="train.data_cpus: moved to data.cpus_per_task, which is set"
+    ):
+        load_config(None, ["data.cpus_per_task=1", "train.data_cpus=2"])
+
+
+def test_cli_flags_are_aliases_of_one_key_per_job():
+    assert flag_overrides("eval", dets="d.json") == ['eval.detections="d.json"']
+    assert flag_overrides("infer", dets="d.json", output=None) == [
+        "infer.boxes=file",
+        'infer.detections="d.json"',
+    ]
+    assert flag_overrides("eval", dets=None) == []
+    # flags come after the user's overrides and win; a path that YAML would read as a number or
+    # cut at a comment stays the text given
+    flags = flag_overrides("infer", dets="123", output="out #1.json")
+    cfg = load_config(None, ["infer.boxes=gt", "infer.output=x.json", *flags])
+    assert (cfg.infer.boxes, cfg.infer.detections, cfg.infer.output) == (
+        "file",
+        "123",
+        "out #1.json",
+    )
+    assert load_config(None, flag_overrides("eval", dets="a.json")).eval.detections == "a.json"

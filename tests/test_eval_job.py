@@ -204,3 +204,19 @@ def test_eval_with_the_pose_model_on_onnx_runtime_scores_as_pytorch(
     onnx_ids, _, onnx_scores = _poses(tmp_path / "onnxruntime.json")
     assert onnx_ids == torch_ids
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
+
+
+def test_the_best_checkpoint_training_logs_to_mlflow_loads_as_a_checkpoint(tmp_path):
+    # the MLflow artifact `best_checkpoint` holds the model and config only (no optimiser, no
+    # train state); `psm eval/infer/export --checkpoint` and tune's registration read it
+    cfg = load_config(TINY, ["model.fusion=hrnet"])
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        next(model.parameters()).fill_(0.5)
+    (tmp_path / "best").mkdir()
+    torch.save(model.state_dict(), tmp_path / "best" / "model.pt")
+    (tmp_path / "best" / "config.yaml").write_text(cfg.to_yaml())
+    loaded, got = load_model(str(tmp_path / "best"), load_config(TINY))
+    assert got.model.fusion == "hrnet"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

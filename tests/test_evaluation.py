@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.evaluate import oracle_eval
+from psm_model.config import load_config
 from psm_model.evaluation import (
     COCO_SIGMAS,
     METRIC_NAMES,
@@ -260,22 +261,33 @@ def test_empty_or_malformed_detections_file(tmp_path):
 )
 @pytest.mark.parametrize("decode", ["quarter", "dark"])
 def test_gt_round_trip_on_real_val(coco_root, input_hw, stride, sigma, goal, decode):
-    args = (coco_root / "val2017", coco_root / VAL, input_hw, stride, sigma, decode)
+    cfg = _oracle_cfg(coco_root, VAL, input_hw, stride, sigma, f"eval.decode={decode}")
     # the chain's own error: GT joints that lie outside their crop left out of COCOeval
-    chain = oracle_eval(*args, flip=True, gt_in_crop_only=True)
+    chain = oracle_eval(cfg, gt_in_crop_only=True)
     assert chain["AP"] >= goal and chain["AP50"] == 1.0
     # the full recipe: 4 of the 68 persons have 6 labelled joints outside their x1.25 GT box,
     # which no heatmap can hold: AP about 0.98 at most on this sample (0.978 to 0.985)
-    full = oracle_eval(*args, flip=True)
+    full = oracle_eval(cfg)
     assert 0.975 <= full["AP"] <= chain["AP"]
+
+
+def _oracle_cfg(coco_root, ann, input_hw, stride, sigma, *overrides):
+    """The val set `ann` of the COCO samples, the flip test on, at this crop, stride and sigma."""
+    h, w = input_hw
+    return load_config(
+        None,
+        [f"data.root={coco_root}", "data.val_images=val2017", f"data.val_annotations={ann}",
+         f"model.input_size=[{h},{w}]", f"model.heatmap_stride={stride}", f"data.sigma={sigma}",
+         "eval.flip_test=true", *overrides],
+    )  # fmt: skip
 
 
 def test_detections_round_trip_on_mmpose_sample(coco_root, tmp_path):
     out = tmp_path / "keypoints.json"
+    dets = f"eval.detections={coco_root / DETS4}"
     metrics = oracle_eval(
-        coco_root / "val2017", coco_root / MMPOSE4, (256, 192), 4, 2.0,
-        detections=coco_root / DETS4, results_file=out,
-    )  # fmt: skip
+        _oracle_cfg(coco_root, MMPOSE4, (256, 192), 4, 2.0, dets), results_file=out
+    )
     results = json.loads(out.read_text())
     # 118 boxes; duplicates of a person carry the same GT pose: OKS-NMS keeps one of each
     assert 12 <= len(results) < 118
@@ -284,14 +296,10 @@ def test_detections_round_trip_on_mmpose_sample(coco_root, tmp_path):
     dets = [d for d in json.loads((coco_root / DETS4).read_text()) if d["image_id"] != 785]
     partial = tmp_path / "dets.json"
     partial.write_text(json.dumps(dets))
-    metrics = oracle_eval(
-        coco_root / "val2017", coco_root / MMPOSE4, (256, 192), 4, 2.0,
-        detections=partial, results_file=out,
-    )  # fmt: skip
+    cfg = _oracle_cfg(coco_root, MMPOSE4, (256, 192), 4, 2.0, f"eval.detections={partial}")
+    metrics = oracle_eval(cfg, results_file=out)
     assert 785 not in {r["image_id"] for r in json.loads(out.read_text())}
     assert 0.0 < metrics["AR"] < 1.0
     partial.write_text("[]")
-    empty = oracle_eval(
-        coco_root / "val2017", coco_root / MMPOSE4, (256, 192), 4, 2.0, detections=partial
-    )
+    empty = oracle_eval(cfg)
     assert empty["AP"] == 0.0

@@ -2,7 +2,6 @@
 same inputs (heatmaps within 1e-4, the same argmax) for fusion psm / hrnet at stride 2 / 4, the
 PixelShuffle order (DepthToSpace CRD), a dynamic batch, and the same poses through predict_poses."""
 
-import dataclasses
 from pathlib import Path
 
 import cv2
@@ -32,7 +31,7 @@ def _model(fusion: str, stride: int, seed: int = 0) -> torch.nn.Module:
     1e-4 would prove little)."""
     cfg = load_config(TINY, [f"model.fusion={fusion}", f"model.heatmap_stride={stride}"])
     torch.manual_seed(seed)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+    model = build_model(cfg.model)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)

@@ -281,18 +281,17 @@ def test_build_model_explicit_widths_override_width():
         fusion="psm",
         heatmap_stride=2,
         input_size=(64, 64),
-        num_joints=5,
         final_conv_kernel=3,
     )
     model = build_model(cfg).eval()
     assert model.widths == ODD
     assert (model.fusion, model.heatmap_stride) == ("psm", 2)
     assert isinstance(model.head_up, PixelShuffleUp)
-    assert model.final_layer.weight.shape == (5, 8, 3, 3)
+    assert model.final_layer.weight.shape == (17, 8, 3, 3)
     assert model.stage4[0].branches[3][0].conv1.weight.shape[0] == 28
     with torch.no_grad():
         out = model(torch.randn(1, 3, *cfg.input_size))
-    assert out.shape == (1, 5, *cfg.heatmap_size) == (1, 5, 32, 32)
+    assert out.shape == (1, 17, *cfg.heatmap_size) == (1, 17, 32, 32)
 
 
 def test_build_model_defaults_are_psm_w32_stride2():

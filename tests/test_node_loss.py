@@ -64,7 +64,7 @@ def test_training_resumes_on_the_remaining_node(cluster):
         "train.epochs=3",
         "train.num_workers=1",
         "train.cpus_per_worker=0.5",
-        "train.data_cpus=0.5",
+        "data.cpus_per_task=0.5",
         "train.max_failures=2",
         wait=False,
     )

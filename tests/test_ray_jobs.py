@@ -226,7 +226,7 @@ def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
         "  train.epochs: 1\n"
         "  train.num_workers: 1\n"
         "  train.cpus_per_worker: 0.5\n"
-        "  train.data_cpus: 0.4\n"
+        "  data.cpus_per_task: 0.4\n"
         "  eval.visualize: 0\n"
         "params:\n"
         "  data.sigma: {grid: [1.5, 2.5]}\n"

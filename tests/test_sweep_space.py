@@ -105,7 +105,7 @@ def test_sweeping_width_while_widths_are_fixed_is_an_error():
 
 def test_concurrency_counts_driver_workers_and_a_data_task(base):
     space = parse_space(
-        "overrides: {train.num_workers: 1, train.cpus_per_worker: 0.5, train.data_cpus: 0.4}\n"
+        "overrides: {train.num_workers: 1, train.cpus_per_worker: 0.5, data.cpus_per_task: 0.4}\n"
         "params: {data.sigma: {grid: [2.0]}}",
         base,
     )

@@ -37,7 +37,6 @@ def _overrides(tmp_path, root, name, **train) -> list[str]:
         "lr": 5e-3,
         "num_workers": 2,
         "cpus_per_worker": 0.5,
-        "data_cpus": 0.5,
         "val_every": 0,
         "storage_path": str(tmp_path / "runs"),
         "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -45,7 +44,7 @@ def _overrides(tmp_path, root, name, **train) -> list[str]:
         **train,
     }
     train_overrides = [f"train.{k}={v}" for k, v in overrides.items()]
-    return [f"data.root={root}", *STILL, *train_overrides]
+    return [f"data.root={root}", "data.cpus_per_task=0.5", *STILL, *train_overrides]
 
 
 def _weights(summary, cfg):
@@ -176,7 +175,7 @@ def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_
     poses = client.list_artifacts(summary["mlflow_run_id"], "poses")
     assert len(poses) == 2 and all(p.path.endswith(".jpg") for p in poses)
     best = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "best_checkpoint")}
-    assert best == {"best_checkpoint/model.pt", "best_checkpoint/config.yaml"}
+    assert best == {f"best_checkpoint/{n}" for n in ("model.pt", "config.yaml", "checksums.json")}
     # the best checkpoint is also kept in the run folder, whatever Ray's retention drops later
     kept = tmp_path / "runs" / "coco" / "best_checkpoint"
     assert load_checkpoint(kept, build_model(cfg.model)).best_ap == summary["best_AP"]

@@ -32,7 +32,7 @@ overrides:
   train.batch_size: 8
   train.num_workers: 1
   train.cpus_per_worker: 1
-  train.data_cpus: 0.5
+  data.cpus_per_task: 0.5
   eval.visualize: 0
 params:
   train.lr: {{grid: [5.0e-3, 1.0e-7]}}
@@ -137,7 +137,7 @@ RESUME_SPACE = """
 searcher: grid
 max_concurrent_trials: 1
 overrides: {train.epochs: 2, train.batch_size: 4, train.num_workers: 1, train.cpus_per_worker: 1,
-            train.data_cpus: 0.5, eval.visualize: 0}
+            data.cpus_per_task: 0.5, eval.visualize: 0}
 params:
   data.sigma: {grid: [2.0, 2.5, 3.0]}
 """

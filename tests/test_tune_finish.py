@@ -5,11 +5,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import torch
 
 from jobs import tracking
 from jobs.sweep_space import parse_space
 from jobs.tune import _finish
+from psm_model.checkpoint import save_model
 from psm_model.config import load_config
 from psm_model.hrnet import build_model
 
@@ -26,8 +26,7 @@ def _trial(base, parent, name, lr, epochs_done=None):
         metrics = {"epochs_done": epochs_done, "best_AP": 0.1 * lr * 1000}
         tracking.log_metrics(cfg, run_id, metrics, step=0)
         with tempfile.TemporaryDirectory() as d:  # what a training run logs as its best weights
-            torch.save(build_model(cfg.model).state_dict(), Path(d) / "model.pt")
-            (Path(d) / "config.yaml").write_text(cfg.to_yaml())
+            save_model(d, build_model(cfg.model), cfg)
             tracking.log_artifact(cfg, run_id, d, "best_checkpoint")
     return run_id
 

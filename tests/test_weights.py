@@ -241,7 +241,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=str(path)):
         from_official_checkpoint(path)
     with pytest.raises(CheckpointError, match=str(path)):
-        build_model(ModelConfig(width=8, input_size=(64, 64), pretrained=str(path)))
+        load_pretrained(build_model(ModelConfig(width=8, input_size=(64, 64))), path)
 
 
 def test_directory_is_a_clear_error(tmp_path):
@@ -433,14 +433,16 @@ def test_pretrained_without_backbone_keys_is_an_error():
         load_pretrained(model, {"final_layer.weight": torch.zeros(17, 8, 1, 1)})
 
 
-def test_build_model_with_pretrained_path(imagenet_w8, tmp_path):
+def test_build_model_only_builds_and_training_loads_the_pretrained_path(imagenet_w8, tmp_path):
     path = tmp_path / "hrnet_w8_imagenet.pth"
     torch.save(imagenet_w8, path)
     cfg = ModelConfig(width=8, input_size=(64, 64), pretrained=str(path))
     torch.manual_seed(5)
     plain = build_model(ModelConfig(width=8, input_size=(64, 64)))
     torch.manual_seed(5)
-    model = build_model(cfg)
+    model = build_model(cfg)  # evaluation, export, checkpoint loads: no file read
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    load_pretrained(model, cfg.pretrained)  # what jobs.train does
     assert torch.equal(model.conv1.weight, imagenet_w8["conv1.weight"])
     key = "stage3.2.branches.2.1.conv2.weight"
     assert torch.equal(model.state_dict()[key], imagenet_w8[key])
