@@ -111,7 +111,8 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     import ray
 
     from pipelines.evaluate import detection_rows, draw_results
-    from pipelines.inference import PartStore, filesystem, infer_parts, split_parts, write_bytes
+    from pipelines.inference import PartStore, infer_parts, split_parts
+    from pipelines.uris import filesystem, write_bytes
 
     if cfg.infer.boxes == "file" and not cfg.infer.detections:
         raise ConfigError(

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
-from pipelines.inference import filesystem, write_bytes
+from pipelines.uris import filesystem, write_bytes
 from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
 from psm_model.files import temporary_name

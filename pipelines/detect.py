@@ -178,7 +178,7 @@ def detect_people(
 
 def load_detector(uri: str) -> tuple[bytes, str]:
     """The detector file's bytes (a local path or a pyarrow URI) and their sha256."""
-    from pipelines.inference import filesystem
+    from pipelines.uris import filesystem
 
     if not uri:
         raise DetectorError("infer.detector.model: required with infer.boxes=detector")

@@ -21,7 +21,6 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -31,6 +30,7 @@ from pipelines.coco import DataError
 from pipelines.datasets import detected_pose_predictions, pose_predictions
 from pipelines.evaluate import pose_results
 from pipelines.samples import NO_PERSON
+from pipelines.uris import filesystem, write_bytes
 from psm_model.config import Config
 from psm_model.files import fsync_folder, sha256, temporary_name, write_atomic
 
@@ -39,29 +39,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PART_HASHES = "part_sha256"  # manifest key: part file name -> sha256 of its bytes
 LEASE = "LEASE"  # present while a job writes the folder
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """A local path (made absolute) or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://):
-    on a cluster the job's working directory is a temporary copy, so results belong in storage
-    that outlives it (as train.storage_path)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a local path or URI by a unique temporary name and a move: a crash leaves the old file
-    or none, never half of one, and two writers never share a temporary."""
-    if "://" not in path:
-        write_atomic(path, data)  # also synced to disk, file and folder
-        return
-    fs, where = filesystem(path)
-    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    tmp = str(temporary_name(where))
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, where)
 
 
 class PartStore:
