@@ -2,8 +2,8 @@
 poses on an actor pool that holds the model (`psm eval`).
 
 A crop task turns a block of image rows into one batch of sample columns (numpy arrays, stacked),
-which Ray stores as one Arrow block: no per-sample Python dicts to convert (that cost 0.2-0.7 ms
-of worker CPU per sample with `flat_map`).
+which Ray stores as one Arrow block: no per-sample Python dicts to convert (with `flat_map` that
+conversion cost more worker CPU than the crop itself; docs/benchmarks.md).
 
 The Ray calls of the data side live here. A graph is built per epoch (the epoch is part of every
 sample's seed), so each epoch draws new augmentations and a resumed epoch redraws exactly the same.
@@ -240,8 +240,8 @@ def iter_chunked(
     previous one is consumed (order kept).
 
     Why not stream: a streaming executor whose output is backpressured by a slower consumer (a
-    train step, a model) has no task to wait on and spins; on 2 cores it took a third of the
-    training thread's time (GIL), 12 instead of 32 samples/s.
+    train step, a model) has no task to wait on and spins, taking the training thread's time
+    (GIL; docs/benchmarks.md).
     """
     chunks = [rows[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
     with ThreadPoolExecutor(max_workers=1) as ahead:

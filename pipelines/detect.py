@@ -226,8 +226,8 @@ def detection_columns(
     """A batch of image rows (image_id, path) -> the rows `pipelines.samples.eval_batch` takes,
     one per image, with the detector's boxes (and `boxes`: COCO x, y, w, h).
 
-    Each stage decodes the image itself (this one, then the crop task): ~2 ms per COCO JPEG
-    against ~0.8 MB per decoded image through the object store (docs/benchmarks.md)."""
+    Each stage decodes the image itself (this one, then the crop task): a second decode costs
+    less than moving the decoded image through the object store (docs/benchmarks.md)."""
     cols: dict[str, list] = {k: [] for k in ("ann_ids", "keypoints", "centers", "scales")}
     cols |= {"scores": [], "boxes": []}
     for image_id, path in zip(images["image_id"], images["path"], strict=True):

@@ -2,7 +2,7 @@
 
 scope "model": `torch.compile(model)`, one graph of the whole network (forward and backward). It
 returns a wrapper whose state_dict keys carry `_orig_mod.` (checkpoint.unwrap strips it). On
-HRNet-W48 384x288 it did not finish compiling in 240 s on a 16-core H100 machine.
+HRNet-W48 384x288 its compile time is the longest by far (docs/benchmarks.md).
 
 scopes "blocks" and "exchange" (regional compilation): each repeated region is compiled in place
 with `nn.Module.compile()`. Since torch 2.5 a module's parameters are inputs of the compiled graph
@@ -24,9 +24,9 @@ recompiles each graph once with a dynamic batch dimension. That can take 8 entri
 object (4 widths x 2), Dynamo's default recompile limit, after which it silently runs eagerly;
 compile_model raises the limit to `RECOMPILE_LIMIT`.
 
-On the CPU machine (docs/benchmarks.md) "blocks" compiled 6x faster than "model" and 3-4x faster
-than "exchange" (39 s vs 233 s and 133 s, PSM-W32 256x192); steady-state steps there were 4-31 %
-slower than "model" and no scope beat eager. The GPU gain is measured by benchmarks/gpu_train.sh.
+"blocks" compiles several times faster than "model" and "exchange"; on the CPU its steady-state
+steps were a little slower than "model"'s and no scope beat eager (docs/benchmarks.md; the GPU
+gain is measured by benchmarks/gpu_train.sh).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Exported with the TorchScript exporter (`dynamo=False`): on this model it gives the same graph
 ops as the torch.export-based one (Conv, Relu, Add, DepthToSpace; BatchNorm folded into the convs)
-in 1.6 s instead of 24 s for the W8 test model, and needs neither onnxscript nor torch.export.
+much faster (docs/benchmarks.md), and needs neither onnxscript nor torch.export.
 PyTorch's PixelShuffle reads channel c * r^2 + i * r + j into output (c, y * r + i, x * r + j):
 ONNX DepthToSpace with mode "CRD" (column-row-depth); the default mode "DCR" is a different
 permutation, so `check_depth_to_space` refuses a graph that uses it.
