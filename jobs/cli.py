@@ -367,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
     p.add_argument("--checkpoint", help="a training checkpoint folder or a weights file (.pth)")
-    p.add_argument("--dets", help="person detections, COCO results format (default: GT boxes)")
+    p.add_argument(
+        "--dets",
+        help="person detections, COCO results format (eval.detections=FILE; default: GT boxes)",
+    )
     p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
     p.add_argument("--results", help="also write the keypoint results JSON here")
     p.set_defaults(func=cmd_eval)
