@@ -26,14 +26,16 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from pipelines.coco import ImageError, decode_image, load_coco_persons
+from pipelines.augment import count_skips, image_rows
+from pipelines.coco import load_coco_persons, load_split
 from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
 from pipelines.detect import box_row
+from pipelines.images import ImageError, decode_image
 from pipelines.predict import predict_poses
-from pipelines.samples import count_skips, image_rows
 from pipelines.synthetic import SKELETON
-from psm_model.codec import DecodeMethod, HeatmapCodec
+from psm_model.codec import HeatmapCodec
 from psm_model.config import Config, EvalConfig
+from psm_model.decode import DecodeMethod
 from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections, write_results
 from psm_model.geometry import (
     PIXEL_STD,
@@ -206,14 +208,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
 
 def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
     """The val records and their image rows: ground-truth boxes, or eval.detections."""
-    root = Path(cfg.data.root)
-    records, _ = load_coco_persons(
-        root / cfg.data.val_images,
-        root / cfg.data.val_annotations,
-        cfg.model.input_size,
-        cfg.data.box_padding,
-        False,
-    )
+    records, _ = load_split(cfg, "val")
     if cfg.eval.detections:
         return records, detection_rows(records, cfg.eval.detections, cfg)
     return records, image_rows(records)
