@@ -96,9 +96,11 @@ class _Run:
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
 
 
-def _setup(cfg: Config, device, rank, world, rows: list[dict], run_id: str, checkpoint) -> _Run:
-    """Model, optimiser, schedule and AMP scaler on `device`, restored from `checkpoint` if any;
-    the warm-up length in steps for this many `rows` (image rows) shared by `world` ranks."""
+def _setup(
+    cfg: Config, device, rank: int, world: int, rows: list[dict], run_id: str, checkpoint
+) -> _Run:
+    """Model, optimiser, schedule and AMP scaler on `device`, restored from `checkpoint` if any,
+    and the warm-up length in steps for the image `rows` shared by `world` ranks."""
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     else:  # fixed input shapes: let cuDNN time its algorithms once (the official CUDNN.BENCHMARK)
