@@ -3,7 +3,7 @@
 Three in-process figures on one core (no Ray, cv2 limited to one thread), over every training
 person of a COCO-style root:
 
-- ours: `pipelines.samples.train_batch` as the Ray workers run it (batches of BATCH_IMAGES image
+- ours: `pipelines.augment.train_batch` as the Ray workers run it (batches of BATCH_IMAGES image
   rows; decode each image once, `make_training_sample` per person), split into decode
   (`decode_image`), warp (`warp_crop`, i.e. the one cv2.warpAffine) and everything else
   (augmentation draws, matrices, keypoints, the output columns);
@@ -35,11 +35,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import pipelines.samples as samples_module
-import psm_model.geometry as geometry_module
+import pipelines.augment as augment_module
 from jobs.bench_official import clock, official_nbytes, official_sigma, time_official
-from pipelines.coco import decode_image, load_coco_persons
-from pipelines.samples import BATCH_IMAGES, image_rows, rows_to_columns, train_batch
+from pipelines.augment import BATCH_IMAGES, image_rows, rows_to_columns, train_batch
+from pipelines.coco import load_coco_persons
+from pipelines.images import decode_image
 from psm_model.config import Config
 from psm_model.geometry import affine_matrix
 
@@ -124,8 +124,8 @@ def time_ours(rows: Sequence[dict], cfg: Config, size: tuple[int, int]) -> tuple
     crops = nbytes = 0
     wall0, t0 = time.perf_counter(), clock()
     with (
-        _timed_attr(samples_module, "decode_image", totals, "decode"),
-        _timed_attr(geometry_module, "warp_crop", totals, "warp"),
+        _timed_attr(augment_module, "decode_image", totals, "decode"),
+        _timed_attr(augment_module, "warp_crop", totals, "warp"),
     ):
         for images in batches:
             out = train_batch(images, data=cfg.data, input_size=size, seed=cfg.train.seed, epoch=0)

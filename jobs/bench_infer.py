@@ -22,8 +22,8 @@ import torch
 
 from jobs.bench import machine
 from jobs.bench_data import _local_ray
-from pipelines.coco import decode_image
 from pipelines.detect import crops_with_boxes, detection_columns, detector_session
+from pipelines.images import decode_image
 from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
 from pipelines.toy_detector import export_toy_detector, write_plain_people

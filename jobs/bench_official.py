@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from pipelines.augment import draw_augmentation, half_body_box
 from pipelines.coco import NUM_JOINTS, ImageRecord
 from psm_model.codec import IMAGENET_MEAN, IMAGENET_STD
 from psm_model.config import Config
-from psm_model.geometry import draw_augmentation, flip_keypoints, half_body_box
+from psm_model.geometry import flip_keypoints
 
 OFFICIAL_STRIDE = 4  # the official HRNet heatmaps: 96x72 at 384x288, 64x48 at 256x192
 # CPU time of this thread, as the rest of the bench (jobs.bench_data)

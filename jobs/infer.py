@@ -31,11 +31,11 @@ from pathlib import Path, PurePosixPath
 
 from jobs import storage, tracking
 from jobs.evaluate import load_model
+from pipelines.augment import image_rows
 from pipelines.coco import DataError, load_coco_persons, load_images
 from pipelines.detect import detector_session, load_detector
-from pipelines.samples import image_rows
-from psm_model.codec import flip_shift
 from psm_model.config import Config, ConfigError, redact_secrets
+from psm_model.decode import flip_shift
 from psm_model.evaluation import (
     check_submission,
     coco_box_eval,

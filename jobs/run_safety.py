@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray.train
-import torch
 
 from pipelines.uris import filesystem, write_bytes
 from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
@@ -75,15 +74,6 @@ def skip_nonfinite_step(cfg: Config, state: TrainState, epoch: int) -> None:
         )
     log.warning("%s: non-finite loss, step skipped (%d of at most %d)", where,
                 state.skipped_steps, cfg.train.max_skipped_steps)  # fmt: skip
-
-
-def all_ranks_finite(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every rank: all of them skip the update together (DDP would
-    otherwise wait forever in the gradient all-reduce of the ranks that go on)."""
-    flag = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-    if world > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def run_folder(cfg: Config) -> str:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,40 +28,85 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from jobs import run_safety, storage, tracking
-from pipelines.coco import load_coco_persons
+from pipelines.augment import count_skips, image_rows
+from pipelines.coco import load_split
 from pipelines.datasets import iter_chunked, train_crops
-from pipelines.samples import count_skips, image_rows
-from psm_model.checkpoint import (
-    TrainState,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
-    unwrap,
-)
-from psm_model.codec import HeatmapCodec, normalize_images
+from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
+from psm_model.codec import HeatmapCodec
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config, parse_config, redact_secrets
 from psm_model.hrnet import build_model
-from psm_model.loss import joints_mse_loss
+from psm_model.loss import train_step
 from psm_model.weights import load_pretrained
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: `_setup`, then per epoch `_train_epoch` over this rank's
+    crops and `_end_epoch`. Every Ray call of the worker is in this function, marked `# Ray`."""
     cfg = parse_config(loop_config["config_yaml"], "<run config>")
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Ray: no bars in workers
+    rows = image_rows(load_split(cfg, "train")[0])
     device = get_device()  # Ray: this worker's GPU, or the CPU
+    checkpoint = ray.train.get_checkpoint()  # Ray: the newest checkpoint after a restart
+    run = _setup(cfg, device, rank, world, rows, loop_config["mlflow_run_id"], checkpoint)
+    run.model = prepare_model(run.model, move_to_device=False)  # Ray: DDP over gloo or NCCL
+    # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
+    run.step_model = (
+        compile_model(run.model, cfg.train.compile_scope) if cfg.train.compile else run.model
+    )
+
+    for epoch in range(run.state.epoch, cfg.train.epochs):
+        # the same image order on every rank, a new one every epoch; each rank takes every world-th
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
+        order = order[: cfg.train.images_per_epoch or None]
+        batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
+            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task),
+            [rows[i] for i in order[rank::world]],
+            cfg.data.chunk_images,
+            cfg.train.batch_size,
+        )
+        metrics = _train_epoch(run, batches, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            written = _end_epoch(run, metrics, epoch, d)  # rank 0: validation, checkpoint in d
+            checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
+            ray.train.report(metrics, checkpoint=checkpoint)  # Ray: rank 0 writes, all report
+        if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
+            run.state.held_metrics = tracking.deliver(
+                cfg, run.state.mlflow_run_id, run.state.held_metrics
+            )
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a worker's epochs share."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module  # DDP-wrapped once prepared; `unwrap` gives the plain model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    warmup_steps: int
+    step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
+
+
+def _setup(
+    cfg: Config, device, rank: int, world: int, rows: list[dict], run_id: str, checkpoint
+) -> _Run:
+    """Model, optimiser, schedule and AMP scaler on `device`, restored from `checkpoint` if any,
+    and the warm-up length in steps for the image `rows` shared by `world` ranks."""
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     else:  # fixed input shapes: let cuDNN time its algorithms once (the official CUDNN.BENCHMARK)
         torch.backends.cudnn.benchmark = True
-    ray.data.DataContext.get_current().enable_progress_bars = False  # Ray: no bars in workers
     torch.manual_seed(cfg.train.seed)
-
     model = build_model(cfg.model)
     if cfg.model.pretrained:  # ImageNet backbone; a resumed run overwrites it below
         load_pretrained(model, cfg.model.pretrained)
@@ -76,116 +121,76 @@ def train_loop(loop_config: dict) -> None:
         optimizer, list(cfg.train.lr_steps), cfg.train.lr_factor
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    state = TrainState(mlflow_run_id=loop_config["mlflow_run_id"])
-    if checkpoint := ray.train.get_checkpoint():  # Ray: the newest checkpoint after a restart
-        # a corrupt newest checkpoint falls back to an older one
+    state = TrainState(mlflow_run_id=run_id)
+    if checkpoint:  # a corrupt newest checkpoint falls back to an older one
         state = run_safety.restore(checkpoint, model, optimizer, scheduler, scaler)
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
-    model = prepare_model(model, move_to_device=False)  # Ray: DDP over gloo or NCCL
-    # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
-    step_model = compile_model(model, cfg.train.compile_scope) if cfg.train.compile else model
-
-    root = Path(cfg.data.root)
-    records, _ = load_coco_persons(
-        root / cfg.data.train_images,
-        root / cfg.data.train_annotations,
-        cfg.model.input_size,
-        cfg.data.box_padding,
-    )
-    rows = image_rows(records)
-    codec = HeatmapCodec.from_config(cfg)
     persons = sum(len(r["ann_ids"]) for r in rows)
     if cfg.train.images_per_epoch:
         persons = persons * min(cfg.train.images_per_epoch, len(rows)) // len(rows)
     warmup_steps = cfg.train.warmup_epochs * max(1, persons // (world * cfg.train.batch_size))
+    return _Run(cfg, device, rank, world, model, optimizer, scheduler, scaler, state, warmup_steps)
 
-    for epoch in range(state.epoch, cfg.train.epochs):
-        t0 = time.perf_counter()
-        # the same image order on every rank, a new one every epoch; each rank takes every world-th
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
-        order = order[: cfg.train.images_per_epoch or None]
-        mine = [rows[i] for i in order[rank::world]]
-        batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
-            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task),
-            mine,
-            cfg.data.chunk_images,
-            cfg.train.batch_size,
+
+def _train_epoch(run: _Run, batches: Iterator[dict], epoch: int) -> dict[str, float]:
+    """One pass over this rank's batches; the epoch's metrics, summed over the ranks."""
+    cfg, state, device, world = run.cfg, run.state, run.device, run.world
+    t0 = time.perf_counter()
+    codec = HeatmapCodec.from_config(cfg)
+    run.model.train()
+    loss_sum, samples, skips = 0.0, 0, Counter()
+    while True:
+        batch = next(batches, None)
+        # DDP needs the same number of steps everywhere: stop when any rank runs dry
+        if not _all_ranks_have(batch is not None, device, world):
+            break
+        skips += count_skips(batch["skip"])
+        keep = batch["skip"] == ""
+        if keep.any():  # skip rows carry zero weights; dropping them keeps BN statistics clean
+            batch = {k: v[keep] for k, v in batch.items()}
+        _set_warmup_lr(run.optimizer, cfg, state.step, run.warmup_steps, run.scheduler)
+        loss = train_step(
+            run.step_model, batch, codec, cfg, run.optimizer, run.scaler, device, world
         )
-        model.train()
-        loss_sum, samples, skips = 0.0, 0, Counter()
-        while True:
-            batch = next(batches, None)
-            # DDP needs the same number of steps everywhere: stop when any rank runs dry
-            if not _all_ranks_have(batch is not None, device, world):
-                break
-            skips += count_skips(batch["skip"])
-            keep = batch["skip"] == ""
-            if keep.any():  # skip rows carry zero weights; dropping them keeps BN statistics clean
-                batch = {k: v[keep] for k, v in batch.items()}
-            _set_warmup_lr(optimizer, cfg, state.step, warmup_steps, scheduler)
-            loss = _train_step(step_model, optimizer, scaler, codec, batch, cfg, device, world)
-            if loss is None:  # not finite on some rank: no rank updated
-                run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
-            else:
-                loss_sum += loss * int(keep.sum())
-                samples += int(keep.sum())
-            state.step += 1
-        batches.close()  # a rank stopped early by the others drops its prefetched chunk here
-        scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
-        state.epoch = epoch + 1
+        if loss is None:  # not finite on some rank: no rank updated
+            run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
+        else:
+            loss_sum += loss * int(keep.sum())
+            samples += int(keep.sum())
+        state.step += 1
+    batches.close()  # a rank stopped early by the others drops its prefetched chunk here
+    run.scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
+    state.epoch = epoch + 1
 
-        totals = _all_reduce_sum([loss_sum, samples, sum(skips.values())], device, world)
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch,
-            "epochs_done": epoch + 1,  # what Tune's ASHA counts (a resumed trial resumes it)
-            "train_loss": totals[0] / max(totals[1], 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": totals[1] / seconds,
-            "skipped_images": totals[2],
-            "epoch_seconds": seconds,
-        }
-        last = epoch == cfg.train.epochs - 1
-        best_before = state.best_ap
-        if rank == 0 and cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
-            with eager():  # as with scope "model": validation runs the eager model, no recompiles
-                metrics |= _validate(unwrap(model), cfg, device, state, epoch)
-        if rank == 0:
-            state.held_metrics.append(tracking.held_metrics(metrics, epoch))
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:  # rank 0 writes, every rank reports
-                save_checkpoint(d, model, optimizer, scheduler, scaler, state, cfg)
-                ckpt = Checkpoint.from_directory(d)
-                if state.best_ap > best_before:  # kept whatever happens to the later epochs
-                    run_safety.keep_best(cfg, d)
-            ray.train.report(metrics, checkpoint=ckpt)  # Ray
-        if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
-            state.held_metrics = tracking.deliver(cfg, state.mlflow_run_id, state.held_metrics)
+    totals = _all_reduce_sum([loss_sum, samples, sum(skips.values())], device, world)
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": epoch,
+        "epochs_done": epoch + 1,  # what Tune's ASHA counts (a resumed trial resumes it)
+        "train_loss": totals[0] / max(totals[1], 1),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "samples_per_s": totals[1] / seconds,
+        "skipped_images": totals[2],
+        "epoch_seconds": seconds,
+    }
 
 
-def _train_step(model, optimizer, scaler, codec, batch, cfg: Config, device, world=1):
-    """One update; returns the loss, or None (and no update) if it is not finite on any rank."""
-    images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-    x = normalize_images(images, cfg.data.channels_last)
-    target, weight = codec.encode(
-        torch.from_numpy(batch["keypoints"]).to(device),
-        torch.from_numpy(batch["visible"]).to(device),
-    )
-    dtype = AMP_DTYPES.get(cfg.train.amp)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        heatmaps = model(x)
-    loss = joints_mse_loss(heatmaps.float(), target, weight, cfg.train.ohkm_topk)
-    optimizer.zero_grad(set_to_none=True)
-    if not run_safety.all_ranks_finite(loss, world):
-        return None
-    scaler.scale(loss).backward()
-    if cfg.train.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item()
+def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
+    """Rank 0: validate when due (adding to `metrics`), hold the metrics for MLflow and write the
+    checkpoint into `directory` (kept as the best too when the AP rose); whether it wrote one."""
+    cfg, state = run.cfg, run.state
+    if run.rank != 0:
+        return False
+    best_before = state.best_ap
+    last = epoch == cfg.train.epochs - 1
+    if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
+        with eager():  # as with scope "model": validation runs the eager model, no recompiles
+            metrics |= _validate(unwrap(run.model), cfg, run.device, state, epoch)
+    state.held_metrics.append(tracking.held_metrics(metrics, epoch))
+    save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.scaler, state, cfg)
+    if state.best_ap > best_before:  # kept whatever happens to the later epochs
+        run_safety.keep_best(cfg, directory)
+    return True
 
 
 def _set_warmup_lr(optimizer, cfg: Config, step: int, warmup_steps: int, scheduler) -> None:
@@ -261,10 +266,7 @@ def run_training(
     storage_path = cfg.train.storage_path
     run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
 
-    root = Path(cfg.data.root)  # read once here: a bad file fails before any worker starts
-    _, skips = load_coco_persons(
-        root / cfg.data.train_images, root / cfg.data.train_annotations, cfg.model.input_size
-    )
+    _, skips = load_split(cfg, "train")  # read once here: a bad file fails before any worker starts
     run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
     tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
 

@@ -23,9 +23,9 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+from pipelines.augment import BATCH_IMAGES, eval_batch, train_batch
 from pipelines.detect import Detector, crops_with_boxes
 from pipelines.predict import PosePredictor
-from pipelines.samples import BATCH_IMAGES, eval_batch, train_batch
 from psm_model.config import Config, PoseRuntime
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model
@@ -80,7 +80,7 @@ def train_crops(
     num_cpus: float = 1.0,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
-    """Augmented person crops of one epoch (columns: pipelines.samples.SAMPLE_COLUMNS).
+    """Augmented person crops of one epoch (columns: pipelines.augment.SAMPLE_COLUMNS).
 
     `concurrency` caps the decode/augment tasks running at once (None: as many as CPUs allow);
     `num_cpus` is what each task reserves (below 1 when training workers hold the cores). The

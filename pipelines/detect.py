@@ -20,8 +20,9 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from pipelines.coco import DataError, ImageError, decode_image
-from pipelines.samples import eval_batch
+from pipelines.augment import eval_batch
+from pipelines.coco import DataError
+from pipelines.images import ImageError, decode_image
 from psm_model.config import Config, DetectorConfig
 from psm_model.geometry import box_to_center_scale
 
@@ -203,7 +204,7 @@ def detector_session(model: bytes, source: str, threads: int = 1):
 
 
 def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg: Config) -> dict:
-    """One image's row for the crop step (`pipelines.samples.image_rows`' columns) from person
+    """One image's row for the crop step (`pipelines.augment.image_rows`' columns) from person
     boxes (N, 4) COCO x, y, w, h and their scores; `boxes` kept for the boxes file."""
     h, w = cfg.model.input_size
     cs = [box_to_center_scale(b, w / h, cfg.data.box_padding) for b in boxes]
@@ -223,7 +224,7 @@ def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg
 def detection_columns(
     images: Mapping[str, Sequence], session, layout: Layout, cfg: Config
 ) -> dict[str, np.ndarray]:
-    """A batch of image rows (image_id, path) -> the rows `pipelines.samples.eval_batch` takes,
+    """A batch of image rows (image_id, path) -> the rows `pipelines.augment.eval_batch` takes,
     one per image, with the detector's boxes (and `boxes`: COCO x, y, w, h).
 
     Each stage decodes the image itself (this one, then the crop task): a second decode costs

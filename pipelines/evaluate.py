@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from pipelines.coco import ImageError, decode_image, load_coco_persons
+from pipelines.augment import count_skips, image_rows
+from pipelines.coco import load_split
 from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
 from pipelines.detect import box_row
+from pipelines.images import ImageError, decode_image
 from pipelines.predict import predict_poses
-from pipelines.samples import count_skips, image_rows
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
 from psm_model.codec import HeatmapCodec
 from psm_model.config import Config
@@ -199,15 +200,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
 
 
 def _val_records(cfg: Config) -> list:
-    root = Path(cfg.data.root)
-    records, _ = load_coco_persons(
-        root / cfg.data.val_images,
-        root / cfg.data.val_annotations,
-        cfg.model.input_size,
-        cfg.data.box_padding,
-        False,
-    )
-    return records
+    return load_split(cfg, "val")[0]
 
 
 def _val_rows(cfg: Config) -> tuple[list, list[dict]]:

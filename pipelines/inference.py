@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from pipelines.augment import NO_PERSON
 from pipelines.coco import DataError
 from pipelines.datasets import detected_pose_predictions, pose_predictions
 from pipelines.evaluate import pose_results
-from pipelines.samples import NO_PERSON
 from pipelines.uris import filesystem, write_bytes
 from psm_model.config import Config
 from psm_model.files import fsync_folder, sha256, temporary_name, write_atomic

@@ -55,7 +55,7 @@ def predict(
 def predict_poses(
     model: torch.nn.Module | OnnxPoseModel, batch: dict[str, np.ndarray], cfg: Config, device
 ) -> dict[str, np.ndarray]:
-    """A numpy batch of eval crops (pipelines.samples.SAMPLE_COLUMNS) -> its poses (POSE_COLUMNS).
+    """A numpy batch of eval crops (pipelines.augment.SAMPLE_COLUMNS) -> its poses (POSE_COLUMNS).
 
     Flip test, eval.decode ("quarter" or "dark") and the map back to the image. Skip rows (an
     image that gave no crop) stay, with zero poses, so the caller can count them; the model

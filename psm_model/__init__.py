@@ -1,7 +1,7 @@
 """HRNet-PSM pose model: torch only, importable and testable without Ray."""
 
-from psm_model.codec import decode_heatmaps
 from psm_model.config import Config, ConfigError, ModelConfig, load_config
+from psm_model.decode import decode_heatmaps
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import CheckpointError, LoadReport, from_official_checkpoint, load_pretrained
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from psm_model import decode_heatmaps
-from psm_model.codec import HeatmapCodec, dark_kernel_size, flip_back, flip_shift, render_targets
+from psm_model.codec import HeatmapCodec, render_targets
+from psm_model.decode import dark_kernel_size, flip_back, flip_shift
 from psm_model.geometry import affine_matrix, flip_keypoints, flip_permutation, transform_points
 
 

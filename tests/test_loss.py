@@ -1,12 +1,18 @@
-"""JointsMSE loss: hand-computed cases, the official per-joint loop, and OHKM."""
+"""JointsMSE loss: hand-computed cases, the official per-joint loop, OHKM; the train step."""
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from psm_model.loss import joints_mse_loss
+from psm_model.codec import HeatmapCodec, normalize_images
+from psm_model.config import load_config
+from psm_model.hrnet import build_model
+from psm_model.loss import joints_mse_loss, train_step
 
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,3 +132,28 @@ def test_loss_gradient_is_zero_for_weightless_joints():
     joints_mse_loss(pred, target, weight).backward()
     assert torch.all(pred.grad[0, 1] == 0) and torch.all(pred.grad[-1, -1] == 0)
     assert pred.grad[-1, 0].abs().sum() > 0
+
+
+def test_train_step_returns_the_loss_of_the_codec_targets_and_updates():
+    cfg = load_config(None, ["model.width=4", "model.input_size=[64,32]", "train.ohkm_topk=8"])
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (2, 64, 32, 3), dtype=np.uint8),
+        "keypoints": rng.uniform(2, 30, (2, 17, 2)).astype(np.float32),
+        "visible": (rng.random((2, 17)) > 0.3).astype(np.uint8),
+    }
+    codec = HeatmapCodec.from_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    reference = copy.deepcopy(model)
+    keypoints, visible = torch.from_numpy(batch["keypoints"]), torch.from_numpy(batch["visible"])
+    target, weight = codec.encode(keypoints, visible)
+    expected = joints_mse_loss(
+        reference(normalize_images(torch.from_numpy(batch["image"]))), target, weight, 8
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train_step(model, batch, codec, cfg, optimizer, scaler, torch.device("cpu"))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(p, after[k]) for k, p in reference.named_parameters())

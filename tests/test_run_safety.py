@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from jobs import run_safety
-from jobs.train import _train_step
 from psm_model.checkpoint import TrainState
 from psm_model.codec import HeatmapCodec
 from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
+from psm_model.loss import train_step
 
 SMALL = ["model.width=4", "model.input_size=[64,32]", "train.batch_size=2"]
 
@@ -32,7 +32,7 @@ def _step(cfg, model, batch):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     codec = HeatmapCodec.from_config(cfg)
-    return _train_step(model, optimizer, scaler, codec, batch, cfg, torch.device("cpu"))
+    return train_step(model, batch, codec, cfg, optimizer, scaler, torch.device("cpu"))
 
 
 def test_a_nan_loss_updates_nothing_and_stops_naming_epoch_and_step(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 from pycocotools.coco import COCO
 
 from jobs.demo import demo_data_complete
-from pipelines.coco import decode_image, load_coco_persons
+from pipelines.coco import load_coco_persons
+from pipelines.images import decode_image
 from pipelines.synthetic import (
     KEYPOINT_NAMES,
     LIMBS,
