@@ -20,6 +20,7 @@ import torch
 from pipelines.inference import filesystem, write_bytes
 from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
+from psm_model.errors import PsmError
 from psm_model.files import temporary_name
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ FREE_ON_RESUME = frozenset(
 )
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PsmError, RuntimeError):
     """A NaN or infinite training loss the run's policy does not let it train past."""
 
 

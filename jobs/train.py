@@ -8,6 +8,7 @@ MLflow. Ray calls are marked `# Ray`; the rest is plain PyTorch.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import run_safety, storage, tracking
+from jobs import command, console, run_safety, storage, tracking
 from pipelines.coco import load_coco_persons
 from pipelines.datasets import iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
@@ -143,6 +144,8 @@ def train_loop(loop_config: dict) -> None:
                 metrics |= _validate(unwrap(model), cfg, device, state, epoch)
         if rank == 0:
             state.held_metrics.append(tracking.held_metrics(metrics, epoch))
+            elapsed = time.perf_counter() - t0  # with the validation
+            console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed))
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:  # rank 0 writes, every rank reports
@@ -322,15 +325,30 @@ def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Trains with a Ray Train TorchTrainer: train.num_workers workers (one per GPU "
+        "with train.use_gpu=true, NCCL; gloo on CPUs), fed by Ray Data, validated every "
+        "train.val_every epochs, checkpointed every epoch to train.storage_path. An existing "
+        "train.name resumes that run. Runs on the Ray cluster in RAY_ADDRESS, else a local one."
+    )
+    command.add_config_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    summary = run_training(command.load(args))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.train CONFIG [section.key=value ...]` (what `ray job submit` runs)."""
-    from jobs.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return command.job_main("jobs.train", "psm train", argv)
 
 
 if __name__ == "__main__":
     # Run as `-m`, this file is `__main__`: were `train_loop` taken from it, Ray would pickle it by
-    # value with every global it touches (torch.backends.cudnn cannot be pickled). The CLI imports
+    # value with every global it touches (torch.backends.cudnn cannot be pickled). `main` imports
     # `jobs.train`, whose functions Ray pickles by reference.
     sys.exit(main())

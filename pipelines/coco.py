@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from psm_model.errors import PsmError
 from psm_model.evaluation import json_int
 from psm_model.geometry import box_to_center_scale
 
@@ -63,11 +64,11 @@ SKIP_REASONS = {
 _DATA_PROBLEMS = frozenset(SKIP_REASONS) - {"empty_image", "not_person", "crowd", "no_keypoints"}
 
 
-class DataError(ValueError):
+class DataError(PsmError, ValueError):
     """An annotation file that cannot be used at all; the message names the file and the field."""
 
 
-class ImageError(ValueError):
+class ImageError(PsmError, ValueError):
     """An image that cannot be decoded safely; the message starts with its path.
 
     `reason` is the skip-count key: missing_image, unreadable_image, corrupt_image, too_large.

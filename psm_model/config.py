@@ -19,12 +19,14 @@ from typing import Any, Literal
 
 import yaml
 
+from psm_model.errors import PsmError
+
 # where the pose model runs in `psm eval` / `psm infer`: PyTorch eager, or its ONNX export
 # (psm_model.export) on ONNX Runtime
 PoseRuntime = Literal["torch", "onnxruntime"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PsmError, ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
 

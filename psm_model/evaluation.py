@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from psm_model.errors import PsmError
 from psm_model.files import write_atomic
 from psm_model.geometry import box_problem
 
@@ -87,7 +88,7 @@ DETECTION_SKIPS = {
 }
 
 
-class EvalError(ValueError):
+class EvalError(PsmError, ValueError):
     """A results, detections or ground-truth file that cannot be used; names the file and field."""
 
 
