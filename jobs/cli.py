@@ -1,6 +1,8 @@
-"""`psm`: the one command line, a dispatcher. Each command's arguments and work live in its module
-(`add_arguments(parser)` sets `func`); only the chosen command's module is imported, so
-`psm --help` stays fast and `psm bench train` needs no Ray."""
+"""`psm`: the one command line of PSM-Pose.
+
+A dispatcher: each command's arguments and work live in its module (`add_arguments(parser)` sets
+`func`); only the chosen command's module is imported, so `psm --help` stays fast and
+`psm bench train` needs no Ray."""
 
 from __future__ import annotations
 
