@@ -32,6 +32,7 @@ _CHATTER = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?:DEBUG|INFO|WARNING) "  # Ray's driver-side logging
     r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING) mlflow"  # MLflow's
     r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIW] \d+ \d+\]"  # Ray's C++ core
+    r"|Successfully registered model '|Created version '"  # MLflow's prints (jobs.tracking logs it)
 )
 
 

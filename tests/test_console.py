@@ -15,6 +15,7 @@ def test_quiet_shows_our_lines_and_files_the_chatter(tmp_path, capsys):
         print(PREFIX + console.PROGRESS + "[##--] epoch 1/2")
         print("2026-11-30 11:15:42,824\tINFO streaming_executor.py:215 -- Starting", file=sys.stderr)
         print("2026/11/30 11:15:49 INFO mlflow.store.db.utils: Updating database tables")
+        print("Successfully registered model 'psm_model'.")
         sys.stdout.write("(MapWorker(MapBatches(_Predict)) pid=7, ip=192.0.2.2) a row\nrest ")
         sys.stdout.write("of our line\n")
         print("11:15:52 WARNING jobs.train: ours, kept", file=sys.stderr)
@@ -31,6 +32,7 @@ def test_quiet_shows_our_lines_and_files_the_chatter(tmp_path, capsys):
         "MapBatches",
         "2026-11-30 11:15:42,824\tINFO streaming_executor.py:215 -- Starting",
         "2026/11/30 11:15:49 INFO mlflow.store.db.utils: Updating database tables",
+        "Successfully registered model 'psm_model'.",
         "(MapWorker(MapBatches(_Predict)) pid=7, ip=192.0.2.2) a row",
     ]
     print("after: not filtered")
