@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -135,6 +136,10 @@ def quiet(log_path: Path | None) -> Iterator[None]:
         return
     log = _LogFile(log_path)
     out, err = _Filter(sys.stdout, log), _Filter(sys.stderr, log)
+    # log handlers made before (Ray's, MLflow's, ours) hold the streams themselves
+    handlers = [h for h in _stream_handlers() if h.stream in (out.stream, err.stream)]
+    for h in handlers:
+        h.setStream(out if h.stream is out.stream else err)
     sys.stdout, sys.stderr = out, err
     try:
         yield
@@ -143,4 +148,17 @@ def quiet(log_path: Path | None) -> Iterator[None]:
             f.flush()
             f.active = False
         sys.stdout, sys.stderr = out.stream, err.stream
+        for h in handlers:
+            h.setStream(h.stream.stream)
         log.close()
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        h
+        for lg in loggers
+        if isinstance(lg, logging.Logger)
+        for h in lg.handlers
+        if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+    ]

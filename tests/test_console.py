@@ -1,5 +1,6 @@
 """jobs/console.py: what reaches the console while a command runs, and the per-epoch line."""
 
+import logging
 import sys
 
 from jobs import console
@@ -13,7 +14,9 @@ def test_quiet_shows_our_lines_and_files_the_chatter(tmp_path, capsys):
         print("== training 10 epochs")
         print(PREFIX + "Execution plan of Dataset d_0: InputDataBuffer[Input] -> MapBatches")
         print(PREFIX + console.PROGRESS + "[##--] epoch 1/2")
-        print("2026-11-30 11:15:42,824\tINFO streaming_executor.py:215 -- Starting", file=sys.stderr)
+        print(
+            "2026-11-30 11:15:42,824\tINFO streaming_executor.py:215 -- Starting", file=sys.stderr
+        )
         print("2026/11/30 11:15:49 INFO mlflow.store.db.utils: Updating database tables")
         print("Successfully registered model 'psm_model'.")
         sys.stdout.write("(MapWorker(MapBatches(_Predict)) pid=7, ip=192.0.2.2) a row\nrest ")
@@ -62,3 +65,21 @@ def test_epoch_line():
     assert console.epoch_line(metrics, 10, 5, width=4) == (
         "[####] epoch 10/10 loss 0.00123, 31.2 samples/s, 5 s, ETA 0s, AP 0.2500 (best 0.3000)"
     )
+
+
+def test_quiet_reaches_log_handlers_made_before(tmp_path, capsys):
+    # Ray and MLflow make their handlers at import, holding the stderr of that moment
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(message)s"))
+    logger = logging.getLogger("test_console.ray_like")
+    logger.addHandler(handler)
+    logger.propagate = False
+    log = tmp_path / "x.log"
+    try:
+        with console.quiet(log):
+            logger.warning("worker.py:2029 -- Started a local Ray instance.")
+        assert handler.stream is sys.stderr  # given back
+    finally:
+        logger.removeHandler(handler)
+    assert "Started a local Ray instance" not in capsys.readouterr().err
+    assert "WARNING worker.py:2029 -- Started a local Ray instance." in log.read_text()
