@@ -82,7 +82,7 @@ class _Filter(io.TextIOBase):
         plain = _ANSI.sub("", line)
         prefix = _WORKER_PREFIX.match(plain)
         if prefix and plain[prefix.end() :].startswith(PROGRESS):
-            self.stream.write(plain[prefix.end() + len(PROGRESS) :] + "\n")
+            self.log.show_once(plain[prefix.end() + len(PROGRESS) :], self.stream)
         elif prefix or _CHATTER.match(plain):
             self.log.write(plain, self.stream)
         else:
@@ -106,6 +106,15 @@ class _LogFile:
 
     def __init__(self, path: Path) -> None:
         self.path, self.file, self.lock = path, None, threading.Lock()
+        self.shown: set[str] = set()
+
+    def show_once(self, progress: str, console: TextIO) -> None:
+        """Ray Train (v2) also logs a worker's stdout to its stderr: the driver gets each
+        progress line twice, once per stream."""
+        with self.lock:
+            if progress not in self.shown:
+                self.shown.add(progress)
+                console.write(progress + "\n")
 
     def write(self, line: str, console: TextIO) -> None:
         with self.lock:

@@ -14,6 +14,7 @@ def test_quiet_shows_our_lines_and_files_the_chatter(tmp_path, capsys):
         print("== training 10 epochs")
         print(PREFIX + "Execution plan of Dataset d_0: InputDataBuffer[Input] -> MapBatches")
         print(PREFIX + console.PROGRESS + "[##--] epoch 1/2")
+        print(PREFIX + console.PROGRESS + "[##--] epoch 1/2", file=sys.stderr)  # Ray Train's copy
         print(
             "2026-11-30 11:15:42,824\tINFO streaming_executor.py:215 -- Starting", file=sys.stderr
         )
