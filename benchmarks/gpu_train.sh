@@ -5,7 +5,7 @@
 # each within its timeout and the time left of BUDGET.
 # The device tool runs it from the repo root; JSON per run goes to $OUT, compile seconds and img/s
 # to stdout. Needs torch, pyyaml and OpenCV (psm_model.geometry), as gpu_check.sh: it runs the
-# handler of `psm bench train` (jobs.bench, psm_model) with ray, mlflow and pycocotools made
+# handler of `psm bench train` (benchmarks.train, psm_model) with ray, mlflow and pycocotools made
 # unimportable, so a run that needed them would fail at once, also in a CPU dry run.
 #
 #   bash benchmarks/gpu_train.sh                      # on the GPU machine: <= BUDGET (530) s
@@ -24,9 +24,8 @@ PY=${PY:-python3}
 BENCH_TRAIN="import sys
 for m in ('ray', 'mlflow', 'pycocotools'):
     sys.modules[m] = None  # an import of these fails at once: the bench must not need them
-from jobs.cli import build_parser
-args = build_parser().parse_args(['bench', 'train', *sys.argv[1:]])
-args.func(args)"
+from benchmarks.train import main
+sys.exit(main(sys.argv[1:]))"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,

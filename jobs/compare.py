@@ -7,6 +7,7 @@ rows; the sweep logs the same table and an AP-vs-parameter plot to its parent ru
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import math
@@ -154,3 +155,39 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4f}"
     return str(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Reads the training runs of EXPERIMENT back from MLflow and prints run, trial, "
+        "status, the config values that differ, val AP/AP50/AP75/AR, best AP, epochs and wall "
+        "time."
+    )
+    p.add_argument("experiment", help="MLflow experiment name (train.experiment)")
+    p.add_argument("--sweep", help="only the trials of this sweep")
+    p.add_argument("--sort", default="best_AP", help="column to sort by (default best_AP)")
+    p.add_argument("--ascending", action="store_true", help="smallest first")
+    p.add_argument("--csv", help="write the rows as CSV to this file ('-': stdout, no table)")
+    p.add_argument("--plot", help="save a best-AP-vs-parameter plot (PNG) here")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from jobs.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri or "")
+    try:
+        rows, params = comparison(uri, args.experiment, args.sweep)
+        rows = sort_rows(rows, args.sort, descending=not args.ascending)
+    except (LookupError, KeyError) as e:
+        raise SystemExit(f"psm compare: error: {e.args[0]}") from e
+    if args.csv:
+        write_csv(rows, params, args.csv)
+    if args.csv != "-":
+        print(format_table(rows, params) if rows else "no training runs")
+    if args.plot:
+        plot_sweep(rows, params, args.plot)
+        print(f"plot: {args.plot}")

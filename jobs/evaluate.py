@@ -9,6 +9,7 @@ ground-truth round trip instead: no model, the whole crop -> heatmap -> decode -
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import sys
@@ -16,9 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-from jobs import storage, tracking
+from jobs import command, storage, tracking
 from psm_model.checkpoint import load_checkpoint_model
-from psm_model.config import Config, redact_secrets
+from psm_model.config import Config, flag_overrides, redact_secrets
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import (
@@ -122,11 +123,33 @@ def run_eval(
     return metrics
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Evaluates a checkpoint with the test recipe (flip test, decode, rescoring, "
+        "OKS-NMS, COCOeval) on data.val_annotations, with ground-truth boxes or --dets, and logs "
+        "the metrics to MLflow. --oracle evaluates the ground truth rendered to heatmaps and "
+        "decoded again instead of a model."
+    )
+    command.add_config_arguments(p)
+    p.add_argument("--checkpoint", help="a training checkpoint folder or a weights file (.pth)")
+    p.add_argument("--dets", help="person detections, COCO results format (default: GT boxes)")
+    p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
+    p.add_argument("--results", help="also write the keypoint results JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.checkpoint and not args.oracle:
+        raise SystemExit(
+            "psm eval: error: give --checkpoint CKPT, or --oracle for the GT round trip"
+        )
+    cfg = command.load(args, *flag_overrides("eval", dets=args.dets))
+    run_eval(cfg, args.checkpoint, args.oracle, args.results)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.evaluate ARGS` (what `ray job submit` runs) is `psm eval ARGS`."""
-    from jobs.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return command.job_main("jobs.evaluate", "psm eval", argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ the image list is an annotation file with keypoints (val2017), the results are a
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -29,12 +30,12 @@ import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from jobs import storage, tracking
+from jobs import command, storage, tracking
 from jobs.evaluate import load_model
 from pipelines.augment import image_rows
 from pipelines.coco import DataError, load_coco_persons, load_images
 from pipelines.detect import detector_session, load_detector
-from psm_model.config import Config, ConfigError, redact_secrets
+from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.decode import flip_shift
 from psm_model.evaluation import (
     check_submission,
@@ -248,11 +249,37 @@ def _beside(output: str, suffix: str) -> str:
     return f"{stem if dot and '/' not in ext else output}{suffix}"
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Poses for every image of infer.image_info (a COCO JSON with an images list: "
+        "the test-dev image info, or an annotation file) in infer.images, with the person boxes "
+        "of infer.boxes: a detections file (infer.detections, COCO results format), an ONNX "
+        "detector run in the job on its own actors (infer.detector.model) or the annotations "
+        "(gt), by the eval.* test recipe on eval.workers "
+        "Ray Data actors. Writes infer.output (the test-dev submission format) in parts: run "
+        "again with the same arguments, a killed job resumes after its last finished part. "
+        "Logs an MLflow run; an annotation file with keypoints is also scored (COCO AP)."
+    )
+    command.add_config_arguments(p)
+    p.add_argument(
+        "--checkpoint", required=True, help="a training checkpoint folder or a weights file (.pth)"
+    )
+    p.add_argument(
+        "--dets",
+        help="person detections, COCO results format (infer.boxes=file infer.detections=FILE)",
+    )
+    p.add_argument("--output", help="results JSON to write (infer.output)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    flags = flag_overrides("infer", dets=args.dets, output=args.output)
+    run_inference(command.load(args, *flags), args.checkpoint)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.infer CONFIG --checkpoint CKPT [...]` (what `ray job submit` runs)."""
-    from jobs.cli import main as cli_main
-
-    return cli_main(["infer", *(sys.argv[1:] if argv is None else argv)])
+    return command.job_main("jobs.infer", "psm infer", argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import ray.train
 from pipelines.uris import filesystem, write_bytes
 from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
+from psm_model.errors import PsmError
 from psm_model.files import temporary_name
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ FREE_ON_RESUME = frozenset(
 )
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PsmError, RuntimeError):
     """A NaN or infinite training loss the run's policy does not let it train past."""
 
 

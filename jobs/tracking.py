@@ -12,11 +12,12 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 
 from psm_model.config import Config, redact_secrets
+from psm_model.errors import PsmError
 
 log = logging.getLogger(__name__)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PsmError, RuntimeError):
     """The MLflow tracking server cannot be reached when a job must talk to it."""
 
 

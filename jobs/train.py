@@ -8,6 +8,7 @@ MLflow. Ray calls are marked `# Ray`; the rest is plain PyTorch.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import run_safety, storage, tracking
+from jobs import command, console, run_safety, storage, tracking
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
 from pipelines.datasets import iter_chunked, train_crops
@@ -181,12 +182,15 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
     cfg, state = run.cfg, run.state
     if run.rank != 0:
         return False
+    t0 = time.perf_counter()
     best_before = state.best_ap
     last = epoch == cfg.train.epochs - 1
     if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
         with eager():  # as with scope "model": validation runs the eager model, no recompiles
             metrics |= _validate(unwrap(run.model), cfg, run.device, state, epoch)
     state.held_metrics.append(tracking.held_metrics(metrics, epoch))
+    elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
+    console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed))
     save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.scaler, state, cfg)
     if state.best_ap > best_before:  # kept whatever happens to the later epochs
         run_safety.keep_best(cfg, directory)
@@ -333,15 +337,30 @@ def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Trains with a Ray Train TorchTrainer: train.num_workers workers (one per GPU "
+        "with train.use_gpu=true, NCCL; gloo on CPUs), fed by Ray Data, validated every "
+        "train.val_every epochs, checkpointed every epoch to train.storage_path. An existing "
+        "train.name resumes that run. Runs on the Ray cluster in RAY_ADDRESS, else a local one."
+    )
+    command.add_config_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    summary = run_training(command.load(args))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.train CONFIG [section.key=value ...]` (what `ray job submit` runs)."""
-    from jobs.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return command.job_main("jobs.train", "psm train", argv)
 
 
 if __name__ == "__main__":
     # Run as `-m`, this file is `__main__`: were `train_loop` taken from it, Ray would pickle it by
-    # value with every global it touches (torch.backends.cudnn cannot be pickled). The CLI imports
+    # value with every global it touches (torch.backends.cudnn cannot be pickled). `main` imports
     # `jobs.train`, whose functions Ray pickles by reference.
     sys.exit(main())

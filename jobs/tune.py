@@ -12,6 +12,7 @@ accepted, hence the function trainable.)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ import ray
 import yaml
 from ray import tune
 
-from jobs import tracking
+from jobs import command, tracking
 from jobs.compare import comparison, format_table, plot_sweep, write_csv
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.train import resolve_paths, run_training
@@ -330,11 +331,69 @@ def _register_best(base: Config, run_id: str) -> str:
     return version
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "A Ray Tune sweep over the parameters of a search-space YAML (see "
+        "configs/sweeps/demo.yaml and jobs/sweep_space.py): grid, random or optuna search, ASHA "
+        "early stopping on val AP (validated every epoch). Every trial is a Ray Train run of "
+        "CONFIG with its own workers; the sweep is an MLflow parent run with one child run per "
+        "trial, and the best trial's model is registered. The space is checked against CONFIG "
+        "before any trial starts. A sweep killed midway continues with --resume (same "
+        "arguments): finished trials are kept, unfinished ones resume from their checkpoints."
+    )
+    command.add_config_arguments(p)
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--num-samples", type=int, default=0, help="override the space's num_samples")
+    p.add_argument(
+        "--name", help="sweep name (default: the space file's stem); storage_path/NAME on disk"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep NAME")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="trials at once (default: the space's value, else as many as the cluster holds)",
+    )
+    p.add_argument(
+        "--wait-resources",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="when no trial fits yet (an autoscaling cluster starts without GPU nodes), ask the "
+        "autoscaler for one trial's resources and wait this long for them (default 900)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from jobs.sweep_space import load_space
+    from psm_model.config import DataConfig
+
+    base = command.load(args)
+    space = load_space(args.space, base)
+    if base.data.root == DataConfig().root:  # the demo's synthetic data, written if absent
+        from jobs.demo import ensure_demo_data
+
+        ensure_demo_data(base)
+    if args.num_samples:
+        space = dataclasses.replace(space, num_samples=args.num_samples)
+    name = args.name or Path(args.space).stem
+    summary = run_sweep(
+        base,
+        space,
+        name,
+        resume=args.resume,
+        max_concurrent=args.max_concurrent or space.max_concurrent_trials,
+        wait_s=args.wait_resources,
+    )
+    print(summary.pop("table"))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.tune ARGS` (what `ray job submit` runs) is `psm tune ARGS`."""
-    from jobs.cli import main as cli_main
-
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+    return command.job_main("jobs.tune", "psm tune", argv)
 
 
 if __name__ == "__main__":

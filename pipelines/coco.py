@@ -38,6 +38,7 @@ import numpy as np
 
 from psm_model.coco_keypoints import NUM_JOINTS, PERSON_CATEGORY_ID
 from psm_model.config import Config
+from psm_model.errors import PsmError
 from psm_model.evaluation import json_int
 from psm_model.files import read_json
 from psm_model.geometry import box_to_center_scale
@@ -63,7 +64,7 @@ SKIP_REASONS = {
 _DATA_PROBLEMS = frozenset(SKIP_REASONS) - {"empty_image", "not_person", "crowd", "no_keypoints"}
 
 
-class DataError(ValueError):
+class DataError(PsmError, ValueError):
     """An annotation file that cannot be used at all; the message names the file and the field."""
 
 

@@ -13,13 +13,15 @@ import os
 import cv2
 import numpy as np
 
+from psm_model.errors import PsmError
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_METADATA_BYTES = 16 << 20  # EXIF, ICC profiles, thumbnails: a few MB in practice
 # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-class ImageError(ValueError):
+class ImageError(PsmError, ValueError):
     """An image that cannot be decoded safely; the message starts with its path.
 
     `reason` is the skip-count key: missing_image, unreadable_image, corrupt_image, too_large.

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from psm_model.coco_keypoints import NUM_JOINTS
+from psm_model.errors import PsmError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 PoseRuntime = Literal["torch", "onnxruntime"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PsmError, ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
 

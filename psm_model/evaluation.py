@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from psm_model.coco_keypoints import COCO_SIGMAS, NUM_JOINTS, PERSON_CATEGORY_ID
+from psm_model.errors import PsmError
 from psm_model.files import read_json, write_atomic
 from psm_model.geometry import box_problem
 
@@ -61,7 +62,7 @@ DETECTION_SKIPS = {
 }
 
 
-class EvalError(ValueError):
+class EvalError(PsmError, ValueError):
     """A results, detections or ground-truth file that cannot be used; names the file and field."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from psm_model.errors import PsmError
 from psm_model.hrnet import PoseHRNet
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ BACKBONE_PREFIXES = (
 )  # fmt: skip
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PsmError, ValueError):
     """A weights file or state_dict that cannot be loaded; the message names the file and key."""
 
 

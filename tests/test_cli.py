@@ -80,3 +80,49 @@ def test_overrides_may_follow_flags():
     assert args.overrides == ["model.width=16", "data.root=/d"] and args.checkpoint == "c"
     with pytest.raises(SystemExit):  # anything else is still an error
         parse_args(["eval", TINY, "--oracle", "bogus"])
+
+
+def test_eval_takes_overrides_after_its_flags(synthetic_root, tmp_path):
+    # the order most users type: CONFIG, flags, then overrides (argparse alone refuses it)
+    mlflow_uri = f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["eval", TINY, "--oracle", f"data.root={synthetic_root}", mlflow_uri]) == 0
+
+
+def test_a_job_main_is_the_cli_command(tmp_path, capsys):
+    # `python -m jobs.evaluate ARGS` (ray job submit) = `psm eval ARGS`: same arguments in any
+    # order, and a PsmError is one line with exit code 2
+    from jobs.evaluate import main as eval_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  fusion: upsample\n")
+    assert eval_main([str(bad), "--oracle", "data.root=/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"psm: error: {bad} + overrides: model.fusion:")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "infer", "tune"])
+def test_python_m_job_help(module):
+    out = subprocess.run(
+        [sys.executable, "-m", f"jobs.{module}", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "section.key=value" in out.stdout
+
+
+def test_no_job_module_imports_the_cli():
+    # the CLI imports the job modules (lazily); they share jobs.command, never jobs.cli
+    sources = [p for p in (ROOT / "jobs").glob("*.py") if p.name != "cli.py"]
+    sources += list((ROOT / "benchmarks").glob("*.py"))
+    assert [p.name for p in sources if "jobs.cli" in p.read_text()] == []
+
+
+def test_help_imports_no_job_module():
+    # `psm --help` stays fast: the parser imports only the module of the command it runs
+    code = (
+        "import sys; from jobs.cli import build_parser; build_parser(); print(sorted(sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    loaded = out.stdout
+    assert "'jobs.cli'" in loaded
+    assert not any(f"'{m}'" in loaded for m in ("ray", "torch", "jobs.train", "mlflow"))

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from benchmarks.profile import train_step_throughput
 from psm_model.checkpoint import unwrap
 from psm_model.compiling import compile_model, compiled_regions, eager
 from psm_model.config import ModelConfig
 from psm_model.hrnet import build_model
 from psm_model.loss import joints_mse_loss
-from psm_model.profile import train_step_throughput
 
 TINY = ModelConfig(width=8, fusion="psm", heatmap_stride=2, input_size=(64, 64))
 EXCHANGE = [*(f"layer1.{i}" for i in range(4)), "stage2.0", *(f"stage3.{i}" for i in range(4))]

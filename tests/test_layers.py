@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("psm_model", "pipelines", "jobs", "benchmarks")  # each may import those before it
 # third-party packages a layer must not use (MLflow lives in jobs.tracking only)
@@ -114,17 +112,5 @@ def test_cycle_finder_on_a_hand_made_graph():
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-# the job modules' `main` wrappers call jobs.cli, which imports the job modules: removed by the
-# jobs split of issue 13 (every job module its own main); this marker then fails and goes
-CLI = "jobs.cli"
-
-
 def test_no_import_cycles():
-    graph = _graph()
-    without_cli = {k: v - {CLI} for k, v in graph.items() if k != CLI}
-    assert _cycles(without_cli) == []
-
-
-@pytest.mark.xfail(reason="jobs.cli <-> job modules, removed by the jobs split", strict=True)
-def test_no_import_cycle_through_the_cli():
     assert _cycles(_graph()) == []

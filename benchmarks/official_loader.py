@@ -22,7 +22,7 @@ from psm_model.config import Config
 from psm_model.geometry import flip_keypoints
 
 OFFICIAL_STRIDE = 4  # the official HRNet heatmaps: 96x72 at 384x288, 64x48 at 256x192
-# CPU time of this thread, as the rest of the bench (jobs.bench_data)
+# CPU time of this thread, as the rest of the bench (benchmarks.data)
 clock = time.thread_time
 
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from jobs.bench_data import bench_data, sample_nbytes
-from jobs.bench_official import official_nbytes
+from benchmarks.data import bench_data, sample_nbytes
+from benchmarks.official_loader import official_nbytes
 from pipelines.coco import NUM_JOINTS
 from pipelines.synthetic import write_split
 from psm_model.config import load_config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -9,9 +10,10 @@ import platform
 
 import torch
 
+from benchmarks.profile import cpu_latency, describe, summarize, train_step_throughput
+from jobs import command
 from psm_model.compiling import CompileScope
 from psm_model.config import ModelConfig
-from psm_model.profile import cpu_latency, describe, summarize, train_step_throughput
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,59 @@ def bench_model(
         with open(json_out, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def add_summary_arguments(p: argparse.ArgumentParser) -> None:
+    """`psm model-summary`."""
+    p.description = (
+        "Parameters, multiply-adds at the configured input and output shape of the "
+        "configured widths, for fusion hrnet|psm and heatmap stride 4|2 (* marks the configured "
+        "one)."
+    )
+    command.add_config_arguments(p)
+    p.set_defaults(func=lambda args: print_model_summary(command.load(args).model))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`psm bench model`."""
+    p.description = (
+        "CPU forward latency (median of --repeats) for HRNet (fusion hrnet, stride 4) "
+        "and the configured variant at the same widths and input, with the ratio to HRNet; on a "
+        "GPU also train-step images/s with AMP (bf16) and channels_last."
+    )
+    command.add_config_arguments(p)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="CPU batch sizes")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per setting")
+    p.add_argument("--gpu-batch", type=int, default=64, help="GPU train-step batch size")
+    p.add_argument("--gpu-steps", type=int, default=30, help="timed GPU train steps")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="GPU: time torch.compile (bf16, channels_last) instead of the eager settings",
+    )
+    p.add_argument(
+        "--compile-scope",
+        choices=["model", "blocks", "exchange"],
+        default="blocks",
+        help="with --compile: the whole model, or in place its residual blocks or its exchange "
+        "modules (regional compilation)",
+    )
+    p.add_argument("--skip-cpu", action="store_true", help="GPU figures only")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    bench_model(
+        command.load(args).model,
+        threads=args.threads,
+        batches=args.batches,
+        repeats=args.repeats,
+        gpu_batch=args.gpu_batch,
+        gpu_steps=args.gpu_steps,
+        compile=args.compile,
+        compile_scope=args.compile_scope,
+        json_out=args.json,
+        cpu=not args.skip_cpu,
+    )

@@ -10,6 +10,7 @@ weights (speed does not depend on the weights).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.bench import machine
-from jobs.bench_data import _local_ray
+from benchmarks.data import _local_ray
+from benchmarks.model import machine
+from benchmarks.profile import describe
+from jobs import command
 from pipelines.detect import crops_with_boxes, detection_columns, detector_session
 from pipelines.images import decode_image
 from pipelines.onnx_runtime import OnnxPoseModel
@@ -30,7 +33,6 @@ from pipelines.toy_detector import export_toy_detector, write_plain_people
 from psm_model.config import Config, DetectorConfig
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model
-from psm_model.profile import describe
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +154,24 @@ def _print(r: dict, det: DetectorConfig) -> None:
     print(f"decode {r['decode_ms']:.2f} ms per image vs {r['decoded_mb']:.2f} MB decoded; "
           f"detection {r['detect_ms_per_image']:.2f} ms per image (score >= "
           f"{det.score_threshold}, NMS {det.nms_iou})")  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "On the same plain-background people, in one run: persons/s of the infer "
+        "graph (decode, the tests' ONNX detector, crops, pose actors, results) against the pose "
+        "model alone on the same crops in one process (eval.cpus_per_worker threads, what one "
+        "pose actor has), for infer.pose_runtime torch and onnxruntime; the pose forward on "
+        "ONNX Runtime vs PyTorch eager; decode ms per image vs the decoded size."
+    )
+    command.add_config_arguments(p)
+    p.add_argument("--images", type=int, default=64, help="images (one person each)")
+    p.add_argument(
+        "--size", type=command.size_hw, default=(480, 640), metavar="HxW", help="image size"
+    )
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    bench_infer(command.load(args), args.images, args.size, args.json)

@@ -5,7 +5,6 @@ Used by `psm model-summary` and `psm bench model`; torch only, so it runs on a b
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ class Summary:
 
 
 def summarize(cfg: ModelConfig, name: str = "") -> Summary:
-    model = build_model(dataclasses.replace(cfg, pretrained="")).eval()  # sizes need no weights
+    model = build_model(cfg).eval()
     x = torch.zeros(1, 3, *cfg.input_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         y = model(x)

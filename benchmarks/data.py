@@ -9,7 +9,7 @@ person of a COCO-style root:
   (augmentation draws, matrices, keypoints, the output columns);
 - limit: `decode_image` once per image and one cv2.warpAffine per person with a fixed matrix
   (the person's unaugmented crop, computed before timing): no draws, no keypoint maths;
-- official-HRNet-style: `jobs.bench_official.time_official`, an emulation of the official
+- official-HRNet-style: `benchmarks.official_loader.time_official`, an emulation of the official
   `JointsDataset.__getitem__` (decode per person, float32 image and heatmaps).
 
 Then end to end through Ray Data (`pipelines.datasets.train_crops`, iter_batches of 32) for each
@@ -21,6 +21,7 @@ each is kept. The load average is printed with the figures.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -36,11 +37,12 @@ import cv2
 import numpy as np
 
 import pipelines.augment as augment_module
-from jobs.bench_official import clock, official_nbytes, official_sigma, time_official
+from benchmarks.official_loader import clock, official_nbytes, official_sigma, time_official
+from jobs import command
 from pipelines.augment import BATCH_IMAGES, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
-from psm_model.config import Config
+from psm_model.config import Config, load_config
 from psm_model.geometry import affine_matrix
 
 SIZES: tuple[tuple[int, int], ...] = ((384, 288), (256, 192))  # (height, width)
@@ -446,3 +448,57 @@ def _run_datasets(
                     **kwargs,
                 )
             )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "On one core in-process: our train_batch path (decode each image once, "
+        "augment every person) with its decode / warp / other breakdown, the decode + "
+        "warpAffine-only limit, and an official-HRNet-style loader (decode per person, float "
+        "image and heatmaps); then end to end through Ray Data per worker count. On the COCO "
+        "train split under --coco-root and on a synthetic set, at each --sizes."
+    )
+    command.add_config_arguments(p, default="the defaults")
+    p.add_argument(
+        "--coco-root",
+        default=None,
+        help="COCO-style root with data.train_images and data.train_annotations "
+        "(default: data.root; skipped if absent)",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=100,
+        metavar="N",
+        help="also bench N synthetic train images written to a temporary folder (0: skip)",
+    )
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray worker counts")
+    p.add_argument("--epochs", type=int, default=1, help="timed Ray epochs after the warm-up")
+    p.add_argument(
+        "--sizes",
+        type=command.size_hw,
+        nargs="+",
+        default=list(SIZES),
+        metavar="HxW",
+        help="crop sizes (height x width)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="in-process passes (fastest kept)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # `psm bench data data.x=1`
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    run_bench_data(
+        cfg,
+        coco_root=args.coco_root if args.coco_root is not None else cfg.data.root,
+        synthetic=args.synthetic,
+        workers=args.workers,
+        epochs=args.epochs,
+        sizes=args.sizes,
+        repeats=args.repeats,
+        json_out=args.json,
+    )

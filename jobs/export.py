@@ -1,0 +1,36 @@
+"""`psm export onnx CONFIG --checkpoint CKPT --output FILE`: the pose model as ONNX."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs import command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Writes the checkpoint's pose model (its own config wins) as ONNX: input "
+        "'images' (batch, 3, H, W), ImageNet-normalised RGB; output 'heatmaps'; PixelShuffle as "
+        "DepthToSpace (mode CRD, PyTorch's order), BatchNorm folded into the convolutions."
+    )
+    command.add_config_arguments(p)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint folder or .pth/.pt")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from jobs.evaluate import load_model
+    from psm_model.export import export_onnx
+
+    model, cfg = load_model(args.checkpoint, command.load(args))
+    data = export_onnx(model, cfg.model.input_size)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_bytes(data)
+    h, w = cfg.model.input_size
+    stride = cfg.model.heatmap_stride
+    print(
+        f"{args.output}: images (batch, 3, {h}, {w}) -> heatmaps (batch, "
+        f"{cfg.model.num_joints}, {h // stride}, {w // stride}), {len(data) / 1e6:.1f} MB"
+    )
