@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from jobs import run_safety, storage, tracking
 from pipelines.coco import load_coco_persons
-from pipelines.datasets import iter_chunked, train_crops
+from pipelines.datasets import FeedStats, iter_chunked, train_crops
 from pipelines.samples import count_skips, image_rows
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from psm_model.codec import HeatmapCodec, normalize_images
@@ -61,7 +61,10 @@ def train_loop(loop_config: dict) -> None:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        model.parameters(),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=cfg.train.fused_optimizer or None,  # None: PyTorch's default (foreach)
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, list(cfg.train.lr_steps), cfg.train.lr_factor
@@ -74,7 +77,9 @@ def train_loop(loop_config: dict) -> None:
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
     model = prepare_model(model, move_to_device=False)  # Ray: DDP over gloo or NCCL
     # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
-    step_model = compile_model(model, cfg.train.compile_scope) if cfg.train.compile else model
+    step_model = model
+    if cfg.train.compile:
+        step_model = compile_model(model, cfg.train.compile_scope, mode=cfg.train.compile_mode)
 
     root = Path(cfg.data.root)
     records, _ = load_coco_persons(
@@ -96,16 +101,18 @@ def train_loop(loop_config: dict) -> None:
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
         order = order[: cfg.train.images_per_epoch or None]
         mine = [rows[i] for i in order[rank::world]]
+        feed = FeedStats()
         batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
             functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.train.data_cpus),
             mine,
             cfg.train.data_chunk_images,
             cfg.train.batch_size,
+            feed,
         )
         model.train()
         loss_sum, samples, skips = 0.0, 0, Counter()
         while True:
-            batch = next(batches, None)
+            batch = feed.next(batches)
             # DDP needs the same number of steps everywhere: stop when any rank runs dry
             if not _all_ranks_have(batch is not None, device, world):
                 break
@@ -114,7 +121,9 @@ def train_loop(loop_config: dict) -> None:
             if keep.any():  # skip rows carry zero weights; dropping them keeps BN statistics clean
                 batch = {k: v[keep] for k, v in batch.items()}
             _set_warmup_lr(optimizer, cfg, state.step, warmup_steps, scheduler)
+            t_step = time.perf_counter()
             loss = _train_step(step_model, optimizer, scaler, codec, batch, cfg, device, world)
+            feed.compute_s += time.perf_counter() - t_step
             if loss is None:  # not finite on some rank: no rank updated
                 run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
             else:
@@ -125,8 +134,13 @@ def train_loop(loop_config: dict) -> None:
         scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
         state.epoch = epoch + 1
 
-        totals = _all_reduce_sum([loss_sum, samples, sum(skips.values())], device, world)
+        totals = _all_reduce_sum(
+            [loss_sum, samples, sum(skips.values()), feed.wait_s, feed.compute_s, feed.data_rate()],
+            device,
+            world,
+        )
         seconds = time.perf_counter() - t0
+        wait_s, compute_s = totals[3] / world, totals[4] / world  # per rank
         metrics = {
             "epoch": epoch,
             "epochs_done": epoch + 1,  # what Tune's ASHA counts (a resumed trial resumes it)
@@ -135,7 +149,19 @@ def train_loop(loop_config: dict) -> None:
             "samples_per_s": totals[1] / seconds,
             "skipped_images": totals[2],
             "epoch_seconds": seconds,
+            # which side bounds the run: the share of step time spent waiting for data, and the
+            # samples/s the data side makes when busy (all ranks) against samples_per_s
+            "data_wait_frac": wait_s / max(wait_s + compute_s, 1e-9),
+            "data_wait_s": wait_s,
+            "compute_s": compute_s,
+            "data_samples_per_s": totals[5],
         }
+        if rank == 0:
+            log.info(
+                "epoch %d: %.0f samples/s, waited for data %.0f%% of step time (data side %.0f "
+                "samples/s when busy)",
+                epoch, metrics["samples_per_s"], 100 * metrics["data_wait_frac"], totals[5],
+            )
         last = epoch == cfg.train.epochs - 1
         best_before = state.best_ap
         if rank == 0 and cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
