@@ -25,7 +25,9 @@ def _make(chunk) -> ray.data.Dataset:
         time.sleep(CHUNK_SLEEP_S)
         return batch
 
-    return ray.data.from_items(list(chunk), override_num_blocks=1).map_batches(slow, batch_size=None)
+    return ray.data.from_items(list(chunk), override_num_blocks=1).map_batches(
+        slow, batch_size=None
+    )
 
 
 def _consume(step_s: float) -> tuple[FeedStats, int]:
