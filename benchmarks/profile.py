@@ -16,7 +16,7 @@ from psm_model.codec import HeatmapCodec
 from psm_model.compiling import CompileScope, compile_model
 from psm_model.config import Config, DataConfig, ModelConfig, TrainConfig
 from psm_model.hrnet import build_model
-from psm_model.loss import train_step
+from psm_model.loss import adam, train_step
 
 
 @dataclass
@@ -93,23 +93,24 @@ def train_step_throughput(
     compile: bool = False,
     device: str = "cuda",
     compile_scope: CompileScope = "blocks",
+    compile_mode: str = "default",
+    fused: bool = False,
 ) -> TrainStepResult:
     """Images per second of training's own `train_step` (targets, forward, JointsMSE, backward,
     Adam) on a random batch already on the device (no host copy).
 
-    `compile`: through `compiling.compile_model(model, compile_scope)`; the first warm-up step
-    pays the compilation (`first_step_s`).
+    `compile`: through `compiling.compile_model(model, compile_scope, mode=compile_mode)`; the
+    first warm-up step pays the compilation (`first_step_s`). `fused`: Adam's fused kernel.
     """
     # fixed input shapes: let cuDNN time its algorithms once (the official CUDNN.BENCHMARK)
     torch.backends.cudnn.benchmark = True
     model = build_model(cfg).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    step_model = compile_model(model, compile_scope) if compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    run_cfg = Config(
-        model=cfg, train=TrainConfig(amp=amp), data=DataConfig(channels_last=channels_last)
-    )
+    step_model = compile_model(model, compile_scope, mode=compile_mode) if compile else model
+    train = TrainConfig(amp=amp, compile=compile, compile_mode=compile_mode, fused_optimizer=fused)
+    opt = adam(model, train)
+    run_cfg = Config(model=cfg, train=train, data=DataConfig(channels_last=channels_last))
     codec = HeatmapCodec.from_config(run_cfg)
     h, w = cfg.input_size
     images = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)

@@ -44,8 +44,14 @@ def run(args: argparse.Namespace) -> None:
         compile=cfg.train.compile,
         device=device,
         compile_scope=cfg.train.compile_scope,
+        compile_mode=cfg.train.compile_mode,
+        fused=cfg.train.fused_optimizer,
     )
-    compiled = f"compile {cfg.train.compile_scope}" if cfg.train.compile else "eager"
+    compiled = "eager"
+    if cfg.train.compile:
+        compiled = f"compile {cfg.train.compile_scope} ({cfg.train.compile_mode})"
+    if cfg.train.fused_optimizer:
+        compiled += ", fused Adam"
     print(f"machine: {machine()}")
     print(
         f"{describe(cfg.model)}: batch {cfg.train.batch_size}, amp {cfg.train.amp}, channels_last "
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> None:
             "channels_last": cfg.data.channels_last,
             "compile": cfg.train.compile,
             "compile_scope": cfg.train.compile_scope if cfg.train.compile else None,
+            "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
+            "fused_optimizer": cfg.train.fused_optimizer,
             "steps": args.steps,
             "warmup": args.warmup,
             **dataclasses.asdict(r),

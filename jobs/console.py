@@ -52,6 +52,11 @@ def epoch_line(metrics: dict, epochs: int, seconds: float, width: int = 20) -> s
         f"loss {metrics['train_loss']:.5f}, {metrics['samples_per_s']:.1f} samples/s, "
         f"{seconds:.0f} s, ETA {_minutes(seconds * (epochs - done))}"
     )
+    if "data_wait_frac" in metrics:  # which side bounds the run
+        line += (
+            f", data wait {100 * metrics['data_wait_frac']:.0f}% "
+            f"(data side {metrics['data_samples_per_s']:.0f}/s)"
+        )
     if "val_AP" in metrics:
         line += f", AP {metrics['val_AP']:.4f} (best {metrics['best_AP']:.4f})"
     return line

@@ -31,13 +31,13 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from jobs import command, console, run_safety, storage, tracking
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
-from pipelines.datasets import iter_chunked, train_crops
+from pipelines.datasets import FeedStats, iter_chunked, train_crops
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.codec import HeatmapCodec
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config, parse_config, redact_secrets
 from psm_model.hrnet import build_model
-from psm_model.loss import train_step
+from psm_model.loss import adam, train_step
 from psm_model.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,24 @@ def train_loop(loop_config: dict) -> None:
     run.model = prepare_model(run.model, move_to_device=False)  # Ray: DDP over gloo or NCCL
     # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
     run.step_model = (
-        compile_model(run.model, cfg.train.compile_scope) if cfg.train.compile else run.model
+        compile_model(run.model, cfg.train.compile_scope, mode=cfg.train.compile_mode)
+        if cfg.train.compile
+        else run.model
     )
 
     for epoch in range(run.state.epoch, cfg.train.epochs):
         # the same image order on every rank, a new one every epoch; each rank takes every world-th
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
         order = order[: cfg.train.images_per_epoch or None]
+        feed = FeedStats()  # which side bounds the run: the epoch's waits and data rate
         batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
             functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task),
             [rows[i] for i in order[rank::world]],
             cfg.data.chunk_images,
             cfg.train.batch_size,
+            feed,
         )
-        metrics = _train_epoch(run, batches, epoch)
+        metrics = _train_epoch(run, batches, feed, epoch)
         with tempfile.TemporaryDirectory() as d:
             written = _end_epoch(run, metrics, epoch, d)  # rank 0: validation, checkpoint in d
             checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
@@ -115,9 +119,7 @@ def _setup(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = adam(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, list(cfg.train.lr_steps), cfg.train.lr_factor
     )
@@ -133,15 +135,18 @@ def _setup(
     return _Run(cfg, device, rank, world, model, optimizer, scheduler, scaler, state, warmup_steps)
 
 
-def _train_epoch(run: _Run, batches: Iterator[dict], epoch: int) -> dict[str, float]:
-    """One pass over this rank's batches; the epoch's metrics, summed over the ranks."""
+def _train_epoch(
+    run: _Run, batches: Iterator[dict], feed: FeedStats, epoch: int
+) -> dict[str, float]:
+    """One pass over this rank's batches; the epoch's metrics, summed over the ranks. `feed`
+    (filled by the batches' maker) gets the seconds spent waiting for a batch and computing."""
     cfg, state, device, world = run.cfg, run.state, run.device, run.world
     t0 = time.perf_counter()
     codec = HeatmapCodec.from_config(cfg)
     run.model.train()
     loss_sum, samples, skips = 0.0, 0, Counter()
     while True:
-        batch = next(batches, None)
+        batch = feed.next(batches)
         # DDP needs the same number of steps everywhere: stop when any rank runs dry
         if not _all_ranks_have(batch is not None, device, world):
             break
@@ -150,9 +155,11 @@ def _train_epoch(run: _Run, batches: Iterator[dict], epoch: int) -> dict[str, fl
         if keep.any():  # skip rows carry zero weights; dropping them keeps BN statistics clean
             batch = {k: v[keep] for k, v in batch.items()}
         _set_warmup_lr(run.optimizer, cfg, state.step, run.warmup_steps, run.scheduler)
+        t_step = time.perf_counter()
         loss = train_step(
             run.step_model, batch, codec, cfg, run.optimizer, run.scaler, device, world
         )
+        feed.compute_s += time.perf_counter() - t_step
         if loss is None:  # not finite on some rank: no rank updated
             run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
         else:
@@ -163,8 +170,13 @@ def _train_epoch(run: _Run, batches: Iterator[dict], epoch: int) -> dict[str, fl
     run.scheduler.step()  # after the epoch; the official code steps first (pre-1.1 PyTorch order)
     state.epoch = epoch + 1
 
-    totals = _all_reduce_sum([loss_sum, samples, sum(skips.values())], device, world)
+    totals = _all_reduce_sum(
+        [loss_sum, samples, sum(skips.values()), feed.wait_s, feed.compute_s, feed.data_rate()],
+        device,
+        world,
+    )
     seconds = time.perf_counter() - t0
+    wait_s, compute_s = totals[3] / world, totals[4] / world  # per rank
     return {
         "epoch": epoch,
         "epochs_done": epoch + 1,  # what Tune's ASHA counts (a resumed trial resumes it)
@@ -173,6 +185,12 @@ def _train_epoch(run: _Run, batches: Iterator[dict], epoch: int) -> dict[str, fl
         "samples_per_s": totals[1] / seconds,
         "skipped_images": totals[2],
         "epoch_seconds": seconds,
+        # which side bounds the run: the share of step time spent waiting for the next batch,
+        # and the samples/s the data side makes while busy (all ranks) next to samples_per_s
+        "data_wait_frac": wait_s / max(wait_s + compute_s, 1e-9),
+        "data_wait_s": wait_s,
+        "compute_s": compute_s,
+        "data_samples_per_s": totals[5],
     }
 
 

@@ -11,9 +11,11 @@ sample's seed), so each epoch draws new augmentations and a resumed epoch redraw
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -230,24 +232,56 @@ def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:
     return export_onnx(model, cfg.model.input_size)
 
 
+@dataclasses.dataclass
+class FeedStats:
+    """How the data side fed the model in one epoch, to tell which side bounds a run: seconds the
+    train loop waited for its next batch and seconds it computed; samples the data side made and
+    the seconds it was busy making them (chunks are made ahead, so the two overlap)."""
+
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    made_samples: int = 0
+    making_s: float = 0.0
+
+    def next(self, batches: Iterator[dict]) -> dict | None:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+    def data_rate(self) -> float:
+        """Samples/s the data side makes when busy (what it could feed with no waiting)."""
+        return self.made_samples / self.making_s if self.making_s > 0 else 0.0
+
+
 def iter_chunked(
     make: Callable[[Sequence[dict]], ray.data.Dataset],
     rows: Sequence[dict],
     chunk_rows: int,
     batch_size: int,
+    stats: FeedStats | None = None,
 ) -> Iterator[dict]:
     """Numpy batches of `make(chunk)` over chunks of `rows`, each chunk materialised while the
-    previous one is consumed (order kept).
+    previous one is consumed (order kept); `stats` counts what was made and how long it took.
 
     Why not stream: a streaming executor whose output is backpressured by a slower consumer (a
     train step, a model) has no task to wait on and spins, taking the training thread's time
     (GIL; docs/benchmarks.md).
     """
+    stats = stats or FeedStats()
+
+    def made(chunk: Sequence[dict]) -> ray.data.MaterializedDataset:
+        t0 = time.perf_counter()
+        dataset = make(chunk).materialize()  # Ray call
+        stats.making_s += time.perf_counter() - t0
+        stats.made_samples += dataset.count()  # from the block metadata, no data read
+        return dataset
+
     chunks = [rows[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
     with ThreadPoolExecutor(max_workers=1) as ahead:
-        future = ahead.submit(lambda c: make(c).materialize(), chunks[0]) if chunks else None
+        future = ahead.submit(made, chunks[0]) if chunks else None
         for k in range(len(chunks)):
             dataset = future.result()
             if k + 1 < len(chunks):
-                future = ahead.submit(lambda c: make(c).materialize(), chunks[k + 1])
+                future = ahead.submit(made, chunks[k + 1])
             yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy")

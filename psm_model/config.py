@@ -153,6 +153,10 @@ class TrainConfig:
     # (regional compilation: a fraction of the compile time, same state_dict keys), "exchange" =
     # each exchange module in place (fusion sums included), "model" = the whole model
     compile_scope: Literal["model", "blocks", "exchange"] = "blocks"
+    # torch.compile's mode: "reduce-overhead" replays CUDA graphs (fewer kernel launches for the
+    # many small convolutions of the low-resolution branches); on a CPU it compiles as "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    fused_optimizer: bool = False  # Adam's fused kernel: one launch for all parameters
     sync_bn: bool = False
     num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
     use_gpu: bool = False

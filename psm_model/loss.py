@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from psm_model.codec import HeatmapCodec, normalize_images
-from psm_model.config import Config
+from psm_model.config import Config, TrainConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp -> autocast dtype
 
@@ -52,6 +52,8 @@ def train_step(
 
     Returns the loss, or None, with no update, if it is not finite on any of the `world` ranks.
     """
+    if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
     images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
     x = normalize_images(images, cfg.data.channels_last)  # on the device: uint8 moves 4x cheaper
     target, weight = codec.encode(
@@ -72,6 +74,17 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return loss.item()
+
+
+def adam(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
+    """The recipe's optimiser (Adam, train.lr, train.weight_decay); train.fused_optimizer: one
+    fused kernel for all parameters instead of PyTorch's default (foreach)."""
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        fused=train.fused_optimizer or None,
+    )
 
 
 def all_ranks_finite(loss: torch.Tensor, world: int) -> bool:

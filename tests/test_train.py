@@ -54,7 +54,7 @@ def _weights(summary, cfg):
 
 
 def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp_path):
-    cfg = _cfg(tmp_path, synthetic_root, "logged", epochs=3)
+    cfg = _cfg(tmp_path, synthetic_root, "logged", epochs=3, fused_optimizer=True)
     summary = run_training(cfg)
     assert summary["epochs_done"] == 3
     assert sorted(p.name for p in (tmp_path / "runs" / "logged").glob("checkpoint_*"))  # written
@@ -68,6 +68,12 @@ def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp
     assert len(losses) == 3  # one value per epoch, falling every epoch (CPU runs are deterministic)
     assert losses[2] < losses[1] < losses[0]
     assert len(client.get_metric_history(run.info.run_id, "samples_per_s")) == 3
+    # which side bounds the run, every epoch: step time split into waiting and computing
+    last = run.data.metrics
+    assert 0.0 <= last["data_wait_frac"] <= 1.0 and last["data_samples_per_s"] > 0
+    wait, compute = last["data_wait_s"], last["compute_s"]
+    assert compute > 0 and last["data_wait_frac"] == pytest.approx(wait / (wait + compute))
+    assert len(client.get_metric_history(run.info.run_id, "data_wait_frac")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     version = client.get_latest_versions(cfg.train.registered_model)[0]
