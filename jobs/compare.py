@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs import command
 from jobs.tracking import KIND_TAG, PARENT_TAG
 from psm_model.files import write_atomic
 
@@ -191,3 +192,12 @@ def run(args: argparse.Namespace) -> None:
     if args.plot:
         plot_sweep(rows, params, args.plot)
         print(f"plot: {args.plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.compare ARGS` is `psm compare ARGS`."""
+    return command.job_main("jobs.compare", "psm compare", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

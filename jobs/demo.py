@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -84,3 +85,12 @@ def ensure_demo_data(cfg: Config) -> None:
     if not demo_data_complete(cfg):
         print(f"== writing the synthetic COCO dataset to {root}")
         make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.demo ARGS` is `psm demo ARGS`."""
+    return command.job_main("jobs.demo", "psm demo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jobs import command
@@ -34,3 +35,12 @@ def run(args: argparse.Namespace) -> None:
         f"{args.output}: images (batch, 3, {h}, {w}) -> heatmaps (batch, "
         f"{cfg.model.num_joints}, {h // stride}, {w // stride}), {len(data) / 1e6:.1f} MB"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.export ARGS` is `psm export onnx ARGS`."""
+    return command.job_main("jobs.export", "psm export onnx", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

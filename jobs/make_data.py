@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from jobs import command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,3 +28,12 @@ def run(args: argparse.Namespace) -> None:
     for split, c in counts.items():
         print(f"{args.out}/{split}: {c['images']} images, {c['persons']} persons")
     print(f"annotations: {args.out}/annotations/person_keypoints_{{train,val}}2017.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.make_data ARGS` is `psm make-data synthetic ARGS`."""
+    return command.job_main("jobs.make_data", "psm make-data synthetic", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
