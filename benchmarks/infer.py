@@ -65,9 +65,14 @@ def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: st
     model = build_model(dataclasses.replace(cfg.model, pretrained="")).eval()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     detector = export_toy_detector("raw", DETECTOR_SIZE)
-    record: dict = {"machine": machine(), "model": describe(cfg.model), "images": images,
-                    "image_size": list(size_hw), "detector_input": list(DETECTOR_SIZE),
-                    "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    record: dict = {
+        "machine": machine(),
+        "model": describe(cfg.model),
+        "images": images,
+        "image_size": list(size_hw),
+        "detector_input": list(DETECTOR_SIZE),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         write_plain_people(tmp, images + 1, seed=0, size_hw=size_hw)
         paths = sorted(str(p) for p in (Path(tmp) / "images").glob("*.png"))[:images]
@@ -145,15 +150,25 @@ def _print(r: dict, det: DetectorConfig) -> None:
     )
     print("| figure | persons/s |")
     print("|---|---:|")
-    for key in ("job_torch", "pose_only_torch", "job_onnxruntime", "pose_only_onnxruntime",
-                "forward_torch", "forward_onnxruntime"):  # fmt: skip
+    for key in (
+        "job_torch",
+        "pose_only_torch",
+        "job_onnxruntime",
+        "pose_only_onnxruntime",
+        "forward_torch",
+        "forward_onnxruntime",
+    ):
         print(f"| {key.replace('_', ' ')} | {r[key + '_persons_s']:.1f} |")
-    print(f"\njob / pose only: torch {r['job_over_pose_only_torch']:.2f}, onnxruntime "
-          f"{r['job_over_pose_only_onnxruntime']:.2f} (goal >= 0.9); pose forward onnxruntime / "
-          f"torch eager {r['onnxruntime_over_torch_forward']:.2f}")  # fmt: skip
-    print(f"decode {r['decode_ms']:.2f} ms per image vs {r['decoded_mb']:.2f} MB decoded; "
-          f"detection {r['detect_ms_per_image']:.2f} ms per image (score >= "
-          f"{det.score_threshold}, NMS {det.nms_iou})")  # fmt: skip
+    print(
+        f"\njob / pose only: torch {r['job_over_pose_only_torch']:.2f}, onnxruntime "
+        f"{r['job_over_pose_only_onnxruntime']:.2f} (goal >= 0.9); pose forward onnxruntime / "
+        f"torch eager {r['onnxruntime_over_torch_forward']:.2f}"
+    )
+    print(
+        f"decode {r['decode_ms']:.2f} ms per image vs {r['decoded_mb']:.2f} MB decoded; "
+        f"detection {r['detect_ms_per_image']:.2f} ms per image (score >= "
+        f"{det.score_threshold}, NMS {det.nms_iou})"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -116,7 +116,7 @@ def bench_model(
                         "compile": comp,
                         "compile_scope": compile_scope if comp else None,
                         **dataclasses.asdict(r),
-                    }  # fmt: skip
+                    }
                 )
     else:
         print("\n(no GPU: train-step images/s is measured where torch.cuda.is_available())")

@@ -19,8 +19,14 @@ from jobs import command
 from jobs.tracking import KIND_TAG, PARENT_TAG
 from psm_model.files import write_atomic
 
-METRICS = {"AP": "val_AP", "AP50": "val_AP50", "AP75": "val_AP75", "AR": "val_AR",
-           "best_AP": "best_AP", "epochs": "epochs_done"}  # fmt: skip
+METRICS = {
+    "AP": "val_AP",
+    "AP50": "val_AP50",
+    "AP75": "val_AP75",
+    "AR": "val_AR",
+    "best_AP": "best_AP",
+    "epochs": "epochs_done",
+}
 # differ between any two runs by construction: not worth a column
 PER_RUN_PARAMS = {"train.name", "train.storage_path", "train.mlflow_uri"}
 HEAD = ["run", "trial", "status"]
@@ -134,8 +140,7 @@ def plot_sweep(rows: list[dict], keys: list[str], path: str | Path) -> None:
                 continue
             x = labels.index(str(r.get(key, "")))
             early = "stopped" in r["status"]
-            ax.scatter(x, r["best_AP"], s=40, facecolors="none" if early else "C0",
-                       edgecolors="C0")  # fmt: skip
+            ax.scatter(x, r["best_AP"], s=40, facecolors="none" if early else "C0", edgecolors="C0")
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
         ax.set_xlabel(key)
         ax.set_ylabel("best val AP")

@@ -49,8 +49,12 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
                 raise CheckpointError(f"{checkpoint}: checkpoint not found")
             if kind == pafs.FileType.Directory:
                 local.mkdir()
-            pafs.copy_files(where, str(local), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+            pafs.copy_files(
+                where,
+                str(local),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
             return load_model(str(local), cfg)
     path = Path(checkpoint)
     if path.is_dir():

@@ -61,12 +61,18 @@ def _box_source(cfg: Config, detector_sha: str) -> dict:
     model, its sha256 and every threshold, or the annotations."""
     if cfg.infer.boxes == "file":
         data = Path(cfg.infer.detections).read_bytes()
-        return {"boxes": "file", "detections": cfg.infer.detections,
-                "detections_sha256": _sha256(data),
-                "box_score_threshold": cfg.eval.box_score_threshold}  # fmt: skip
+        return {
+            "boxes": "file",
+            "detections": cfg.infer.detections,
+            "detections_sha256": _sha256(data),
+            "box_score_threshold": cfg.eval.box_score_threshold,
+        }
     if cfg.infer.boxes == "detector":
-        return {"boxes": "detector", "detector_sha256": detector_sha,
-                **tracking_flat("detector", cfg.to_dict()["infer"]["detector"])}  # fmt: skip
+        return {
+            "boxes": "detector",
+            "detector_sha256": detector_sha,
+            **tracking_flat("detector", cfg.to_dict()["infer"]["detector"]),
+        }
     return {"boxes": "gt", "gt": cfg.infer.image_info}
 
 

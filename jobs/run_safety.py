@@ -73,8 +73,12 @@ def skip_nonfinite_step(cfg: Config, state: TrainState, epoch: int) -> None:
             f"{where}: {state.skipped_steps} steps with a non-finite loss in this run, more than "
             f"train.max_skipped_steps={cfg.train.max_skipped_steps}: the run diverges"
         )
-    log.warning("%s: non-finite loss, step skipped (%d of at most %d)", where,
-                state.skipped_steps, cfg.train.max_skipped_steps)  # fmt: skip
+    log.warning(
+        "%s: non-finite loss, step skipped (%d of at most %d)",
+        where,
+        state.skipped_steps,
+        cfg.train.max_skipped_steps,
+    )
 
 
 def run_folder(cfg: Config) -> str:
@@ -111,10 +115,15 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer, scheduler, scale
     run_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     infos = fs.get_file_info(pafs.FileSelector(run_dir))
     older = sorted(
-        (i.path for i in infos if i.type == pafs.FileType.Directory
-         and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path),
+        (
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory
+            and i.base_name.startswith("checkpoint_")
+            and i.path != checkpoint.path
+        ),
         reverse=True,  # Ray names them checkpoint_<timestamp>
-    )  # fmt: skip
+    )
     best = [i.path for i in infos if i.base_name == BEST]
     with contextlib.ExitStack() as stack:
 

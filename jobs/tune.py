@@ -192,8 +192,10 @@ def _trial_fit(configs: list[Config], resources: dict[str, float]) -> tuple[int,
     """(trials that fit in `resources`, CPUs a trial needs, GPUs a trial needs). Each trial holds
     its 0.1-CPU driver, its training workers and room for one Ray Data task; more than fit would
     starve the data tasks, and Train retries its worker startup forever."""
-    cpus = max(TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.data.cpus_per_task
-               for c in configs)  # fmt: skip
+    cpus = max(
+        TRIAL_CPUS + c.train.num_workers * c.train.cpus_per_worker + c.data.cpus_per_task
+        for c in configs
+    )
     fit = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
     gpu_workers = max((c.train.num_workers for c in configs if c.train.use_gpu), default=0)
     if gpu_workers:
@@ -278,19 +280,25 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
             tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
             tracking.end_run(base, run.info.run_id, "KILLED")
 
-    rows, params = comparison(tracking.resolve_uri(base.train.mlflow_uri), base.train.experiment,
-                              sweep=name)  # fmt: skip
+    rows, params = comparison(
+        tracking.resolve_uri(base.train.mlflow_uri), base.train.experiment, sweep=name
+    )
     summary: dict[str, Any] = {"sweep": name, "trials": len(rows), "parent_run_id": parent}
     summary["errors"] = sum(1 for r in grid if r.error)
     ranked = [r for r in rows if isinstance(r.get(RANK_METRIC), float) and r[RANK_METRIC] >= 0]
     if ranked:
         best = max(ranked, key=lambda r: r[RANK_METRIC])
         version = _register_best(base, best["run_id"])
-        tracking.set_tags(base, parent, {"psm.best_trial": best["trial"],
-                                         "psm.best_run_id": best["run_id"]})  # fmt: skip
+        tracking.set_tags(
+            base, parent, {"psm.best_trial": best["trial"], "psm.best_run_id": best["run_id"]}
+        )
         tracking.log_metrics(base, parent, {RANK_METRIC: best[RANK_METRIC]}, step=0)
-        summary |= {"best_trial": best["trial"], "best_run_id": best["run_id"],
-                    RANK_METRIC: best[RANK_METRIC], "model_version": version}  # fmt: skip
+        summary |= {
+            "best_trial": best["trial"],
+            "best_run_id": best["run_id"],
+            RANK_METRIC: best[RANK_METRIC],
+            "model_version": version,
+        }
     with tempfile.TemporaryDirectory() as d:
         write_csv(rows, params, Path(d) / "trials.csv")
         plot_sweep(rows, [p.key for p in space.params], Path(d) / "ap_vs_params.png")

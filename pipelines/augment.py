@@ -116,9 +116,15 @@ def train_batch(
         for k, ann_id in enumerate(row["ann_ids"]):
             i = out.next_index()
             _, xy, visible = make_training_sample(
-                image, row["keypoints"][k], row["centers"][k], row["scales"][k], data,
-                input_size, rngs.for_sample(image_id, int(ann_id)), out=out.image[i],
-            )  # fmt: skip
+                image,
+                row["keypoints"][k],
+                row["centers"][k],
+                row["scales"][k],
+                data,
+                input_size,
+                rngs.for_sample(image_id, int(ann_id)),
+                out=out.image[i],
+            )
             out.add_person(row, k, xy, visible)
     return out.columns()
 

@@ -150,8 +150,11 @@ def _warn_short(need: dict[str, float], total: dict[str, float], cfg: Config) ->
         log.warning(
             "eval.workers=%d actors (eval.cpus_per_worker=%s) and a crop task "
             "(data.cpus_per_task=%s) need more than the cluster has now (need, have): %s",
-            cfg.eval.workers, cfg.eval.cpus_per_worker, cfg.data.cpus_per_task, short,
-        )  # fmt: skip
+            cfg.eval.workers,
+            cfg.eval.cpus_per_worker,
+            cfg.data.cpus_per_task,
+            short,
+        )
 
 
 def _pose_actors(

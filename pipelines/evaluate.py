@@ -168,9 +168,14 @@ def oracle_eval(
             maxvals.append(m)
         areas = np.prod(scales * PIXEL_STD, axis=1)  # the official NMS area: the crop box
         results = make_results(
-            image_ids, np.concatenate(coords), np.concatenate(maxvals), box_scores, areas,
-            cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
-        )  # fmt: skip
+            image_ids,
+            np.concatenate(coords),
+            np.concatenate(maxvals),
+            box_scores,
+            areas,
+            cfg.eval.keypoint_score_threshold,
+            cfg.eval.oks_nms_threshold,
+        )
     if results_file is not None:
         write_results(results, results_file)
     return coco_eval(coco, results)
@@ -271,9 +276,14 @@ def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[di
         return []
     image_ids, coords, maxvals, scores = (np.concatenate(v) for v in cols.values())
     return make_results(
-        image_ids, coords, maxvals, scores, np.concatenate(areas),
-        cfg.eval.keypoint_score_threshold, cfg.eval.oks_nms_threshold,
-    )  # fmt: skip
+        image_ids,
+        coords,
+        maxvals,
+        scores,
+        np.concatenate(areas),
+        cfg.eval.keypoint_score_threshold,
+        cfg.eval.oks_nms_threshold,
+    )
 
 
 def _score(

@@ -125,8 +125,10 @@ class PartStore:
             if name in names and sha256(self._bytes(name)) == self.hashes[name]:
                 finished.append(k)
             else:
-                log.warning("%s: corrupt or missing (sha256 differs from the manifest): redone",
-                            self._uri(name))  # fmt: skip
+                log.warning(
+                    "%s: corrupt or missing (sha256 differs from the manifest): redone",
+                    self._uri(name),
+                )
                 del self.hashes[name]
         return finished
 
@@ -264,10 +266,13 @@ def detector_boxes(poses: Sequence[dict[str, np.ndarray]]) -> list[dict]:
     for batch in poses:
         for i in np.flatnonzero(batch["skip"] == ""):
             out.append(
-                {"image_id": int(batch["image_id"][i]), "category_id": 1,
-                 "bbox": [round(float(v), 2) for v in batch["box"][i]],
-                 "score": round(float(batch["score"][i]), 5)}
-            )  # fmt: skip
+                {
+                    "image_id": int(batch["image_id"][i]),
+                    "category_id": 1,
+                    "bbox": [round(float(v), 2) for v in batch["box"][i]],
+                    "score": round(float(batch["score"][i]), 5),
+                }
+            )
     return sorted(out, key=lambda b: (b["image_id"], -b["score"], b["bbox"]))
 
 

@@ -43,13 +43,19 @@ AREA_FRACTION = 0.6  # see the module docstring
 
 # Limbs drawn as (from joint, to joint, RGB). Left: warm colours; right: cold; centre: grey.
 LIMBS = (
-    (11, 13, (230, 40, 40)), (13, 15, (255, 120, 150)),  # left thigh, shin
-    (12, 14, (40, 170, 60)), (14, 16, (150, 255, 120)),  # right thigh, shin
-    (5, 11, (170, 90, 0)), (6, 12, (0, 80, 160)),  # torso sides: left, right
-    (5, 6, (235, 235, 235)), (11, 12, (200, 200, 200)),  # shoulder line, hip line
-    (5, 7, (255, 128, 0)), (7, 9, (255, 215, 0)),  # left upper arm, forearm
-    (6, 8, (0, 110, 255)), (8, 10, (0, 220, 255)),  # right upper arm, forearm
-)  # fmt: skip
+    (11, 13, (230, 40, 40)),
+    (13, 15, (255, 120, 150)),  # left thigh, shin
+    (12, 14, (40, 170, 60)),
+    (14, 16, (150, 255, 120)),  # right thigh, shin
+    (5, 11, (170, 90, 0)),
+    (6, 12, (0, 80, 160)),  # torso sides: left, right
+    (5, 6, (235, 235, 235)),
+    (11, 12, (200, 200, 200)),  # shoulder line, hip line
+    (5, 7, (255, 128, 0)),
+    (7, 9, (255, 215, 0)),  # left upper arm, forearm
+    (6, 8, (0, 110, 255)),
+    (8, 10, (0, 220, 255)),  # right upper arm, forearm
+)
 EAR_COLOURS = {3: (255, 150, 60), 4: (60, 150, 255)}  # left ear warm, right ear cold
 SKIN_TONES = ((255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36))
 FACE_JOINTS = (0, 1, 2)  # nose and eyes: hidden from behind
@@ -292,6 +298,8 @@ def make_synthetic(
         for split, n in zip(SPLITS, (train_images, val_images), strict=True)
     }
     for split, c in counts.items():
-        print(f"{Path(out_dir) / split}: {c['images']} images, {c['persons']} persons, "
-              f"{c['visible_keypoints']} visible keypoints")  # fmt: skip
+        print(
+            f"{Path(out_dir) / split}: {c['images']} images, {c['persons']} persons, "
+            f"{c['visible_keypoints']} visible keypoints"
+        )
     return counts

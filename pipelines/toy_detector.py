@@ -27,8 +27,11 @@ class BoxFromPixels(torch.nn.Module):
     def __init__(self, layout: str, background: float, threshold: float, shift: float) -> None:
         super().__init__()
         self.layout, self.background, self.threshold, self.shift = (
-            layout, background, threshold, shift,
-        )  # fmt: skip
+            layout,
+            background,
+            threshold,
+            shift,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mask = (x[0] - self.background).abs().mean(0) > self.threshold  # (H, W)
@@ -138,10 +141,17 @@ def write_plain_people(
                 [rng.uniform(x1, x1 + bw, 17), rng.uniform(y1, y1 + bh, 17), np.full(17, 2)]
             )
             anns.append(
-                {"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                 "bbox": [x1, y1, bw, bh], "area": float(bw * bh), "num_keypoints": 17,
-                 "keypoints": kpts.round(2).reshape(-1).tolist()}
-            )  # fmt: skip
+                {
+                    "id": i + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, bw, bh],
+                    "area": float(bw * bh),
+                    "num_keypoints": 17,
+                    "keypoints": kpts.round(2).reshape(-1).tolist(),
+                }
+            )
         name = f"{i + 1:06d}.png"
         cv2.imwrite(str(root / "images" / name), plain_image(size_hw, box)[..., ::-1])
         entries.append({"id": i + 1, "file_name": name, "width": w, "height": h})

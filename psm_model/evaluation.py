@@ -45,9 +45,12 @@ def metrics_table(metrics: dict[str, float]) -> str:
     """The COCO keypoint metrics as a markdown table (nan where one is missing)."""
     values = (f"{metrics.get(k, float('nan')):.4f}" for k in METRIC_NAMES)
     return "\n".join(
-        ["| " + " | ".join(METRIC_NAMES) + " |", "|" + "---:|" * len(METRIC_NAMES),
-         "| " + " | ".join(values) + " |"]
-    )  # fmt: skip
+        [
+            "| " + " | ".join(METRIC_NAMES) + " |",
+            "|" + "---:|" * len(METRIC_NAMES),
+            "| " + " | ".join(values) + " |",
+        ]
+    )
 
 
 DETECTION_SKIPS = {
@@ -283,11 +286,13 @@ def read_detections(
         else:
             rows.append(parsed)
     for reason, where in first.items():
-        log.warning("%s: %s: %s; %d entries skipped", path, where, DETECTION_SKIPS[reason],
-                    skips[reason])  # fmt: skip
+        log.warning(
+            "%s: %s: %s; %d entries skipped", path, where, DETECTION_SKIPS[reason], skips[reason]
+        )
     if not rows:
-        log.warning("%s: no usable detections (%d entries): no poses will be produced", path,
-                    len(data))  # fmt: skip
+        log.warning(
+            "%s: no usable detections (%d entries): no poses will be produced", path, len(data)
+        )
     detections = Detections(
         image_ids=np.array([r[0] for r in rows], dtype=np.int64),
         boxes=np.array([r[1] for r in rows], dtype=np.float64).reshape(-1, 4),
@@ -323,9 +328,13 @@ def validate_results(results: object, gt_image_ids: set[int], source: str) -> li
         if score is None:
             raise EvalError(f"{where}.score: expected a finite number, got {r['score']!r}")
         clean.append(
-            {"image_id": image_id, "category_id": PERSON_CATEGORY_ID,
-             "keypoints": [float(v) for v in kpts], "score": score}
-        )  # fmt: skip
+            {
+                "image_id": image_id,
+                "category_id": PERSON_CATEGORY_ID,
+                "keypoints": [float(v) for v in kpts],
+                "score": score,
+            }
+        )
     return clean
 
 
@@ -422,8 +431,11 @@ def coco_eval(
             coco_dt = coco.loadRes(clean)  # adds area, bbox, id to `clean`, a copy
         else:  # loadRes cannot take an empty list; an empty result set still scores (0)
             coco_dt = COCO()
-            coco_dt.dataset = {"images": coco.dataset["images"], "annotations": [],
-                               "categories": coco.dataset["categories"]}  # fmt: skip
+            coco_dt.dataset = {
+                "images": coco.dataset["images"],
+                "annotations": [],
+                "categories": coco.dataset["categories"],
+            }
             coco_dt.createIndex()
         evaluator = COCOeval(coco, coco_dt, "keypoints")
         evaluator.evaluate()

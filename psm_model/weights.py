@@ -22,9 +22,18 @@ log = logging.getLogger(__name__)
 # (the official PRETRAINED_LAYERS). The classifier's own heads (incre_modules, downsamp_modules,
 # final_layer, classifier) have no counterpart here.
 BACKBONE_PREFIXES = (
-    "conv1", "bn1", "conv2", "bn2", "layer1",
-    "transition1", "stage2", "transition2", "stage3", "transition3", "stage4",
-)  # fmt: skip
+    "conv1",
+    "bn1",
+    "conv2",
+    "bn2",
+    "layer1",
+    "transition1",
+    "stage2",
+    "transition2",
+    "stage3",
+    "transition3",
+    "stage4",
+)
 
 
 class CheckpointError(PsmError, ValueError):

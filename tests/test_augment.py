@@ -75,9 +75,15 @@ def test_training_flip_hand_computed():
     kpts = pose({9: (120.0, 90.0)})  # left wrist, right of the centre
     aug = Augmentation(scale_factor=1.0, rotation_deg=0.0, flip=True, half_body=False)
     _, xy, vis = make_training_sample(
-        image, kpts, np.array([100.0, 100.0]), UNIT_SCALE, DataConfig(), SIZE_HW,
-        np.random.default_rng(0), aug,
-    )  # fmt: skip
+        image,
+        kpts,
+        np.array([100.0, 100.0]),
+        UNIT_SCALE,
+        DataConfig(),
+        SIZE_HW,
+        np.random.default_rng(0),
+        aug,
+    )
     # mirrored x = 199 - 120 = 79, mirrored centre x = 99: crop x = 79 - 99 + 96 = 76
     assert vis[10] == 1 and vis[9] == 0
     np.testing.assert_allclose(xy[10], [76, 118])
@@ -88,9 +94,20 @@ def test_training_flip_hand_computed():
 
 
 FULL_POSE = pose(
-    {0: (50, 10), 5: (40, 30), 6: (60, 30), 9: (30, 60), 10: (70, 60),
-     11: (45, 70), 12: (55, 70), 13: (45, 100), 14: (55, 100), 15: (45, 130), 16: (55, 130)}
-)  # fmt: skip
+    {
+        0: (50, 10),
+        5: (40, 30),
+        6: (60, 30),
+        9: (30, 60),
+        10: (70, 60),
+        11: (45, 70),
+        12: (55, 70),
+        13: (45, 100),
+        14: (55, 100),
+        15: (45, 130),
+        16: (55, 130),
+    }
+)
 
 
 def test_half_body_box_upper_or_lower_hand_computed():
@@ -160,9 +177,15 @@ def test_joints_pushed_outside_the_crop_become_invisible():
     )
     kpts[3] = (210.0, 210.0, 0)  # unlabelled
     _, xy, vis = make_training_sample(
-        image, kpts, np.array([200.0, 200.0]), UNIT_SCALE, DataConfig(), SIZE_HW,
-        np.random.default_rng(0), NO_AUG,
-    )  # fmt: skip
+        image,
+        kpts,
+        np.array([200.0, 200.0]),
+        UNIT_SCALE,
+        DataConfig(),
+        SIZE_HW,
+        np.random.default_rng(0),
+        NO_AUG,
+    )
     np.testing.assert_allclose(xy[0], [96, 128])
     assert vis[0] == 1
     assert vis[5] == 0  # x = 192 == crop width: outside (valid x is 0 <= x < 192)
@@ -218,9 +241,14 @@ def test_crops_warp_into_a_given_batch_row():
         image, FULL_POSE + [100, 40, 0], center, scale, rng=np.random.default_rng(1), **kw
     )
     into = make_training_sample(
-        image, FULL_POSE + [100, 40, 0], center, scale, rng=np.random.default_rng(1),
-        out=batch[1], **kw,
-    )  # fmt: skip
+        image,
+        FULL_POSE + [100, 40, 0],
+        center,
+        scale,
+        rng=np.random.default_rng(1),
+        out=batch[1],
+        **kw,
+    )
     assert np.shares_memory(into[0], batch)
     np.testing.assert_array_equal(batch[1], crop)
     np.testing.assert_array_equal(into[1], xy)
@@ -326,8 +354,10 @@ def _assert_same_columns(a: dict, b: dict) -> None:
 
 
 def _stack(samples: list[dict]) -> dict:
-    return {k: np.array([s[k] for s in samples], dtype=object if k == "skip" else None)
-            for k in SAMPLE_COLUMNS}  # fmt: skip
+    return {
+        k: np.array([s[k] for s in samples], dtype=object if k == "skip" else None)
+        for k in SAMPLE_COLUMNS
+    }
 
 
 def _with_bad_images(rows, tmp_path):

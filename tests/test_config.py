@@ -177,9 +177,11 @@ def test_moved_data_pipeline_keys_still_load_with_a_warning_naming_the_new_key(t
         64,
         True,
     )
-    for old, new in (("train.data_cpus", "data.cpus_per_task"),
-                     ("train.data_chunk_images", "data.chunk_images"),
-                     ("train.channels_last", "data.channels_last")):  # fmt: skip
+    for old, new in (
+        ("train.data_cpus", "data.cpus_per_task"),
+        ("train.data_chunk_images", "data.chunk_images"),
+        ("train.channels_last", "data.channels_last"),
+    ):
         assert f"{old} is now {new}" in caplog.text
     assert cfg == parse_config(cfg.to_yaml())  # saved with the new keys only
     assert "data_cpus" not in cfg.to_yaml()

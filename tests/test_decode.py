@@ -203,8 +203,9 @@ def darkpose_reference(hm: np.ndarray, kernel: int) -> np.ndarray:
                 g = np.array([m[py, px + 1] - m[py, px - 1], m[py + 1, px] - m[py - 1, px]]) / 2
                 dxx = (m[py, px + 2] - 2 * m[py, px] + m[py, px - 2]) / 4
                 dyy = (m[py + 2, px] - 2 * m[py, px] + m[py - 2, px]) / 4
-                dxy = (m[py + 1, px + 1] - m[py - 1, px + 1] - m[py + 1, px - 1]
-                       + m[py - 1, px - 1]) / 4  # fmt: skip
+                dxy = (
+                    m[py + 1, px + 1] - m[py - 1, px + 1] - m[py + 1, px - 1] + m[py - 1, px - 1]
+                ) / 4
                 hess = np.array([[dxx, dxy], [dxy, dyy]])
                 if np.linalg.det(hess) != 0:
                     coords[a, k] -= np.linalg.solve(hess, g)

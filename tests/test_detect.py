@@ -137,10 +137,19 @@ def test_unknown_layout_and_missing_file_are_clear_errors(tmp_path):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Unknown(), (torch.zeros(1, 3, 32, 32),), buffer, dynamo=False,
-                          input_names=["images"], output_names=["a", "b"])  # fmt: skip
-    with pytest.raises(DetectorError, match=r"odd.onnx: unknown detector output layout \(inputs "
-                       r"images \[1, 3, 32, 32\]; outputs a \[1, 3\], b \[1, 3\]\)"):  # fmt: skip
+        torch.onnx.export(
+            _Unknown(),
+            (torch.zeros(1, 3, 32, 32),),
+            buffer,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["a", "b"],
+        )
+    with pytest.raises(
+        DetectorError,
+        match=r"odd.onnx: unknown detector output layout \(inputs "
+        r"images \[1, 3, 32, 32\]; outputs a \[1, 3\], b \[1, 3\]\)",
+    ):
         detector_session(buffer.getvalue(), "odd.onnx")
     with pytest.raises(DetectorError, match="nothere.onnx: infer.detector.model: cannot read"):
         load_detector(str(tmp_path / "nothere.onnx"))

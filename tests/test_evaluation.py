@@ -110,8 +110,10 @@ def test_coco_eval_metrics_from_stats(coco_root, tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(perfect))
     assert coco_eval(coco_root / MMPOSE4, path) == metrics
-    moved = [dict(r, keypoints=[v + 8.0 * (i % 3 < 2) for i, v in enumerate(r["keypoints"])])
-             for r in perfect]  # fmt: skip
+    moved = [
+        dict(r, keypoints=[v + 8.0 * (i % 3 < 2) for i, v in enumerate(r["keypoints"])])
+        for r in perfect
+    ]
     worse = coco_eval(coco_root / MMPOSE4, moved)
     assert 0.0 < worse["AP"] < 0.9
     assert coco_eval(coco_root / MMPOSE4, []) == dict.fromkeys(METRIC_NAMES, 0.0)
@@ -151,8 +153,16 @@ def test_bad_gt_file(tmp_path):
 def _gt(**changes) -> dict:
     keypoints = [0.0] * 51
     keypoints[15:18] = [30.0, 20.0, 2]
-    ann = {"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 40, 50],
-           "area": 1200.0, "keypoints": keypoints, "num_keypoints": 1}  # fmt: skip
+    ann = {
+        "id": 7,
+        "image_id": 1,
+        "category_id": 1,
+        "iscrowd": 0,
+        "bbox": [10, 10, 40, 50],
+        "area": 1200.0,
+        "keypoints": keypoints,
+        "num_keypoints": 1,
+    }
     return {k: v for k, v in {**ann, **changes}.items() if v is not None}
 
 
@@ -173,8 +183,9 @@ def test_bad_gt_annotations_name_file_and_field(tmp_path, annotations, match):
     path = tmp_path / "gt.json"
     image = {"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}
     categories = [{"id": 1, "name": "person"}]
-    path.write_text(json.dumps({"images": [image], "annotations": annotations,
-                                "categories": categories}))  # fmt: skip
+    path.write_text(
+        json.dumps({"images": [image], "annotations": annotations, "categories": categories})
+    )
     with pytest.raises(EvalError, match=r"gt\.json: " + match):
         load_gt(path)
 
@@ -211,8 +222,14 @@ def test_bad_detections_are_counted_not_fatal(tmp_path, caplog):
     path.write_text(json.dumps(entries))  # json writes NaN, as Python's json reads it
     dets, skips = read_detections(path, {785})
     assert len(dets) == 1 and dets.boxes[0].tolist() == [10, 20, 30, 40]
-    assert skips == {"bad_entry": 2, "bad_image_id": 1, "unknown_image": 1, "not_person": 1,
-                     "bad_box": 2, "bad_score": 1}  # fmt: skip
+    assert skips == {
+        "bad_entry": 2,
+        "bad_image_id": 1,
+        "unknown_image": 1,
+        "not_person": 1,
+        "bad_box": 2,
+        "bad_score": 1,
+    }
     assert "dets.json: [6].bbox" in caplog.text and "dets.json: [8].score" in caplog.text
 
 
@@ -276,10 +293,17 @@ def _oracle_cfg(coco_root, ann, input_hw, stride, sigma, *overrides):
     h, w = input_hw
     return load_config(
         None,
-        [f"data.root={coco_root}", "data.val_images=val2017", f"data.val_annotations={ann}",
-         f"model.input_size=[{h},{w}]", f"model.heatmap_stride={stride}", f"data.sigma={sigma}",
-         "eval.flip_test=true", *overrides],
-    )  # fmt: skip
+        [
+            f"data.root={coco_root}",
+            "data.val_images=val2017",
+            f"data.val_annotations={ann}",
+            f"model.input_size=[{h},{w}]",
+            f"model.heatmap_stride={stride}",
+            f"data.sigma={sigma}",
+            "eval.flip_test=true",
+            *overrides,
+        ],
+    )
 
 
 def test_detections_round_trip_on_mmpose_sample(coco_root, tmp_path):

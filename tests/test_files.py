@@ -61,8 +61,11 @@ def test_a_second_concurrent_job_is_refused_until_the_first_is_gone(tmp_path):
     holder = _hold_lease(folder)
     try:
         # before: both jobs passed the manifest check and wrote parts into one folder
-        with pytest.raises(DataError, match=rf"{folder}: another job writes these parts .*pid "
-                                            rf"{holder.pid}"):  # fmt: skip
+        with pytest.raises(
+            DataError,
+            match=rf"{folder}: another job writes these parts .*pid "
+            rf"{holder.pid}",
+        ):
             PartStore(str(folder), INPUTS)
     finally:
         holder.send_signal(signal.SIGKILL)  # a real kill: the lease stays behind
@@ -96,5 +99,8 @@ def test_a_corrupt_or_unrecorded_part_is_redone_and_named(tmp_path, caplog):
         store.write(1, {"results": []})
         assert store.done(4) == [0, 1, 2]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert sorted(manifest["part_sha256"]) == ["part-00000.json", "part-00001.json",
-                                               "part-00002.json"]  # fmt: skip
+    assert sorted(manifest["part_sha256"]) == [
+        "part-00000.json",
+        "part-00001.json",
+        "part-00002.json",
+    ]

@@ -104,8 +104,11 @@ def test_a_parts_folder_resumes_and_refuses_other_inputs(tmp_path, uri):
     store.release()
     again = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
     assert again.done(3) == [1] and again.read(1) == {"results": [{"score": 0.5}]}
-    with pytest.raises(DataError, match=r"p: holds parts of a job with other inputs "
-                                         r"\(part_images, weights_sha256 differ\)"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"p: holds parts of a job with other inputs "
+        r"\(part_images, weights_sha256 differ\)",
+    ):
         PartStore(folder, {"weights_sha256": "b", "part_images": 8})
 
 
@@ -154,8 +157,9 @@ def test_infer_gives_eval_poses_and_resumes_a_killed_job_to_the_same_file(
     expected = _sorted(json.loads(evaluated.read_text()))
     got = _sorted(results)
     assert [r["image_id"] for r in got] == [r["image_id"] for r in expected]
-    np.testing.assert_allclose([r["keypoints"] for r in got], [r["keypoints"] for r in expected],
-                               atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        [r["keypoints"] for r in got], [r["keypoints"] for r in expected], atol=1e-4
+    )
     eval_run = mlflow.search_runs(experiment_names=["psm-pose"], order_by=["start_time DESC"])
     assert run["metrics.AP"] == pytest.approx(eval_run.iloc[0]["metrics.AP"], abs=1e-9)
 
@@ -340,8 +344,11 @@ def test_a_submission_checks_itself_naming_the_entry_and_field():
     images = {1: (64, 48), 2: (64, 48), 3: (64, 48)}
     good = [_pose(1), _pose(1, 12.0), _pose(3)]
     check_submission(good, images, {"no_person": 1}, "out.json")  # 2 posed + 1 no person
-    with pytest.raises(EvalError, match=r"out.json: 3 images in the list, 2 with poses and 0 "
-                       r"accounted for .*: \[2\]"):  # fmt: skip
+    with pytest.raises(
+        EvalError,
+        match=r"out.json: 3 images in the list, 2 with poses and 0 "
+        r"accounted for .*: \[2\]",
+    ):
         check_submission(good, images, {"no_person": 0}, "out.json")
     cases = [
         ({"category_id": 2}, r"out.json: \[1\].category_id: expected 1"),
@@ -349,9 +356,11 @@ def test_a_submission_checks_itself_naming_the_entry_and_field():
         ({"keypoints": [float("nan")] * 51}, r"\[1\].keypoints: expected 51 finite numbers"),
         ({"score": float("inf")}, r"out.json: \[1\].score: expected a finite number"),
         ({"image_id": 9}, r"out.json: \[1\].image_id: 9 is not an image"),
-        ({"keypoints": [10.0, 20.0, 1.0] * 16 + [500.0, 20.0, 1.0]},
-         r"out.json: \[1\].keypoints: joint 16 at \(500.0, 20.0\) is far outside image 1"),
-    ]  # fmt: skip
+        (
+            {"keypoints": [10.0, 20.0, 1.0] * 16 + [500.0, 20.0, 1.0]},
+            r"out.json: \[1\].keypoints: joint 16 at \(500.0, 20.0\) is far outside image 1",
+        ),
+    ]
     for change, message in cases:
         with pytest.raises(EvalError, match=message):
             check_submission(
@@ -367,8 +376,10 @@ def test_an_inference_driver_killed_mid_job_reruns_to_a_byte_identical_file(ray_
 
     make_synthetic_coco(tmp_path, 60, seed=5, val_fraction=0.5)  # 30 val images
     gt = json.loads((tmp_path / "annotations" / "person_keypoints_val2017.json").read_text())
-    dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
-            for a in gt["annotations"]]  # fmt: skip
+    dets = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")
     common = [f"data.root={tmp_path}", "infer.images=val2017", "infer.part_images=1"]
@@ -377,8 +388,11 @@ def test_an_inference_driver_killed_mid_job_reruns_to_a_byte_identical_file(ray_
     argv += ["--dets", str(tmp_path / "dets.json")]
 
     def job(output: Path) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(Path(TINY).parents[1]),
-                   RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)  # fmt: skip
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(Path(TINY).parents[1]),
+            RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+        )
         args = [*argv, "--output", str(output)]
         code = f"import sys; from jobs.cli import main; sys.exit(main({args!r}))"
         return subprocess.Popen([sys.executable, "-c", code], env=env)

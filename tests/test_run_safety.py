@@ -48,8 +48,11 @@ def test_a_nan_loss_updates_nothing_and_stops_naming_epoch_and_step(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k != "final_layer.bias")
     assert all(torch.isfinite(v).all() for k, v in after.items() if k != "final_layer.bias")
     state = TrainState(epoch=50, step=1234)
-    with pytest.raises(run_safety.NonFiniteLossError, match=r"epoch 50, step 1234: the training "
-                                                            r"loss is not finite"):  # fmt: skip
+    with pytest.raises(
+        run_safety.NonFiniteLossError,
+        match=r"epoch 50, step 1234: the training "
+        r"loss is not finite",
+    ):
         run_safety.skip_nonfinite_step(cfg, state, 50)
 
 

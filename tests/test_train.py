@@ -22,8 +22,15 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 # no augmentation: the same crops every epoch, so a few steps are enough for the loss to fall
-STILL = ["data.flip=false", "data.rotation=0", "data.scale_min=1", "data.scale_max=1",
-         "data.half_body_prob=0", "model.width=16", "model.input_size=[96,64]"]  # fmt: skip
+STILL = [
+    "data.flip=false",
+    "data.rotation=0",
+    "data.scale_min=1",
+    "data.scale_max=1",
+    "data.half_body_prob=0",
+    "model.width=16",
+    "model.input_size=[96,64]",
+]
 
 
 def _cfg(tmp_path, root, name, **train):
@@ -85,8 +92,9 @@ def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp
 @pytest.fixture(scope="module")
 def straight(ray_local, synthetic_root, tmp_path_factory):
     """An uninterrupted 3-epoch run: what every interrupted one must reproduce exactly."""
-    return run_training(_cfg(tmp_path_factory.mktemp("straight"), synthetic_root, "straight",
-                             epochs=3))  # fmt: skip
+    return run_training(
+        _cfg(tmp_path_factory.mktemp("straight"), synthetic_root, "straight", epochs=3)
+    )
 
 
 def _same_weights(run_a, run_b, cfg):
@@ -194,8 +202,11 @@ def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run
     epoch 1's checkpoint is written, then the same command again."""
     cfg = _cfg(tmp_path, synthetic_root, "driver", epochs=3)
     argv = ["train", str(TINY), *_overrides(tmp_path, synthetic_root, "driver", epochs=3)]
-    env = dict(os.environ, PYTHONPATH=str(TINY.parents[1]),
-               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(TINY.parents[1]),
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+    )
     code = f"import sys; from jobs.cli import main; sys.exit(main({argv!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     run_dir = tmp_path / "runs" / "driver"

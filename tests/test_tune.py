@@ -20,8 +20,15 @@ from psm_model.config import load_config
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-STILL = ["data.flip=false", "data.rotation=0", "data.scale_min=1", "data.scale_max=1",
-         "data.half_body_prob=0", "model.width=16", "model.input_size=[96,64]"]  # fmt: skip
+STILL = [
+    "data.flip=false",
+    "data.rotation=0",
+    "data.scale_min=1",
+    "data.scale_max=1",
+    "data.half_body_prob=0",
+    "model.width=16",
+    "model.input_size=[96,64]",
+]
 # one trial at a time: ASHA's decisions then follow the grid order, not process timing
 SPACE = """
 searcher: grid
@@ -52,8 +59,13 @@ def people(tmp_path_factory) -> Path:
 
 def _overrides(tmp_path, root):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return [f"data.root={root}", *STILL, f"train.storage_path={tmp_path / 'runs'}",
-            f"train.mlflow_uri={db}", "train.experiment=sweeps"]  # fmt: skip
+    return [
+        f"data.root={root}",
+        *STILL,
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"train.mlflow_uri={db}",
+        "train.experiment=sweeps",
+    ]
 
 
 def _base(tmp_path, root):
@@ -73,8 +85,11 @@ def test_sweep_nests_trials_in_mlflow_stops_early_and_registers_the_best(
     assert parent.info.status == "FINISHED" and parent.data.tags["psm.kind"] == "sweep"
     assert parent.data.params["sweep.train.lr"] == "grid [0.005, 1e-07]"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {
-        "sweep/space.yaml", "sweep/base_config.yaml", "sweep/trials.csv",
-        "sweep/ap_vs_params.png"}  # fmt: skip
+        "sweep/space.yaml",
+        "sweep/base_config.yaml",
+        "sweep/trials.csv",
+        "sweep/ap_vs_params.png",
+    }
 
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
@@ -149,14 +164,24 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(
     base = _base(tmp_path, synthetic_root)
     space_file = tmp_path / "space.yaml"
     space_file.write_text(RESUME_SPACE)
-    argv = [sys.executable, "-m", "jobs.cli", "tune", str(TINY),
-            *_overrides(tmp_path, synthetic_root),
-            "--space", str(space_file), "--name", "killed"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "tune",
+        str(TINY),
+        *_overrides(tmp_path, synthetic_root),
+        "--space",
+        str(space_file),
+        "--name",
+        "killed",
+    ]
     # the sweep's own driver process, on the test session's Ray, killed with SIGKILL below
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = (tmp_path / "sweep.log").open("w")
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     client = mlflow.MlflowClient(base.train.mlflow_uri)
     try:
         logged = tmp_path / "sweep.log"

@@ -18,8 +18,15 @@ SPACE = "searcher: grid\nparams:\n  train.lr: {grid: [1.0e-3, 2.0e-3]}\n"
 
 
 def _trial(base, parent, name, lr, epochs_done=None):
-    cfg = load_config(TINY, [f"train.mlflow_uri={base.train.mlflow_uri}", f"train.lr={lr}",
-                             f"train.name={name}", "train.epochs=2"])  # fmt: skip
+    cfg = load_config(
+        TINY,
+        [
+            f"train.mlflow_uri={base.train.mlflow_uri}",
+            f"train.lr={lr}",
+            f"train.name={name}",
+            "train.epochs=2",
+        ],
+    )
     tags = {tracking.PARENT_TAG: parent, "psm.trial_id": name}
     run_id = tracking.start_or_resume_run(cfg, name, tags=tags)
     if epochs_done is not None:
