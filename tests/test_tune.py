@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from test_train import STILL, TINY  # the same still, small training
 
 from jobs.cli import main as psm
 from jobs.compare import comparison
@@ -19,16 +20,6 @@ from psm_model.config import load_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-STILL = [
-    "data.flip=false",
-    "data.rotation=0",
-    "data.scale_min=1",
-    "data.scale_max=1",
-    "data.half_body_prob=0",
-    "model.width=16",
-    "model.input_size=[96,64]",
-]
 # one trial at a time: ASHA's decisions then follow the grid order, not process timing
 SPACE = """
 searcher: grid
