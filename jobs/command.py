@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-OVERRIDE = re.compile(r"[A-Za-z_]\w*\.\w+=.*", re.S)  # section.key=value
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*", re.S)  # section[.sub].key=value
 
 
 def add_config_arguments(p: argparse.ArgumentParser, default: str = "") -> None:

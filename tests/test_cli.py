@@ -78,6 +78,9 @@ def test_overrides_may_follow_flags():
     assert args.overrides == ["data.root=/x", "eval.workers=2"]
     args = parse_args(["infer", TINY, "model.width=16", "--checkpoint", "c", "data.root=/d"])
     assert args.overrides == ["model.width=16", "data.root=/d"] and args.checkpoint == "c"
+    # nested sections too: the README's detector command puts them after --checkpoint
+    args = parse_args(["infer", TINY, "--checkpoint", "c", "infer.detector.model=d.onnx"])
+    assert args.overrides == ["infer.detector.model=d.onnx"]
     with pytest.raises(SystemExit):  # anything else is still an error
         parse_args(["eval", TINY, "--oracle", "bogus"])
 
