@@ -62,7 +62,7 @@ def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: st
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, detector=det))
     threads = max(1, int(cfg.eval.cpus_per_worker))
     torch.set_num_threads(threads)  # the pose-alone figures get what one pose actor gets
-    model = build_model(dataclasses.replace(cfg.model, pretrained="")).eval()
+    model = build_model(cfg.model).eval()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     detector = export_toy_detector("raw", DETECTOR_SIZE)
     record: dict = {

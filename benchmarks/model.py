@@ -60,8 +60,8 @@ def bench_model(
     cpu: bool = True,
 ) -> dict:
     """Speed of HRNet (hrnet fusion, stride 4) and the configured variant: same widths and input."""
-    baseline = dataclasses.replace(cfg, fusion="hrnet", heatmap_stride=4, pretrained="")
-    variants = [baseline] + ([dataclasses.replace(cfg, pretrained="")] if cfg != baseline else [])
+    baseline = dataclasses.replace(cfg, fusion="hrnet", heatmap_stride=4)
+    variants = [baseline] + ([cfg] if cfg != baseline else [])
     results: dict = {"machine": machine(), "cpu": [], "gpu": []}
     print(f"machine: {results['machine']}\n")
     if cpu:

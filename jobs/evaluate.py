@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs import command, storage, tracking
 from psm_model.checkpoint import load_checkpoint_model
-from psm_model.config import Config, flag_overrides, redact_secrets
+from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import (
@@ -80,7 +80,7 @@ def run_eval(
     results_file: str | None = None,
 ) -> dict[str, float]:
     if not oracle and not checkpoint:
-        raise ValueError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
+        raise ConfigError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     if results_file:
         storage.require_persistent(results_file, "--results")
