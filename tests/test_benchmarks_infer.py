@@ -1,0 +1,26 @@
+"""`psm bench infer` end to end on a few images: the figures it reports are consistent with each
+other (the bench is what issue 15's goal is measured with, so it must keep running)."""
+
+import json
+
+import pytest
+
+from benchmarks.infer import bench_infer
+from psm_model.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_infer_reports_the_job_against_the_pose_model(ray_local, tmp_path, capsys):
+    cfg = load_config(None, ["model.width=8", "model.input_size=[64,64]", "eval.batch_size=4"])
+    out = tmp_path / "bench.json"
+    r = bench_infer(cfg, 24, (120, 160), str(out))  # several blocks: a running rate
+    assert json.loads(out.read_text()) == r
+    assert r["persons"] >= 24  # one figure per image, plus the decoys the detector keeps
+    for runtime in ("torch", "onnxruntime"):
+        job, running = r[f"job_{runtime}_persons_s"], r[f"job_{runtime}_running_persons_s"]
+        assert 0 < job and 0 < running and r[f"job_{runtime}_start_s"] > 0
+        assert r[f"job_over_pose_only_{runtime}"] == pytest.approx(
+            job / r[f"pose_only_{runtime}_persons_s"]
+        )
+    assert "once running" in capsys.readouterr().out
