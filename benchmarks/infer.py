@@ -1,6 +1,6 @@
 """`psm bench infer`: the whole inference job (decode, detection, crops, pose, results) against
 the pose model alone on the same crops, the pose model on ONNX Runtime against PyTorch eager,
-and the decode cost that decides whether decoded images travel between stages. One run, the
+and what a detector actor spends per image (decode; decode, detection and crops). One run, the
 same images: figures for docs/benchmarks.md.
 
 The images are plain-background people (pipelines.toy_detector) at COCO size, the detector the
@@ -25,7 +25,7 @@ from benchmarks.data import _local_ray
 from benchmarks.model import machine
 from benchmarks.profile import describe
 from jobs import command
-from pipelines.detect import crops_with_boxes, detection_columns, detector_session
+from pipelines.detect import detect_and_crop, detector_session
 from pipelines.images import decode_image
 from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 DETECTOR_SIZE = (160, 160)  # the size the tests build
 
 
-def _rate(fn, count: int, repeats: int = 3) -> float:
-    """count / the best of `repeats` timed calls of fn (the first call is a warm-up)."""
-    fn()
+def _rate(fn, warm_up, count: int, repeats: int) -> float:
+    """count / the best of `repeats` timed calls of fn, after a call of warm_up."""
+    warm_up()
     best = min(_timed(fn) for _ in range(repeats))
     return count / best
 
@@ -59,7 +59,9 @@ def _clocked(ds, arrivals: list[tuple[float, int]]):
         yield batch
 
 
-def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: str | None) -> dict:
+def bench_infer(
+    cfg: Config, images: int, size_hw: tuple[int, int], json_out: str | None, repeats: int = 3
+) -> dict:
     from pipelines.datasets import detected_pose_predictions
     from pipelines.evaluate import pose_results
 
@@ -85,20 +87,18 @@ def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: st
         paths = sorted(str(p) for p in (Path(tmp) / "images").glob("*.png"))[:images]
         rows = [{"image_id": i + 1, "path": p} for i, p in enumerate(paths)]
 
-        # decode per image, and what a decoded image would weigh in the object store
-        record["decode_ms"] = 1e3 / _rate(lambda: [decode_image(p, 1 << 28) for p in paths], 1)
-        record["decode_ms"] /= len(paths)
-        record["decoded_mb"] = size_hw[0] * size_hw[1] * 3 / 1e6
+        def decode_all() -> None:
+            for path in paths:
+                decode_image(path, 1 << 28)
 
-        # the same crops in process: detection, then crops_with_boxes
+        record["decode_ms"] = 1e3 / _rate(decode_all, decode_all, len(paths), 1)
+
+        # the same crops in process: what a detector actor does (decode, detect, crop)
         session, layout = detector_session(detector, "toy-raw.onnx", threads)
         columns = {"image_id": np.array([r["image_id"] for r in rows]), "path": np.array(paths)}
         started = time.perf_counter()
-        found = detection_columns(columns, session, layout, cfg)
-        record["detect_ms_per_image"] = (time.perf_counter() - started) * 1e3 / len(paths)
-        crops = crops_with_boxes(
-            found, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
-        )
+        crops = detect_and_crop(columns, session, layout, cfg)
+        record["detect_and_crop_ms_per_image"] = (time.perf_counter() - started) * 1e3 / len(paths)
         keep = crops["skip"] == ""
         persons = int(keep.sum())
         record["persons"] = persons
@@ -107,20 +107,21 @@ def bench_infer(cfg: Config, images: int, size_hw: tuple[int, int], json_out: st
             for i in range(0, persons, cfg.eval.batch_size)
         ]
         onnx_model = OnnxPoseModel(export_onnx(model, cfg.model.input_size), "pose", threads)
-        record["pose_only_torch_persons_s"] = _rate(
-            lambda: [predict_poses(model, b, cfg, "cpu") for b in batches], persons
-        )
-        record["pose_only_onnxruntime_persons_s"] = _rate(
-            lambda: [predict_poses(onnx_model, b, cfg, "cpu") for b in batches], persons
-        )
-        record["forward_torch_persons_s"] = _rate(
-            lambda: [predict(model, b["image"], cfg, "cpu") for b in batches], persons
-        )
-        record["forward_onnxruntime_persons_s"] = _rate(
-            lambda: [predict(onnx_model, b["image"], cfg, "cpu") for b in batches], persons
-        )
+        pose_steps = {
+            "pose_only_torch": lambda b: predict_poses(model, b, cfg, "cpu"),
+            "pose_only_onnxruntime": lambda b: predict_poses(onnx_model, b, cfg, "cpu"),
+            "forward_torch": lambda b: predict(model, b["image"], cfg, "cpu"),
+            "forward_onnxruntime": lambda b: predict(onnx_model, b["image"], cfg, "cpu"),
+        }
+        for name, step in pose_steps.items():  # warm-up: the first two batches
+            record[f"{name}_persons_s"] = _rate(
+                lambda step=step: [step(b) for b in batches],
+                lambda step=step: [step(b) for b in batches[:2]],
+                persons,
+                repeats,
+            )
 
-        # the whole job's graph: detector actors -> crop tasks -> pose actors -> results
+        # the whole job's graph: detector actors (decode, detect, crop) -> pose actors -> results
         with _local_ray(max(2, torch.get_num_threads())):
             for runtime in ("torch", "onnxruntime"):
                 run_cfg = dataclasses.replace(
@@ -193,9 +194,9 @@ def _print(r: dict, det: DetectorConfig) -> None:
         f"{r['job_running_over_pose_only_onnxruntime']:.2f}"
     )
     print(
-        f"decode {r['decode_ms']:.2f} ms per image vs {r['decoded_mb']:.2f} MB decoded; "
-        f"detection {r['detect_ms_per_image']:.2f} ms per image (score >= "
-        f"{det.score_threshold}, NMS {det.nms_iou})"
+        f"per image: decode {r['decode_ms']:.2f} ms; decode, detection and crops "
+        f"{r['detect_and_crop_ms_per_image']:.2f} ms (score >= {det.score_threshold}, NMS "
+        f"{det.nms_iou})"
     )
 
 
@@ -205,16 +206,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "graph (decode, the tests' ONNX detector, crops, pose actors, results) against the pose "
         "model alone on the same crops in one process (eval.cpus_per_worker threads, what one "
         "pose actor has), for infer.pose_runtime torch and onnxruntime; the pose forward on "
-        "ONNX Runtime vs PyTorch eager; decode ms per image vs the decoded size."
+        "ONNX Runtime vs PyTorch eager; a detector actor's ms per image."
     )
     command.add_config_arguments(p)
     p.add_argument("--images", type=int, default=64, help="images (one person each)")
     p.add_argument(
         "--size", type=command.size_hw, default=(480, 640), metavar="HxW", help="image size"
     )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="best of this many passes for the pose-alone rates"
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    bench_infer(command.load(args), args.images, args.size, args.json)
+    bench_infer(command.load(args), args.images, args.size, args.json, args.repeats)

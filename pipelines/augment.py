@@ -282,15 +282,19 @@ def eval_batch(
     input_size: tuple[int, int],
     max_pixels: int,
     no_person_rows: bool = False,
+    decoded: Sequence[np.ndarray | ImageError] | None = None,
 ) -> dict[str, np.ndarray]:
     """`train_batch` without augmentation: every box of every image cropped as is, with the GT
     joints (if any) in crop pixels (validation and inference). With `no_person_rows`, an image
     without boxes gives a skip row "no_person" (the detector stage of `psm infer`: every image
-    sent must come back, so its part can close)."""
+    sent must come back, so its part can close). `decoded`: the images already decoded, one per
+    row (the ImageError of one that could not be), instead of decoding each row's path."""
     out = _Columns(images, input_size)
-    for row in _rows(images):
+    for r, row in enumerate(_rows(images)):
         try:
-            image = decode_image(row["path"], max_pixels)
+            image = decode_image(row["path"], max_pixels) if decoded is None else decoded[r]
+            if isinstance(image, ImageError):
+                raise image
         except ImageError as e:
             out.add_skip(row, e.reason)
             continue

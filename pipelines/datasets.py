@@ -26,7 +26,7 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from pipelines.augment import BATCH_IMAGES, eval_batch, train_batch
-from pipelines.detect import Detector, crops_with_boxes
+from pipelines.detect import Detector
 from pipelines.predict import PosePredictor
 from psm_model.config import Config, PoseRuntime
 from psm_model.export import export_onnx
@@ -139,22 +139,21 @@ def pose_predictions(
     need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + (
         0 if fused else cfg.data.cpus_per_task
     )
-    _warn_short(need, total, cfg)
+    _warn_short(
+        need,
+        total,
+        f"eval.workers={cfg.eval.workers} actors (eval.cpus_per_worker="
+        f"{cfg.eval.cpus_per_worker}) and a crop task (data.cpus_per_task="
+        f"{cfg.data.cpus_per_task})",
+    )
     crops = eval_crops(rows, cfg, num_cpus=cfg.data.cpus_per_task)
     return _pose_actors(crops, cfg, weights, runtime, gpus)
 
 
-def _warn_short(need: dict[str, float], total: dict[str, float], cfg: Config) -> None:
+def _warn_short(need: dict[str, float], total: dict[str, float], what: str) -> None:
     short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
     if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
-        log.warning(
-            "eval.workers=%d actors (eval.cpus_per_worker=%s) and a crop task "
-            "(data.cpus_per_task=%s) need more than the cluster has now (need, have): %s",
-            cfg.eval.workers,
-            cfg.eval.cpus_per_worker,
-            cfg.data.cpus_per_task,
-            short,
-        )
+        log.warning("%s need more than the cluster has now (need, have): %s", what, short)
 
 
 def _pose_actors(
@@ -187,26 +186,28 @@ def detected_pose_predictions(
     detector: bytes,
     source: str,
 ) -> ray.data.Dataset:
-    """Image rows (image_id, path) -> person boxes on infer.detector.workers `Detector` actors
-    -> crops (`crops_with_boxes` tasks) -> poses on the eval.workers pose actors, one streaming
-    graph: the two actor pools are separate, so detection and pose overlap.
+    """Image rows (image_id, path) -> person crops on infer.detector.workers `Detector` actors
+    (decode, detect, crop: one decode per image) -> poses on the eval.workers pose actors, one
+    streaming graph: the two actor pools are separate, so detection and pose overlap.
 
     `detector` is the .onnx bytes (object store, as the pose weights). Every image gives at least
     one row (a "no_person" or decode skip row), with its box count, so the driver knows when an
-    image is complete. Each stage decodes the image itself (docs/benchmarks.md).
+    image is complete.
     """
     total = ray.cluster_resources()  # Ray call
     gpus = 1 if total.get("GPU", 0) > 0 else 0
     det = cfg.infer.detector
     need = {"GPU": (cfg.eval.workers + det.workers) * gpus}
-    need["CPU"] = (
-        cfg.eval.workers * cfg.eval.cpus_per_worker
-        + det.workers * det.cpus_per_worker
-        + cfg.data.cpus_per_task
+    need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + det.workers * det.cpus_per_worker
+    _warn_short(
+        need,
+        total,
+        f"eval.workers={cfg.eval.workers} pose actors (eval.cpus_per_worker="
+        f"{cfg.eval.cpus_per_worker}) and infer.detector.workers={det.workers} detector actors "
+        f"(infer.detector.cpus_per_worker={det.cpus_per_worker})",
     )
-    _warn_short(need, total, cfg)
     # Ray calls: blocks of detector.batch_images image rows through the detector actors
-    found = _dataset(rows, None, det.batch_images).map_batches(
+    crops = _dataset(rows, None, det.batch_images).map_batches(
         Detector,
         fn_constructor_kwargs={"cfg": cfg, "model": ray.put(detector), "source": source},
         batch_size=det.batch_images,
@@ -214,16 +215,6 @@ def detected_pose_predictions(
         compute=ActorPoolStrategy(size=det.workers),
         num_cpus=det.cpus_per_worker,
         num_gpus=gpus,
-    )
-    make = functools.partial(
-        crops_with_boxes, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
-    )
-    threads = max(1, math.floor(cfg.data.cpus_per_task))
-    crops = found.map_batches(
-        functools.partial(crops_task, make=make, threads=threads),
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=cfg.data.cpus_per_task,
     )
     return _pose_actors(crops, cfg, weights, runtime, gpus)
 

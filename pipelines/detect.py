@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from pipelines.augment import eval_batch
+from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.coco import DataError
 from pipelines.images import ImageError, decode_image
 from psm_model.config import Config, DetectorConfig
@@ -221,35 +221,45 @@ def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg
     }
 
 
-def detection_columns(
+def detect_and_crop(
     images: Mapping[str, Sequence], session, layout: Layout, cfg: Config
 ) -> dict[str, np.ndarray]:
-    """A batch of image rows (image_id, path) -> the rows `pipelines.augment.eval_batch` takes,
-    one per image, with the detector's boxes (and `boxes`: COCO x, y, w, h).
+    """A batch of image rows (image_id, path) -> the crops of every person the detector finds
+    (`pipelines.augment.eval_batch` columns), plus each crop's detector box (`box`, COCO x, y,
+    w, h) and its image's box count (`image_boxes`), which tell the driver when an image (and
+    so its part) is complete. An image without a person gives a "no_person" skip row, one that
+    cannot be decoded a skip row with the reason.
 
-    Each stage decodes the image itself (this one, then the crop task): a second decode costs
-    less than moving the decoded image through the object store (docs/benchmarks.md)."""
-    cols: dict[str, list] = {k: [] for k in ("ann_ids", "keypoints", "centers", "scales")}
-    cols |= {"scores": [], "boxes": []}
+    Each image is decoded once, for the detector and the crops both (docs/benchmarks.md)."""
+    rows, decoded = [], []
     for image_id, path in zip(images["image_id"], images["path"], strict=True):
         try:
             image = decode_image(path, cfg.data.max_image_pixels)
             boxes, scores = detect_people(session, layout, image, cfg.infer.detector)
-        except ImageError:  # skipped and counted by the crop stage, which meets the same file
-            boxes, scores = np.zeros((0, 4)), np.zeros(0)
-        row = box_row(image_id, path, boxes, scores, cfg)
-        for k in cols:
-            cols[k].append(row[k])
-    out = {"image_id": np.asarray(images["image_id"]), "path": np.asarray(images["path"])}
-    for k, values in cols.items():
-        out[k] = np.empty(len(values), dtype=object)
-        out[k][:] = values  # ragged per-image arrays: one object each
-    return out
+        except ImageError as e:
+            image, boxes, scores = e, np.zeros((0, 4)), np.zeros(0)
+        rows.append(box_row(int(image_id), str(path), boxes, scores, cfg))
+        decoded.append(image)
+    out = eval_batch(
+        rows_to_columns(rows),
+        input_size=cfg.model.input_size,
+        max_pixels=cfg.data.max_image_pixels,
+        no_person_rows=True,
+        decoded=decoded,
+    )
+    posed = out["skip"] == ""
+    box = np.zeros((len(posed), 4), np.float32)
+    image_boxes = np.zeros(len(posed), np.int64)
+    index = {int(r["image_id"]): r for r in rows}
+    for i in np.flatnonzero(posed):
+        row = index[int(out["image_id"][i])]
+        box[i], image_boxes[i] = row["boxes"][out["ann_id"][i]], len(row["boxes"])
+    return {**out, "box": box, "image_boxes": image_boxes}
 
 
 class Detector:
     """Ray Data callable class: the detector session built once per actor (`model` is an object
-    ref of the .onnx bytes), then `detection_columns` per batch of image rows."""
+    ref of the .onnx bytes), then `detect_and_crop` per batch of image rows."""
 
     def __init__(self, cfg: Config, model, source: str) -> None:
         import ray
@@ -261,20 +271,4 @@ class Detector:
         self.cfg = cfg
 
     def __call__(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return detection_columns(images, self.session, self.layout, self.cfg)
-
-
-def crops_with_boxes(
-    images: Mapping[str, Sequence], *, input_size: tuple[int, int], max_pixels: int
-) -> dict[str, np.ndarray]:
-    """The crop step behind the detector: `eval_batch` (a "no_person" skip row for an image
-    without boxes) plus each row's detector box and its image's box count, which tell the
-    driver when an image (and so its part) is complete."""
-    out = eval_batch(images, input_size=input_size, max_pixels=max_pixels, no_person_rows=True)
-    index = {int(i): k for k, i in enumerate(images["image_id"])}
-    box = np.zeros((len(out["skip"]), 4), np.float32)
-    image_boxes = np.zeros(len(out["skip"]), np.int64)
-    for r in np.flatnonzero(out["skip"] == ""):
-        boxes = images["boxes"][index[int(out["image_id"][r])]]
-        box[r], image_boxes[r] = boxes[out["ann_id"][r]], len(boxes)
-    return {**out, "box": box, "image_boxes": image_boxes}
+        return detect_and_crop(images, self.session, self.layout, self.cfg)

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.detect import (
     DetectorError,
-    crops_with_boxes,
+    box_row,
+    detect_and_crop,
     detect_people,
-    detection_columns,
     detector_session,
     letterbox,
     load_detector,
     nms,
 )
+from pipelines.images import decode_image
 from pipelines.toy_detector import export_toy_detector, plain_image
 from psm_model.config import load_config
 
@@ -113,19 +115,26 @@ def test_an_image_without_a_person_gives_no_boxes_and_a_no_person_row(toy, tmp_p
     import cv2
 
     session, layout = toy
-    cfg = _det()
+    cfg = _det("model.input_size=[128,96]")
     empty, person = tmp_path / "empty.png", tmp_path / "person.png"
     cv2.imwrite(str(empty), plain_image((100, 100), None))
     cv2.imwrite(str(person), plain_image((120, 90), (10, 20, 50, 100)))
     paths = [str(empty), str(person), str(tmp_path / "gone.png")]
     images = {"image_id": np.array([5, 6, 7]), "path": np.array(paths)}
-    rows = detection_columns(images, session, layout, cfg)
-    assert [len(b) for b in rows["boxes"]] == [0, 1, 0]
-    crops = crops_with_boxes(rows, input_size=(128, 96), max_pixels=1 << 26)
+    crops = detect_and_crop(images, session, layout, cfg)
     assert crops["skip"].tolist() == ["no_person", "", "missing_image"]
     assert crops["image_id"].tolist() == [5, 6, 7] and crops["image_boxes"].tolist() == [0, 1, 0]
     np.testing.assert_allclose(crops["box"][1], [10, 20, 40, 80], atol=2.0)
     assert crops["image"].shape == (3, 128, 96, 3)
+    # one decode serves detection and crop: the crop is the one the crop step makes from the file
+    boxes, scores = detect_people(
+        session, layout, decode_image(str(person), 1 << 26), cfg.infer.detector
+    )
+    row = box_row(6, str(person), boxes, scores, cfg)
+    alone = eval_batch(rows_to_columns([row]), input_size=(128, 96), max_pixels=1 << 26)
+    np.testing.assert_array_equal(crops["image"][1], alone["image"][0])
+    np.testing.assert_array_equal(crops["center"][1], alone["center"][0])
+    np.testing.assert_allclose(crops["center"][1], [30, 60], atol=2.0)  # the figure's centre
 
 
 class _Unknown(torch.nn.Module):
