@@ -1,5 +1,6 @@
 """Ray Data graphs: image rows -> person crops, sharded by image across CPU workers, and crops ->
-poses on an actor pool that holds the model (`psm eval`).
+poses on an actor pool that holds the model (`psm eval`); image rows -> detector actors that
+decode, detect and crop -> pose actors (`psm infer` with infer.boxes=detector).
 
 A crop task turns a block of image rows into one batch of sample columns (numpy arrays, stacked),
 which Ray stores as one Arrow block: no per-sample Python dicts to convert (with `flat_map` that

@@ -204,7 +204,7 @@ def detector_session(model: bytes, source: str, threads: int = 1):
 
 
 def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg: Config) -> dict:
-    """One image's row for the crop step (`pipelines.augment.image_rows`' columns) from person
+    """One image's row for the crops (`pipelines.augment.image_rows`' columns) from person
     boxes (N, 4) COCO x, y, w, h and their scores; `boxes` kept for the boxes file."""
     h, w = cfg.model.input_size
     cs = [box_to_center_scale(b, w / h, cfg.data.box_padding) for b in boxes]

@@ -31,7 +31,7 @@ POSE_COLUMNS = {
     "skip": "str: '' for a pose, else why this image gave none (its coords/maxvals are 0)",
     "coords": "float64 (17, 2) decoded keypoints x, y in image pixels",
     "maxvals": "float32 (17, 1) heatmap maxima (keypoint confidences)",
-    # only behind the detector stage of `psm infer` (pipelines.detect.crops_with_boxes):
+    # only behind the detector stage of `psm infer` (pipelines.detect.detect_and_crop):
     "box": "float32 (4,) the detector's box, COCO x, y, w, h (optional)",
     "image_boxes": "int64 boxes the detector found in this row's image (optional)",
 }
