@@ -27,6 +27,7 @@ from benchmarks.profile import describe
 from jobs import command
 from pipelines.detect import detect_and_crop, detector_session
 from pipelines.images import decode_image
+from pipelines.malloc import keep_freed_memory
 from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
 from pipelines.toy_detector import export_toy_detector, write_plain_people
@@ -70,7 +71,8 @@ def bench_infer(
     )
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, detector=det))
     threads = max(1, int(cfg.eval.cpus_per_worker))
-    torch.set_num_threads(threads)  # the pose-alone figures get what one pose actor gets
+    torch.set_num_threads(threads)  # the pose-alone figures get what one pose actor gets,
+    keep_freed_memory()  # its malloc settings too
     model = build_model(cfg.model).eval()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     detector = export_toy_detector("raw", DETECTOR_SIZE)

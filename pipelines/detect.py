@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.coco import DataError
 from pipelines.images import ImageError, decode_image
+from pipelines.malloc import keep_freed_memory
 from psm_model.config import Config, DetectorConfig
 from psm_model.geometry import box_to_center_scale
 
@@ -265,6 +266,7 @@ class Detector:
         import ray
 
         data = ray.get(model)  # Ray call: Ray Data passes constructor kwargs unresolved
+        keep_freed_memory()  # decoded images and crops: no page faults for each
         cv2.setNumThreads(1)  # the resize threads would fight the session's for the actor's CPUs
         threads = max(1, int(cfg.infer.detector.cpus_per_worker))
         self.session, self.layout = detector_session(data, source, threads)

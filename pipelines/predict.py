@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipelines.malloc import keep_freed_memory
 from psm_model.codec import HeatmapCodec, normalize_images
 from psm_model.config import Config, PoseRuntime
 from psm_model.hrnet import build_model
@@ -88,6 +89,7 @@ class PosePredictor:
         import ray
 
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
+        keep_freed_memory()  # no page faults for each batch's activations
         self.cfg = cfg
         # an actor that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); others see none
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
