@@ -375,8 +375,11 @@ def test_s3_storage_resume_eval_and_infer_without_leaking_credentials(services, 
     _succeeded(resumed)
     (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-s3'")
     history = _client(services).get_metric_history(run.info.run_id, "train_loss")
-    # one point per epoch: epoch 0 was not trained again (a rerun logs it with a new time)
-    assert sorted(m.step for m in history) == [0, 1]
+    # epoch 0's checkpoint was recorded before the stop: it is not trained again (a rerun would
+    # log it twice); epoch 1 may be, when the stop came after its metrics but before its
+    # checkpoint was recorded (tiny epochs take seconds)
+    steps = [m.step for m in history]
+    assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1]
 
     states = sorted(k for k in s3.keys(BUCKET, "runs/e2e-s3/") if k.endswith("train_state.json"))
     checkpoint = f"s3://{BUCKET}/{states[-1].rsplit('/', 1)[0]}"
