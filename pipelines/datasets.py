@@ -45,6 +45,18 @@ def _dataset(rows: Sequence[dict], num_blocks: int | None, batch_images: int) ->
     return ray.data.from_items(list(rows), override_num_blocks=blocks)
 
 
+def model_actors(size: int) -> ActorPoolStrategy:
+    """A fixed pool of `size` actors that call the model in their main thread.
+
+    By default Ray Data calls an actor's `__call__` in a second thread, where glibc serves the
+    call from another malloc arena than the main one (heaps of at most 64 MB that are created and
+    unmapped as the batch's activations come and go): the tiny pose model on one thread paid
+    ~90k page faults per batch of 32 and ran 32 persons/s there, 40 in the main thread
+    (docs/benchmarks.md). With one call at a time per actor (the default) nothing overlapped with
+    the call in that thread anyway."""
+    return ActorPoolStrategy(size=size, enable_true_multi_threading=True)
+
+
 def crops_task(images: dict[str, np.ndarray], *, make: Callable, threads: int) -> dict:
     """`make` (train_batch or eval_batch) on one batch of image rows, inside a Ray task.
 
@@ -173,7 +185,7 @@ def _pose_actors(
         fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(model), "runtime": runtime},
         batch_size=cfg.eval.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.eval.workers),
+        compute=model_actors(cfg.eval.workers),
         num_cpus=cfg.eval.cpus_per_worker,
         num_gpus=gpus,
     )
@@ -213,7 +225,7 @@ def detected_pose_predictions(
         fn_constructor_kwargs={"cfg": cfg, "model": ray.put(detector), "source": source},
         batch_size=det.batch_images,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=det.workers),
+        compute=model_actors(det.workers),
         num_cpus=det.cpus_per_worker,
         num_gpus=gpus,
     )

@@ -9,9 +9,12 @@ silently when CUDA cannot start).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ def make_session(model: bytes | str, source: str, threads: int = 1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _sees_gpu():
         providers.insert(0, "CUDAExecutionProvider")
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
@@ -33,6 +36,13 @@ def make_session(model: bytes | str, source: str, threads: int = 1):
         raise ValueError(f"{source}: ONNX Runtime cannot load the model: {e}") from e
     log.info("%s: ONNX Runtime on %s", source, session.get_providers()[0])
     return session
+
+
+def _sees_gpu() -> bool:
+    # only with onnxruntime-gpu: a detector actor on the CPU does not import torch (~1.2 s)
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class OnnxPoseModel:
@@ -46,6 +56,8 @@ class OnnxPoseModel:
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch  # the pose actors have it already (pipelines.predict)
+
         # ORT reads a dense NCHW buffer: a channels_last tensor must be made contiguous first
         images = np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)
         return torch.from_numpy(self.session.run(None, {self.input: images})[0])

@@ -1,20 +1,6 @@
-"""HRNet-PSM pose model: torch only, importable and testable without Ray."""
+"""HRNet-PSM pose model: torch only, importable and testable without Ray.
 
-from psm_model.config import Config, ConfigError, ModelConfig, load_config
-from psm_model.decode import decode_heatmaps
-from psm_model.hrnet import PoseHRNet, build_model
-from psm_model.weights import CheckpointError, LoadReport, from_official_checkpoint, load_pretrained
-
-__all__ = [
-    "CheckpointError",
-    "Config",
-    "ConfigError",
-    "LoadReport",
-    "ModelConfig",
-    "PoseHRNet",
-    "build_model",
-    "decode_heatmaps",
-    "from_official_checkpoint",
-    "load_config",
-    "load_pretrained",
-]
+Import from the modules (psm_model.hrnet, psm_model.config, ...): this package imports nothing
+itself, so the modules that need no torch (config, geometry, files, evaluation) load without it,
+as the detector actors do (docs/benchmarks.md).
+"""

@@ -1,5 +1,8 @@
 """The Ray Data graphs on a local Ray: sharding, determinism across worker counts, skips."""
 
+import subprocess
+import sys
+import threading
 from collections import Counter
 
 import cv2
@@ -7,7 +10,7 @@ import numpy as np
 
 from pipelines.augment import SAMPLE_COLUMNS, count_skips, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
-from pipelines.datasets import crops_task, eval_crops, train_crops
+from pipelines.datasets import crops_task, eval_crops, model_actors, train_crops
 from psm_model.config import load_config
 
 CFG = load_config(None, ["model.input_size=[128,96]", "model.width=8"])
@@ -93,3 +96,25 @@ def test_crops_task_holds_opencv_to_the_reserved_cpus():
         assert out == {"threads": 1}
     finally:
         cv2.setNumThreads(before)
+
+
+def test_model_actors_call_the_model_in_their_main_thread(ray_local):
+    # in Ray Data's default second thread glibc gave each batch fresh pages (docs/benchmarks.md)
+    import ray
+
+    class _Thread:  # defined here: Ray pickles it by value (the workers cannot import tests)
+        def __call__(self, batch: dict) -> dict:
+            main = threading.current_thread() is threading.main_thread()
+            return {"main": np.full(len(batch["id"]), main)}
+
+    ds = ray.data.range(6, override_num_blocks=3).map_batches(
+        _Thread, batch_size=2, compute=model_actors(1), num_cpus=0.5
+    )
+    assert [bool(r["main"]) for r in ds.take_all()] == [True] * 6
+
+
+def test_the_detector_actor_imports_no_torch():
+    # torch is ~1.2 s of a detector actor's start on 2 cores, beside the pose actor's own start
+    code = "import sys, pipelines.detect; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
