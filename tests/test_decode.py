@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from psm_model.decode import decode_heatmaps
 from psm_model.codec import HeatmapCodec, render_targets
-from psm_model.decode import dark_kernel_size, flip_back, flip_shift
+from psm_model.decode import dark_kernel_size, decode_heatmaps, flip_back, flip_shift
 from psm_model.geometry import affine_matrix, flip_keypoints, flip_permutation, transform_points
 
 
