@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
 from psm_model.config import Config, redact_secrets
 from psm_model.errors import PsmError
@@ -46,13 +47,27 @@ def _mlflow(cfg: Config):
     return mlflow
 
 
+def _experiment(mlflow, cfg: Config):
+    """cfg.train.experiment, created if new. In a sqlite store its artifacts go beside the
+    database: MLflow's default, ./mlruns, is relative to wherever the first run started (inside
+    a Ray job, a working-dir copy that Ray deletes)."""
+    name, uri = cfg.train.experiment, tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        try:
+            mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri())
+        except MlflowException:  # another worker created it first
+            pass
+    return mlflow.set_experiment(name)
+
+
 def start_or_resume_run(
     cfg: Config, run_name: str, kind: str = "train", tags: dict[str, str] | None = None
 ) -> str:
     """The MLflow run of this run name (found by its run-name tag), created if new with `tags`
     (e.g. PARENT_TAG to nest it under a sweep)."""
     mlflow = _mlflow(cfg)
-    experiment = mlflow.set_experiment(cfg.train.experiment)
+    experiment = _experiment(mlflow, cfg)
     found = mlflow.search_runs(
         experiment_ids=[experiment.experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",

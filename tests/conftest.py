@@ -1,9 +1,37 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the machine's state beside every failure."""
 
+import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failure on CI is read later, from its output only: say whether disk, memory or stray
+    Ray processes ran out or piled up when it happened."""
+    report = yield
+    if report.failed:
+        report.sections.append(("machine at failure", _machine_state()))
+    return report
+
+
+def _machine_state() -> str:
+    lines = []
+    for where in (tempfile.gettempdir(), os.getcwd()):
+        du = shutil.disk_usage(where)
+        lines.append(f"disk {where}: {du.free / 2**30:.1f} GiB free of {du.total / 2**30:.0f}")
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    lines.append(f"memory available: {meminfo['MemAvailable'].strip()}")
+    lines.append(f"load average: {os.getloadavg()}")
+    ps = subprocess.run(["ps", "-eo", "rss=,args="], capture_output=True, text=True).stdout
+    ray = [line.strip()[:120] for line in ps.splitlines() if "ray" in line.lower()]
+    lines.append(f"{len(ray)} Ray processes (RSS KiB, command):")
+    return "\n".join(lines + ray[:40])
 
 
 @pytest.fixture(autouse=True, scope="session")

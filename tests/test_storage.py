@@ -93,3 +93,16 @@ def test_credentials_are_masked_in_what_is_logged(monkeypatch, tmp_path):
     assert run.data.params["train.storage_path"] == "s3://***@bucket/runs"
     saved = tracking.download_artifacts(cfg, run_id, "config.yaml", tmp_path).read_text()
     assert "hunter2" not in saved and "s3://***@bucket/runs" in saved
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's default would be ./mlruns here
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    cfg = Config(train=TrainConfig(mlflow_uri=f"sqlite:///{db}"))
+    run_id = tracking.start_or_resume_run(cfg, "beside")
+    assert tracking.start_or_resume_run(cfg, "beside") == run_id  # the experiment is found again
+    assert (db.parent / "mlartifacts" / run_id / "artifacts" / "config.yaml").is_file()
+    assert list(elsewhere.iterdir()) == []
