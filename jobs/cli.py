@@ -32,6 +32,10 @@ COMMANDS = {
         "benchmarks.train",
         "train-step images/s and peak memory of the configured model and train settings",
     ),
+    ("bench", "train-start"): (
+        "benchmarks.train_start",
+        "where a short Ray Train run's time goes: the driver's phases and Ray Train's own",
+    ),
     ("bench", "infer"): (
         "benchmarks.infer",
         "persons/s of the whole infer job (detector + pose) vs the pose model alone",

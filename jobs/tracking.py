@@ -1,4 +1,9 @@
-"""The one module that talks to MLflow. Training calls it from the driver and from rank 0 only."""
+"""The one module that talks to MLflow. Training calls it from the driver and from rank 0 only.
+
+MLflow is imported where it is used, not here: every process that unpickles `jobs.train.train_loop`
+(Ray Train's controller, each worker, a Tune trial) imports this module, and `mlflow` costs ~1 s
+of CPU to import that only the driver and rank 0 spend.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 
 from psm_model.config import Config, redact_secrets
 from psm_model.errors import PsmError
@@ -56,7 +58,7 @@ def _experiment(mlflow, cfg: Config):
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         try:
             mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri())
-        except MlflowException:  # another worker created it first
+        except mlflow.exceptions.MlflowException:  # another worker created it first
             pass
     return mlflow.set_experiment(name)
 
@@ -81,7 +83,7 @@ def start_or_resume_run(
     # RUNNING until end_run: the UI shows live runs, and the end time gives the wall time
     tags = {RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})}
     run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = [Param(k, redact_secrets(str(v))) for k, v in cfg.flat().items()]
+    params = [mlflow.entities.Param(k, redact_secrets(str(v))) for k, v in cfg.flat().items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, redact_secrets(cfg.to_yaml()), "config.yaml")
@@ -95,6 +97,8 @@ def log_metrics(cfg: Config, run_id: str, metrics: dict[str, float], step: int) 
 
 
 def _metric(key: str, value: float, step: int, timestamp: int | None = None):
+    from mlflow.entities import Metric
+
     return Metric(key, float(value), timestamp or int(time.time() * 1000), step)
 
 
@@ -210,11 +214,26 @@ def register_model(cfg: Config, run_id: str, model) -> str:
     code = [str(Path(__file__).resolve().parents[1] / "psm_model")]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            model.cpu().eval(), name="model", serialization_format="pickle", code_paths=code
+            model.cpu().eval(),
+            name="model",
+            serialization_format="pickle",
+            code_paths=code,
+            pip_requirements=model_requirements(),
         )
     version = mlflow.register_model(info.model_uri, cfg.train.registered_model)
     log.info("registered %s version %s", cfg.train.registered_model, version.version)
     return version.version
+
+
+def model_requirements() -> list[str]:
+    """What the logged model needs to load, pinned to this process's versions: torch and
+    cloudpickle (the pytorch flavour's pickle) and what `psm_model` imports. Given, not inferred:
+    MLflow's inference loads the model in a subprocess to see what it imports (~4 s of every
+    registration). A local build label (torch's +cpu) is dropped, as MLflow does: PyPI has none."""
+    from importlib.metadata import version
+
+    names = ("torch", "cloudpickle", "numpy", "pyyaml", "opencv-python-headless")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:

@@ -85,8 +85,9 @@ def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
         loaded, got = load_model(uri, load_config(TINY, [f"model.fusion={fusion}"]))
         assert got.model.fusion == fusion
         if fusion == "hrnet":
+            weights = loaded.state_dict()  # once, not per key
             for k, v in model.state_dict().items():
-                assert torch.equal(loaded.state_dict()[k], v), k
+                assert torch.equal(weights[k], v), k
     with pytest.raises(CheckpointError, match="missing: checkpoint not found"):
         load_model(f"file://{tmp_path}/missing", cfg)
 
@@ -218,5 +219,6 @@ def test_the_best_checkpoint_training_logs_to_mlflow_loads_as_a_checkpoint(tmp_p
     (tmp_path / "best" / "config.yaml").write_text(cfg.to_yaml())
     loaded, got = load_model(str(tmp_path / "best"), load_config(TINY))
     assert got.model.fusion == "hrnet"
+    weights = loaded.state_dict()  # once, not per key
     for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
+        assert torch.equal(weights[k], v), k

@@ -59,6 +59,8 @@ def _client(services):
 def _runs(services, filter_string: str) -> list:
     client = _client(services)
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:  # no job has logged a run yet
+        return []
     return client.search_runs([experiment.experiment_id], filter_string=filter_string)
 
 
@@ -73,22 +75,56 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
+def _latest_state(run_dir: Path) -> dict:
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
+    return max(states, key=lambda s: s["epoch"], default={"epoch": 0})
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def trained(services):
-    """`python -m jobs.train` as a Ray job: 2 epochs of the demo model, 2 gloo workers."""
-    work = services["work"]
-    result = services["cluster"].submit(
+    """`python -m jobs.train` as a Ray job, 3 epochs of the demo model on 2 gloo workers, whose
+    tracking server is stopped during epoch 1 and comes back after epoch 1's checkpoint. The
+    module's one training: the eval and infer jobs read its checkpoints."""
+    cluster, work, server = services["cluster"], services["work"], services["mlflow"]
+    run_dir = work / "runs" / "e2e-train"
+    # the client's own retries (minutes by default) off: the run's held metrics do the retrying
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    submitted = cluster.submit(
         "python",
         "-m",
         "jobs.train",
         CONFIG,
         *_common(services),
-        "train.epochs=2",
-        f"train.storage_path={work / 'runs'}",
+        "train.epochs=3",
         "train.name=e2e-train",
+        f"train.storage_path={run_dir.parent}",
+        options=("--runtime-env-json", json.dumps({"env_vars": env})),
+        wait=False,
     )
-    _succeeded(result)
-    return work / "runs" / "e2e-train"
+    job = cluster.job_id(submitted)
+    client = _client(services)
+
+    def epoch_0_logged() -> bool:
+        runs = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
+        return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train_loss"))
+
+    try:
+        _wait_until(epoch_0_logged, 300, "epoch 0's metrics in MLflow")
+        server.stop()
+        _wait_until(lambda: _latest_state(run_dir)["epoch"] >= 2, 300, "epoch 1's checkpoint")
+    finally:
+        server.start()  # the same port and store: the module's other tests need it
+    status = cluster.wait(job, timeout=600)
+    logs = cluster.ray("job", "logs", job, check=False).stdout
+    assert status == "SUCCEEDED", logs[-8000:]
+    return {"run_dir": run_dir, "logs": logs}
 
 
 def test_a_client_without_the_token_is_refused(services, tmp_path):
@@ -143,20 +179,28 @@ def test_outputs_inside_the_jobs_temporary_working_dir_are_refused(services):
 
 
 def test_training_job_writes_checkpoints_and_its_mlflow_run(services, trained):
-    checkpoints = _checkpoints(trained)
+    checkpoints = _checkpoints(trained["run_dir"])
     assert checkpoints and (checkpoints[-1] / "model.pt").is_file()
+    assert _latest_state(trained["run_dir"])["epoch"] == 3
     (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "2"
-    history = _client(services).get_metric_history(run.info.run_id, "train_loss")
-    assert [m.step for m in history] == [0, 1]
+    assert run.data.params["train.epochs"] == "3"
     assert 0.0 <= run.data.metrics["val_AP"] <= 1.0
     versions = _client(services).search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1
 
 
+def test_training_survives_its_tracking_server_going_away(services, trained):
+    """The server was stopped during epoch 1 and came back after epoch 1's checkpoint: the run
+    finished, kept its checkpoints, and MLflow got epoch 1's metrics late, not never."""
+    assert "metric batches held" in trained["logs"]
+    (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
+    history = _client(services).get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+
 def test_eval_job_scores_the_checkpoint_like_training_validated_it(services, trained):
-    checkpoint = _checkpoints(trained)[-1]
+    checkpoint = _checkpoints(trained["run_dir"])[-1]
     result = services["cluster"].submit(
         "python",
         "-m",
@@ -168,7 +212,7 @@ def test_eval_job_scores_the_checkpoint_like_training_validated_it(services, tra
     )
     _succeeded(result)
     (train_run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
-    (eval_run,) = _runs(services, "tags.`psm.kind` = 'eval'")
+    (eval_run,) = _runs(services, f"params.`eval.checkpoint` = '{checkpoint}'")
     assert eval_run.info.status == "FINISHED"
     # the last epoch's validation ran the same weights through the same recipe
     assert eval_run.data.metrics["AP"] == pytest.approx(train_run.data.metrics["val_AP"], abs=1e-6)
@@ -191,7 +235,7 @@ def test_infer_job_writes_the_results_file_outside_the_job(services, trained, de
     work = services["work"]
     annotations = json.loads((work / "data/annotations/person_keypoints_val2017.json").read_text())
     output = work / "results" / "val_results.json"
-    checkpoint = _checkpoints(trained)[-1]
+    checkpoint = _checkpoints(trained["run_dir"])[-1]
     result = services["cluster"].submit(
         "python",
         "-m",
@@ -211,7 +255,7 @@ def test_infer_job_writes_the_results_file_outside_the_job(services, trained, de
     results = json.loads(output.read_text())
     assert results and {r["image_id"] for r in results} <= {i["id"] for i in annotations["images"]}
     assert all(len(r["keypoints"]) == 51 and r["category_id"] == 1 for r in results)
-    (run,) = _runs(services, "tags.`psm.kind` = 'infer'")
+    (run,) = _runs(services, f"params.`infer.checkpoint` = '{checkpoint}'")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["poses"] == len(results)
     assert 0.0 <= run.data.metrics["AP"] <= 1.0  # an annotation file: the job scores it
@@ -268,72 +312,6 @@ def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
     ).stdout
     rows = [line for line in out.splitlines()[1:] if line.strip()]
     assert len(rows) == 2
-
-
-def _latest_state(run_dir: Path) -> dict:
-    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
-    return max(states, key=lambda s: s["epoch"], default={"epoch": 0})
-
-
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def test_training_survives_its_tracking_server_going_away(services, tmp_path):
-    """The server is stopped during epoch 1 and comes back after epoch 1's checkpoint: the run
-    finishes, keeps its checkpoints, and MLflow gets epoch 1's metrics late, not never."""
-    cluster, work = services["cluster"], services["work"]
-    server = MlflowServer(tmp_path / "mlflow").start()
-    run_dir = work / "outage-runs" / "e2e-outage"
-    # the client's own retries (minutes by default) off: the run's held metrics do the retrying
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    try:
-        submitted = cluster.submit(
-            "python",
-            "-m",
-            "jobs.train",
-            CONFIG,
-            f"data.root={work / 'data'}",
-            f"train.mlflow_uri={server.uri}",
-            "train.epochs=3",
-            "train.name=e2e-outage",
-            f"train.storage_path={run_dir.parent}",
-            options=("--runtime-env-json", json.dumps({"env_vars": env})),
-            wait=False,
-        )
-        job = cluster.job_id(submitted)
-        import mlflow
-
-        client = mlflow.MlflowClient(server.uri)
-
-        def epoch_0_logged() -> bool:
-            runs = client.search_runs(
-                [e.experiment_id for e in client.search_experiments()],
-                "tags.`psm.run_name` = 'e2e-outage'",
-            )
-            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "train_loss"))
-
-        _wait_until(epoch_0_logged, 300, "epoch 0's metrics in MLflow")
-        run_id = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            "tags.`psm.run_name` = 'e2e-outage'",
-        )[0].info.run_id
-        server.stop()
-        _wait_until(lambda: _latest_state(run_dir)["epoch"] >= 2, 300, "epoch 1's checkpoint")
-        server.start()
-        status = cluster.wait(job, timeout=600)
-        logs = cluster.ray("job", "logs", job, check=False).stdout
-        assert status == "SUCCEEDED", logs[-8000:]
-        assert "metric batches held" in logs
-        history = client.get_metric_history(run_id, "train_loss")
-        assert sorted(m.step for m in history) == [0, 1, 2]
-        assert client.get_run(run_id).info.status == "FINISHED"
-        assert _latest_state(run_dir)["epoch"] == 3
-    finally:
-        server.stop()
 
 
 def _registered_checkpoint(s3, prefix: str) -> bool:
@@ -413,9 +391,7 @@ def test_s3_storage_resume_eval_and_infer_without_leaking_credentials(services, 
     again = cluster.submit(*infer)  # everything is done: all parts resumed, the same file
     _succeeded(again)
     assert s3.client().get_object(Bucket=BUCKET, Key="results/val.json")["Body"].read() == body
-    (infer_run,) = [
-        r for r in _runs(services, "tags.`psm.kind` = 'infer'") if "val-" in r.info.run_name
-    ]
+    (infer_run,) = _runs(services, f"params.`infer.checkpoint` = '{checkpoint}'")
     assert infer_run.data.metrics["parts_resumed"] == 3  # 6 val images, 2 per part
 
     logged = [cluster.ray("job", "logs", j, check=False).stdout for j in (first,)]

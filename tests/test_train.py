@@ -1,5 +1,6 @@
 """End-to-end Ray Train runs on the local Ray: 2 gloo workers, tiny model, synthetic data."""
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,7 @@ def _overrides(tmp_path, root, name, **train) -> list[str]:
         "num_workers": 2,
         "cpus_per_worker": 0.5,
         "val_every": 0,
+        "fused_optimizer": True,  # resumes restore the fused kernel's state exactly too
         "storage_path": str(tmp_path / "runs"),
         "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "name": name,
@@ -60,11 +62,33 @@ def _weights(summary, cfg):
     return model.state_dict(), state
 
 
-def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp_path):
-    cfg = _cfg(tmp_path, synthetic_root, "logged", epochs=3, fused_optimizer=True)
-    summary = run_training(cfg)
+@pytest.fixture(scope="module")
+def people(synthetic_root, tmp_path_factory) -> Path:
+    """The session's synthetic data with one truncated and one missing train image: every run of
+    this module skips and counts both, the interrupted ones as the uninterrupted one."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("train_data") / "coco"
+    shutil.copytree(synthetic_root, root)
+    images = sorted((root / "train2017").glob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:300])  # truncated
+    images[1].unlink()  # missing
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local, people, tmp_path_factory):
+    """The module's one uninterrupted 3-epoch run: what every interrupted one must reproduce
+    exactly, and what the MLflow and bad-image assertions read."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _cfg(tmp, people, "straight", epochs=3)
+    return {"summary": run_training(cfg), "cfg": cfg, "tmp": tmp}
+
+
+def test_two_worker_run_logs_everything_to_mlflow(straight):
+    summary, cfg = straight["summary"], straight["cfg"]
     assert summary["epochs_done"] == 3
-    assert sorted(p.name for p in (tmp_path / "runs" / "logged").glob("checkpoint_*"))  # written
+    assert sorted(p.name for p in (straight["tmp"] / "runs" / "straight").glob("checkpoint_*"))
 
     mlflow.set_tracking_uri(cfg.train.mlflow_uri)
     client = mlflow.MlflowClient()
@@ -89,12 +113,12 @@ def test_two_worker_run_logs_everything_to_mlflow(ray_local, synthetic_root, tmp
     assert model(torch.zeros(1, 3, 96, 64)).shape == (1, 17, 48, 32)
 
 
-@pytest.fixture(scope="module")
-def straight(ray_local, synthetic_root, tmp_path_factory):
-    """An uninterrupted 3-epoch run: what every interrupted one must reproduce exactly."""
-    return run_training(
-        _cfg(tmp_path_factory.mktemp("straight"), synthetic_root, "straight", epochs=3)
-    )
+def test_bad_images_are_skipped_and_counted(straight):
+    # the truncated and the missing image, in every epoch, counted across both ranks
+    assert straight["summary"]["skipped_images"] == 2
+    client = mlflow.MlflowClient(straight["cfg"].train.mlflow_uri)
+    history = client.get_metric_history(straight["summary"]["mlflow_run_id"], "skipped_images")
+    assert [m.value for m in history] == [2, 2, 2]
 
 
 def _same_weights(run_a, run_b, cfg):
@@ -104,73 +128,57 @@ def _same_weights(run_a, run_b, cfg):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_reproduces_an_uninterrupted_run(ray_local, synthetic_root, tmp_path, straight):
-    run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=2))
-    # a resumed run must match the config it started with; more epochs are accepted explicitly
-    with pytest.raises(ConfigError, match=r"train\.epochs: 2 -> 3"):
-        run_training(_cfg(tmp_path, synthetic_root, "resumed", epochs=3))
-    # the newest checkpoint is corrupt (a copy cut short): the run falls back to the previous one
-    # and replays epoch 2, deterministically
-    kept = sorted(p for p in (tmp_path / "runs" / "resumed").glob("checkpoint_*") if p.is_dir())
-    newest = kept[-1] / "model.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    longer = _cfg(tmp_path, synthetic_root, "resumed", epochs=3, resume_changes="[train.epochs]")
-    resumed = run_training(longer)  # same name
-    _same_weights(straight, resumed, _cfg(tmp_path, synthetic_root, "x"))
-    assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
+def _train_workers(ray_local) -> dict[str, tuple[int, str]]:
+    """Ray Train workers of this session's Ray (no other Ray on the machine): actor id ->
+    (pid, state), dead ones included."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        filters=[("class_name", "=", "RayTrainWorker")], limit=10_000, raise_on_missing_output=False
+    )
+    return {a.actor_id: (a.pid, a.state) for a in actors}
 
 
-def _train_worker_pids():
-    out = os.popen("ps -eo pid,args").read().splitlines()
-    return [int(line.split()[0]) for line in out if "ray::RayTrainWorker" in line]
-
-
-def test_killed_worker_is_recovered(ray_local, synthetic_root, tmp_path, straight):
-    cfg = _cfg(tmp_path, synthetic_root, "killed", epochs=3, max_failures=2)
+def test_killed_worker_is_recovered(ray_local, people, tmp_path, straight):
+    cfg = _cfg(tmp_path, people, "killed", epochs=3, max_failures=2)
+    before = _train_workers(ray_local)  # earlier runs' workers: not this run's
     killed = []
 
     def kill_after_first_checkpoint():
         run_dir = tmp_path / "runs" / "killed"
         deadline = time.time() + 300
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
-            time.sleep(0.5)
-        pids = _train_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
+        while time.time() < deadline and not _recorded_checkpoints(run_dir):
+            time.sleep(0.2)
+        ours = {k: v for k, v in _train_workers(ray_local).items() if k not in before}
+        alive = [k for k, (_, state) in ours.items() if state == "ALIVE"]
+        if alive:
+            os.kill(ours[alive[-1]][0], signal.SIGKILL)
+            killed.append(alive[-1])
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     summary = run_training(cfg)
     killer.join(timeout=5)
-    assert killed, "no train worker was found to kill"
+    assert killed, "no train worker of this run was found to kill"
+    ours = {k: v for k, v in _train_workers(ray_local).items() if k not in before}
+    # the recovery happened: Ray Train started a second group of 2 workers after the kill
+    assert len(ours) == 4 and ours[killed[0]][1] == "DEAD"
     assert summary["epochs_done"] == 3
-    _same_weights(straight, summary, cfg)  # the restart replayed the lost epoch exactly
-
-
-def test_bad_images_are_skipped_and_counted(ray_local, synthetic_root, tmp_path):
-    import shutil
-
-    root = tmp_path / "coco"
-    shutil.copytree(synthetic_root, root)
-    images = sorted((root / "train2017").glob("*.jpg"))
-    images[0].write_bytes(images[0].read_bytes()[:300])  # truncated
-    images[1].unlink()  # missing
-    summary = run_training(_cfg(tmp_path, root, "bad", epochs=1))
-    assert summary["skipped_images"] == 2
-    assert summary["epochs_done"] == 1
+    _same_weights(straight["summary"], summary, cfg)  # the restart replayed the lost epoch exactly
 
 
 @pytest.mark.parametrize("config", ["hrnet_w32_256x192.yaml", "psm_w48_384x288.yaml"])
 def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_path, config):
-    """The shipped 256x192 / 384x288 configs on the official COCO layout (width cut to 8 so one
-    epoch fits a 2-core machine): train, validate with the full recipe, log the pose drawings."""
+    """The shipped 256x192 / 384x288 configs on the official COCO layout (width cut to 8 and
+    the epoch to 16 of the 80 train images, so it fits a 2-core machine): train, validate on the
+    whole val sample with the full recipe, log the pose drawings."""
     cfg = load_config(
         TINY.parent / config,
         [
             f"data.root={coco_root}",
             "model.width=8",
             "train.epochs=1",
+            "train.images_per_epoch=16",
             "train.batch_size=8",
             "train.num_workers=1",
             "train.val_every=1",
@@ -195,28 +203,57 @@ def test_trains_and_validates_on_the_real_coco_layout(ray_local, coco_root, tmp_
     assert load_checkpoint(kept, build_model(cfg.model)).best_ap == summary["best_AP"]
 
 
+def _recorded_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints Ray Train has recorded in its run state, oldest first: a folder written
+    but not yet recorded is not what a restart resumes from."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        recorded = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return []
+    return [run_dir / r["checkpoint_dir_name"] for r in recorded]
+
+
 def test_a_killed_driver_resubmitted_reaches_the_weights_of_an_uninterrupted_run(
-    ray_local, synthetic_root, tmp_path, straight
+    ray_local, people, tmp_path, straight
 ):
-    """A real kill: `psm train` in a subprocess (on this session's Ray), SIGKILL mid-epoch 2 once
-    epoch 1's checkpoint is written, then the same command again."""
-    cfg = _cfg(tmp_path, synthetic_root, "driver", epochs=3)
-    argv = ["train", str(TINY), *_overrides(tmp_path, synthetic_root, "driver", epochs=3)]
+    """A real kill: `psm train` (4 epochs) in a subprocess on this session's Ray, SIGKILLed once
+    two checkpoints are recorded. Its newest checkpoint is then cut short, and the run is
+    resubmitted shortened to 3 epochs: a changed config is refused unless named in
+    train.resume_changes, and the resume falls back past the corrupt checkpoint, replays the
+    epochs after it and reaches the uninterrupted run's weights exactly."""
+    argv = ["train", str(TINY), *_overrides(tmp_path, people, "driver", epochs=4)]
     env = dict(
         os.environ,
         PYTHONPATH=str(TINY.parents[1]),
         RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
     )
     code = f"import sys; from jobs.cli import main; sys.exit(main({argv!r}))"
+    before = _train_workers(ray_local)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     run_dir = tmp_path / "runs" / "driver"
     deadline = time.time() + 600
-    while time.time() < deadline and not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]:
+    while time.time() < deadline and len(_recorded_checkpoints(run_dir)) < 2:
+        assert proc.poll() is None, "the driver ended before its second checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1
-    _same_weights(straight, run_training(cfg), cfg)  # resubmitted
+    assert proc.wait() == -signal.SIGKILL  # 4 epochs never end before 2 are recorded + ~0.1 s
+    # Ray ends the dead driver's job and its workers: none may write a checkpoint after this
+    deadline = time.time() + 120
+    while any(
+        state != "DEAD" for k, (_, state) in _train_workers(ray_local).items() if k not in before
+    ):
+        assert time.time() < deadline, "the killed driver's train workers are still alive"
+        time.sleep(0.2)
+
+    with pytest.raises(ConfigError, match=r"train\.epochs: 4 -> 3"):
+        run_training(_cfg(tmp_path, people, "driver", epochs=3))
+    newest = _recorded_checkpoints(run_dir)[-1] / "model.pt"  # what Ray hands the restart
+    newest.write_bytes(newest.read_bytes()[:1000])
+    cfg = _cfg(tmp_path, people, "driver", epochs=3, resume_changes="[train.epochs]")
+    resumed = run_training(cfg)
+    _same_weights(straight["summary"], resumed, cfg)
+    assert resumed["mlflow_run_id"] != straight["summary"]["mlflow_run_id"]
 
 
 def test_a_diverging_run_stops_naming_epoch_and_step(ray_local, synthetic_root, tmp_path):

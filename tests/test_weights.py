@@ -441,7 +441,8 @@ def test_build_model_only_builds_and_training_loads_the_pretrained_path(imagenet
     plain = build_model(ModelConfig(width=8, input_size=(64, 64)))
     torch.manual_seed(5)
     model = build_model(cfg)  # evaluation, export, checkpoint loads: no file read
-    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    plain_weights = plain.state_dict()  # once, not per key
+    assert all(torch.equal(v, plain_weights[k]) for k, v in model.state_dict().items())
     load_pretrained(model, cfg.pretrained)  # what jobs.train does
     assert torch.equal(model.conv1.weight, imagenet_w8["conv1.weight"])
     key = "stage3.2.branches.2.1.conv2.weight"

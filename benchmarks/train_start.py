@@ -1,0 +1,160 @@
+"""`psm bench train-start`: where a short Ray Train run's wall time goes, ours and Ray's.
+
+Runs `jobs.train.run_training` a few times on a local Ray (the first run pays Ray's cold start,
+the later ones what every run of a warm cluster pays) and prints, per run, the driver's phases
+(opening the MLflow run, `TorchTrainer.fit`, closing: held metrics, registration, status) and,
+from Ray Train's controller log, its own phases inside `fit` (controller start, worker actors,
+train context, launching the train function, training, shutdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from jobs import command
+
+# Ray Train features the tests turn off (tests/local_cluster.py: RAY_TRAIN_TEST_ENV)
+LEAN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+STILL = [
+    "data.flip=false",
+    "data.rotation=0",
+    "data.scale_min=1",
+    "data.scale_max=1",
+    "data.half_body_prob=0",
+    "model.width=16",
+    "model.input_size=[96,64]",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Times short Ray Train runs of the config (default configs/tiny.yaml at 96x64, width 16, "
+        "2 CPU workers, 12 synthetic images unless data.root is given) on a local Ray: the "
+        "driver's phases and Ray Train's own, from its controller log."
+    )
+    command.add_config_arguments(p, default="configs/tiny.yaml")
+    p.add_argument("--runs", type=int, default=3, help="runs in one Ray instance (first: cold)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run")
+    p.add_argument(
+        "--lean",
+        action="store_true",
+        help="without Ray Train's preemption watcher and with a 0.5 s controller poll (the tests')",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.lean:
+        os.environ.update(LEAN_ENV)
+    import ray
+
+    from jobs import tracking
+    from jobs.train import run_training
+    from pipelines.synthetic import make_synthetic
+    from psm_model.config import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="psm-train-start-"))
+    given = any(o.startswith("data.root=") for o in args.overrides)
+    if not given:
+        make_synthetic(work / "data", train_images=12, val_images=4, seed=3)
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    times: dict[str, float] = {}
+    timed = {"open MLflow run": "start_or_resume_run", "register model": "register_model"}
+    for label, name in timed.items():
+        setattr(tracking, name, _timed(getattr(tracking, name), label, times))
+    for k in range(args.runs):
+        overrides = [
+            *([] if given else [f"data.root={work / 'data'}", *STILL]),
+            "data.cpus_per_task=0.5",
+            f"train.epochs={args.epochs}",
+            "train.batch_size=4",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.val_every=0",
+            f"train.storage_path={work / 'runs'}",
+            f"train.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
+            f"train.name=run{k}",
+            *args.overrides,
+        ]
+        cfg = load_config(args.config or "configs/tiny.yaml", overrides)
+        times.clear()
+        t0 = time.perf_counter()
+        with _timing_fit(times) as fit_started:
+            run_training(cfg)
+        total = time.perf_counter() - t0
+        print(f"run {k} ({'cold' if k == 0 else 'warm'} Ray): {total:.1f} s")
+        for label, seconds in times.items():
+            print(f"  {label:<20} {seconds:6.2f} s")
+        for label, seconds in _controller_phases(fit_started[0]):
+            print(f"    {label:<44} {seconds:6.2f} s")
+    ray.shutdown()
+
+
+def _timed(fn, label: str, times: dict):
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            times[label] = times.get(label, 0.0) + time.perf_counter() - t0
+
+    return wrapper
+
+
+@contextmanager
+def _timing_fit(times: dict):
+    """Times `TorchTrainer.fit` into `times`; yields a list that gets its start (epoch s)."""
+    from ray.train.torch import TorchTrainer
+
+    fit, started = TorchTrainer.fit, []
+
+    def timed_fit(self):
+        started.append(time.time())
+        t0 = time.perf_counter()
+        try:
+            return fit(self)
+        finally:
+            times["TorchTrainer.fit"] = time.perf_counter() - t0
+
+    TorchTrainer.fit = timed_fit
+    try:
+        yield started
+    finally:
+        TorchTrainer.fit = fit
+
+
+PHASE = re.compile(r"\[Worker Group Initialization\] (.+?) in ([\d.]+)s")
+
+
+def _controller_phases(fit_started: float) -> list[tuple[str, float]]:
+    """Ray Train's own phases of the newest run, from its controller's structured log."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "train"
+    newest = max(logs.glob("ray-train-sys-controller-*.log"), key=lambda p: p.stat().st_mtime)
+    lines = [json.loads(line) for line in newest.read_text().splitlines() if line.startswith("{")]
+
+    def stamp(line: dict) -> float:
+        return datetime.strptime(line["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    phases = [("fit() to the controller's first log line", stamp(lines[0]) - fit_started)]
+    for line in lines:
+        found = PHASE.search(line.get("message", ""))
+        if found and "callbacks" not in found.group(1) and "completed" not in found.group(1):
+            phases.append((found.group(1), float(found.group(2))))
+    started = [stamp(x) for x in lines if "Started training worker group" in x["message"]]
+    if started:
+        phases.append(("training, to the workers' shutdown", stamp(lines[-1]) - started[0]))
+    return phases
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.job_main("benchmarks.train_start", "psm bench train-start", argv)
