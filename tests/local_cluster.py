@@ -18,17 +18,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.train_start import LEAN_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray`, `mlflow`, `python`
 
 # Ray Train's fixed costs that test nothing of ours, cut in every Ray of the tests (the session's
-# and the clusters'; docs/benchmarks.md, "Where a Ray Train run's time goes"): no preemption
-# watcher actor per run (it follows spot-node drains: a process start and Ray Train's imports),
-# and the controller polls its workers every 0.5 s, not 2 s, so a run's end is seen sooner.
-RAY_TRAIN_TEST_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-}
+# and the clusters'; docs/benchmarks.md, "Where a Ray Train run's time goes")
+RAY_TRAIN_TEST_ENV = LEAN_ENV
 
 
 def free_port() -> int:
