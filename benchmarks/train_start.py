@@ -10,12 +10,12 @@ train context, launching the train function, training, shutdown).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import tempfile
 import time
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -49,51 +49,62 @@ def run(args: argparse.Namespace) -> None:
     if args.lean:
         os.environ.update(LEAN_ENV)
     import ray
+    from ray.train.torch import TorchTrainer
 
     from jobs import tracking
     from jobs.train import run_training
     from pipelines.synthetic import make_synthetic
     from psm_model.config import load_config
 
-    work = Path(tempfile.mkdtemp(prefix="psm-train-start-"))
+    times: dict[str, float] = {}  # label -> seconds in this run
+    started: dict[str, float] = {}  # label -> when it last started (epoch s)
+    for owner, name, label in (
+        (tracking, "start_or_resume_run", "open MLflow run"),
+        (TorchTrainer, "fit", "TorchTrainer.fit"),
+        (tracking, "register_model", "register model"),
+    ):
+        setattr(owner, name, _timed(getattr(owner, name), label, times, started))
     given = any(o.startswith("data.root=") for o in args.overrides)
-    if not given:
-        make_synthetic(work / "data", train_images=12, val_images=4, seed=3)
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
-    times: dict[str, float] = {}
-    timed = {"open MLflow run": "start_or_resume_run", "register model": "register_model"}
-    for label, name in timed.items():
-        setattr(tracking, name, _timed(getattr(tracking, name), label, times))
-    for k in range(args.runs):
-        overrides = [
-            *([] if given else [f"data.root={work / 'data'}", *SMALL]),
-            "data.cpus_per_task=0.5",
-            f"train.epochs={args.epochs}",
-            "train.batch_size=4",
-            "train.num_workers=2",
-            "train.cpus_per_worker=0.5",
-            "train.val_every=0",
-            f"train.storage_path={work / 'runs'}",
-            f"train.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
-            f"train.name=run{k}",
-            *args.overrides,
-        ]
-        cfg = load_config(args.config or "configs/tiny.yaml", overrides)
-        times.clear()
-        t0 = time.perf_counter()
-        with _timing_fit(times) as fit_started:
-            run_training(cfg)
-        total = time.perf_counter() - t0
-        print(f"run {k} ({'cold' if k == 0 else 'warm'} Ray): {total:.1f} s")
-        for label, seconds in times.items():
-            print(f"  {label:<20} {seconds:6.2f} s")
-        for label, seconds in _controller_phases(fit_started[0]):
-            print(f"    {label:<44} {seconds:6.2f} s")
-    ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="psm-train-start-") as tmp:
+        work = Path(tmp)
+        if not given:
+            make_synthetic(work / "data", train_images=12, val_images=4, seed=3)
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+        try:
+            for k in range(args.runs):
+                overrides = [
+                    *([] if given else [f"data.root={work / 'data'}", *SMALL]),
+                    "data.cpus_per_task=0.5",
+                    f"train.epochs={args.epochs}",
+                    "train.batch_size=4",
+                    "train.num_workers=2",
+                    "train.cpus_per_worker=0.5",
+                    "train.val_every=0",
+                    f"train.storage_path={work / 'runs'}",
+                    f"train.mlflow_uri=sqlite:///{work / 'mlflow.db'}",
+                    f"train.name=run{k}",
+                    *args.overrides,
+                ]
+                cfg = load_config(args.config or "configs/tiny.yaml", overrides)
+                times.clear()
+                t0 = time.perf_counter()
+                run_training(cfg)
+                total = time.perf_counter() - t0
+                print(f"run {k} ({'cold' if k == 0 else 'warm'} Ray): {total:.1f} s")
+                for label, seconds in times.items():
+                    print(f"  {label:<20} {seconds:6.2f} s")
+                for label, seconds in _controller_phases(started["TorchTrainer.fit"]):
+                    print(f"    {label:<44} {seconds:6.2f} s")
+        finally:
+            ray.shutdown()
 
 
-def _timed(fn, label: str, times: dict):
+def _timed(fn, label: str, times: dict, started: dict):
+    """`fn`, adding its seconds to `times[label]` and noting its start in `started[label]`."""
+
+    @functools.wraps(fn)
     def wrapper(*a, **kw):
+        started[label] = time.time()
         t0 = time.perf_counter()
         try:
             return fn(*a, **kw)
@@ -101,28 +112,6 @@ def _timed(fn, label: str, times: dict):
             times[label] = times.get(label, 0.0) + time.perf_counter() - t0
 
     return wrapper
-
-
-@contextmanager
-def _timing_fit(times: dict):
-    """Times `TorchTrainer.fit` into `times`; yields a list that gets its start (epoch s)."""
-    from ray.train.torch import TorchTrainer
-
-    fit, started = TorchTrainer.fit, []
-
-    def timed_fit(self):
-        started.append(time.time())
-        t0 = time.perf_counter()
-        try:
-            return fit(self)
-        finally:
-            times["TorchTrainer.fit"] = time.perf_counter() - t0
-
-    TorchTrainer.fit = timed_fit
-    try:
-        yield started
-    finally:
-        TorchTrainer.fit = fit
 
 
 PHASE = re.compile(r"\[Worker Group Initialization\] (.+?) in ([\d.]+)s")

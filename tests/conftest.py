@@ -65,9 +65,10 @@ def ray_local():
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
-    from tests.local_cluster import RAY_TRAIN_TEST_ENV
+    from benchmarks.train_start import LEAN_ENV
 
-    for key, value in RAY_TRAIN_TEST_ENV.items():  # before any trainer: drivers pass them on
+    # Ray Train's costs that test nothing of ours, set before any trainer: drivers pass them on
+    for key, value in LEAN_ENV.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False)

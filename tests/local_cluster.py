@@ -18,14 +18,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.train_start import LEAN_ENV
+from benchmarks.train_start import LEAN_ENV  # Ray Train's fixed costs that test nothing of ours
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray`, `mlflow`, `python`
-
-# Ray Train's fixed costs that test nothing of ours, cut in every Ray of the tests (the session's
-# and the clusters'; docs/benchmarks.md, "Where a Ray Train run's time goes")
-RAY_TRAIN_TEST_ENV = LEAN_ENV
 
 
 def free_port() -> int:
@@ -99,7 +95,7 @@ class RayCluster:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
-            **RAY_TRAIN_TEST_ENV,
+            **LEAN_ENV,  # as every Ray of the tests
             **self.extra_env,
         }
         for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
