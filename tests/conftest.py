@@ -9,6 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
+# The end-to-end modules, longest first (rough seconds each takes on the 2-core CI machine; only
+# the order matters): the two pytest-xdist workers (pyproject.toml: `-n 2 --dist loadfile
+# --no-loadscope-reorder`) take whole modules in this order, so the long ones start at once and
+# the short ones fill in at the end. Modules not named come after, in file order.
+LONGEST_FIRST = {
+    "test_ray_jobs.py": 420,
+    "test_tune.py": 250,
+    "test_node_loss.py": 220,
+    "test_train.py": 215,
+    "test_infer.py": 110,
+    "test_eval_job.py": 45,
+    "test_compile.py": 40,
+    "test_benchmarks_infer.py": 40,
+}
+
+
+def pytest_collection_modifyitems(items):
+    # stable: the tests of a module keep their order (their shared fixtures expect it)
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
@@ -60,18 +80,25 @@ def ray_local():
 
     With the dashboard: Ray Train's PlacementGroupCleaner asks the State API whether a finished
     trainer's controller is gone; without it the placement group of a Tune trial's trainer is
-    never freed and the next trial waits for its workers forever.
+    never freed and the next trial waits for its workers forever. The cleaner finds the State
+    API by looking for Ray instances on the machine unless RAY_API_SERVER_ADDRESS names it, and
+    with two (the other test worker's, a `ray start` cluster of tests/local_cluster.py) its
+    thread dies on "Found multiple active Ray instances": so it is named, before the raylet
+    starts, for every process of this instance to inherit.
     """
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
     from benchmarks.train_start import LEAN_ENV
+    from tests.local_cluster import free_port
 
     # Ray Train's costs that test nothing of ours, set before any trainer: drivers pass them on
     for key, value in LEAN_ENV.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False)
+        dashboard = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+        ray.init(num_cpus=2, log_to_driver=False, dashboard_port=dashboard)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -4,6 +4,7 @@ tree, never `ray stop`, which would kill every Ray instance on the machine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -82,6 +83,7 @@ class RayCluster:
     address: str = ""
     gcs_port: int = 0
     node_dirs: list[str] = field(default_factory=list)
+    node_ports: list[int] = field(default_factory=list)  # the `add_node` ids
 
     def start(self) -> RayCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,10 @@ class RayCluster:
             self.env.pop(key, None)
         self.gcs_port, dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{dashboard}"
+        # this cluster's State API for its own processes (Ray Train's PlacementGroupCleaner),
+        # whatever other Ray runs on the machine (tests/conftest.py: ray_local); and never the
+        # session Ray's, which would take over `ray job --address`
+        self.env["RAY_API_SERVER_ADDRESS"] = self.address
         ports = {
             "--port": self.gcs_port,
             "--dashboard-port": dashboard,
@@ -130,12 +136,23 @@ class RayCluster:
         # right after `ray start` the job agent may not be up: "No available agent to submit job"
         deadline = time.monotonic() + timeout
         while True:
-            r = self.ray("job", "list", check=False, timeout=60)
-            if r.returncode == 0:
+            try:
+                self._api("/api/jobs/")
                 return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Ray job server at {self.address} not ready:\n{r.stderr}")
-            time.sleep(2)
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray job server at {self.address} not ready: {e}") from e
+            time.sleep(0.5)
+
+    def _api(self, path: str):
+        """GET on the job server's REST API with the cluster's token: what `ray job status` asks,
+        without a `ray` process (~2 s of CPU each) per question."""
+        token = Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        request = urllib.request.Request(
+            self.address + path, headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
 
     def ray(self, *args: str, env: dict | None = None, check: bool = True, timeout: float = 600):
         """The `ray` CLI against this cluster (`--address` added to job subcommands)."""
@@ -175,20 +192,19 @@ class RayCluster:
         words = (result.stdout + result.stderr).replace("'", " ").split()
         return next(w for w in words if w.startswith("raysubmit_"))
 
+    def job(self, job_id: str) -> dict:
+        """The job's details: status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), driver_info
+        (its pid once the entrypoint has connected to Ray), ..."""
+        return self._api(f"/api/jobs/{job_id}")
+
     def wait(self, job_id: str, timeout: float = 600) -> str:
         """The job's final status (SUCCEEDED, FAILED, STOPPED)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = self.ray("job", "status", job_id, check=False, timeout=60)
-            said = r.stdout + r.stderr
-            for status, words in (
-                ("SUCCEEDED", "succeeded"),
-                ("FAILED", "failed"),
-                ("STOPPED", "was stopped"),
-            ):
-                if f"Job '{job_id}' {words}" in said:
-                    return status
-            time.sleep(3)
+            status = self.job(job_id)["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still running after {timeout} s")
 
     def add_node(self, cpus: float) -> int:
@@ -220,6 +236,7 @@ class RayCluster:
         r = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"ray start (node): {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        self.node_ports.append(port)
         return port
 
     def remove_node(self, node: int) -> int:
@@ -227,7 +244,8 @@ class RayCluster:
         return kill_tree([f"--node_manager_port={node} "], signals=(signal.SIGKILL,))
 
     def node_of(self, process_name: str) -> int | None:
-        """The node (`add_node` id) running a Ray process with `process_name` in its title."""
+        """The node (`add_node` id) of this cluster running a Ray process with `process_name` in
+        its title (other Ray instances on the machine may run one too)."""
         procs = _processes()
         for pid, (_, cmd) in procs.items():
             if not cmd.startswith("ray::") or process_name not in cmd:
@@ -235,7 +253,7 @@ class RayCluster:
             ancestor = procs[pid][0]
             while ancestor in procs:
                 found = re.search(r"--node_manager_port=(\d+)", procs[ancestor][1])
-                if found:
+                if found and int(found.group(1)) in self.node_ports:
                     return int(found.group(1))
                 ancestor = procs[ancestor][0]
         return None

@@ -8,6 +8,8 @@ exactly at the end, also when a test fails.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -261,13 +263,28 @@ def test_infer_job_writes_the_results_file_outside_the_job(services, trained, de
     assert 0.0 <= run.data.metrics["AP"] <= 1.0  # an annotation file: the job scores it
 
 
-def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
-    work = services["work"]
+def _tune_statuses(experiment: Path) -> list[str]:
+    """The trial statuses in Tune's newest saved experiment state (empty before the first save,
+    or while one is being written)."""
+    saved = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(saved[-1].read_text())["trial_data"] if saved else []
+    except (OSError, ValueError):
+        return []
+    return [json.loads(state)["status"] for state, _ in trials]
+
+
+def test_a_killed_sweep_job_resumes_without_rerunning_its_finished_trial(services):
+    """`python -m jobs.tune` as a Ray job, its driver SIGKILLed once Tune's saved state has the
+    first trial finished and the second running; the same job submitted again with --resume
+    runs only what is left, and `psm compare` reads the sweep back."""
+    cluster, work = services["cluster"], services["work"]
     space = work / "space.yaml"
     space.write_text(
         "searcher: grid\n"
+        "max_concurrent_trials: 1\n"  # the first trial ends before the second starts
         "overrides:\n"
-        "  train.epochs: 1\n"
+        "  train.epochs: 2\n"
         "  train.num_workers: 1\n"
         "  train.cpus_per_worker: 0.5\n"
         "  data.cpus_per_task: 0.4\n"
@@ -275,7 +292,7 @@ def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
         "params:\n"
         "  data.sigma: {grid: [1.5, 2.5]}\n"
     )
-    result = services["cluster"].submit(
+    sweep = (
         "python",
         "-m",
         "jobs.tune",
@@ -287,11 +304,34 @@ def test_sweep_job_runs_its_trials_and_psm_compare_reads_them_back(services):
         f"train.storage_path={work / 'sweeps'}",
         *_common(services),
     )
-    _succeeded(result)
-    (parent,) = _runs(services, "tags.`psm.kind` = 'sweep'")
-    trials = _runs(services, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(t.data.params["data.sigma"] for t in trials) == ["1.5", "2.5"]
-    assert all(t.info.status == "FINISHED" for t in trials)
+    first = cluster.job_id(cluster.submit(*sweep, wait=False))
+
+    def one_finished_one_running() -> bool:
+        statuses = _tune_statuses(work / "sweeps" / "e2e-sweep")
+        return "TERMINATED" in statuses and "RUNNING" in statuses
+
+    _wait_until(one_finished_one_running, 300, "a finished and a running trial")
+    driver = cluster.job(first)["driver_info"]
+    os.kill(int(driver["pid"]), signal.SIGKILL)
+    assert cluster.wait(first) == "FAILED"
+
+    def trials() -> list:
+        (parent,) = _runs(services, "tags.`psm.kind` = 'sweep'")
+        return _runs(services, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    client = _client(services)
+    (done,) = [t for t in trials() if t.info.status == "FINISHED"]
+    before = client.get_metric_history(done.info.run_id, "train_loss")
+    _succeeded(cluster.submit(*sweep, "--resume"))
+    resumed = trials()
+    assert len(resumed) == 2  # the interrupted trial resumed, none started twice
+    assert sorted(t.data.params["data.sigma"] for t in resumed) == ["1.5", "2.5"]
+    assert all(t.info.status == "FINISHED" for t in resumed)
+    after = client.get_metric_history(done.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in after] == [(m.step, m.value) for m in before]  # not rerun
+    for trial in resumed:
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "epochs_done")]
+        assert sorted(set(steps)) == [0, 1]  # every trial completed both epochs
 
     out = subprocess.run(
         [
