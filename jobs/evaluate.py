@@ -138,7 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="a training checkpoint folder or a weights file (.pth)")
     p.add_argument("--dets", help="person detections, COCO results format (default: GT boxes)")
     p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
-    p.add_argument("--results", help="also write the keypoint results JSON here")
+    p.add_argument(
+        "--results", help="also write the keypoint results JSON here (a path, or a URI: s3://...)"
+    )
     p.set_defaults(func=run)
 
 

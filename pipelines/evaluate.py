@@ -15,6 +15,7 @@ rescoring with real box scores and OKS-NMS of duplicate detections.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -33,10 +34,11 @@ from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
 from pipelines.detect import box_row
 from pipelines.images import ImageError, decode_image
 from pipelines.predict import predict_poses
+from pipelines.uris import write_bytes
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
 from psm_model.codec import HeatmapCodec
 from psm_model.config import Config
-from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections, write_results
+from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections
 from psm_model.geometry import (
     PIXEL_STD,
     affine_matrix,
@@ -177,7 +179,7 @@ def oracle_eval(
             cfg.eval.oks_nms_threshold,
         )
     if results_file is not None:
-        write_results(results, results_file)
+        _write_results(results, results_file)
     return coco_eval(coco, results)
 
 
@@ -262,6 +264,12 @@ def evaluate_on_actors(
     return _score(poses, records, cfg, results_file, save_drawings)
 
 
+def _write_results(results: list[dict], location: str | os.PathLike) -> None:
+    """The results JSON to a local path or a URI (s3://...: `--results` takes either, as the
+    infer job's `--output`), atomically: the old file or none after a crash, never half."""
+    write_bytes(os.fspath(location), json.dumps(results).encode())
+
+
 def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[dict]:
     """Batches of pose rows (POSE_COLUMNS; skip rows are left out) -> COCO results: rescoring
     and OKS-NMS per image, with the crop box as the NMS area (as the official code)."""
@@ -300,7 +308,7 @@ def _score(
         batches.append(batch)
     results = pose_results(batches, cfg)
     if results_file is not None:
-        write_results(results, results_file)
+        _write_results(results, results_file)
     metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
     if save_drawings and cfg.eval.visualize:

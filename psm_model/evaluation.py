@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import numpy as np
 
 from psm_model.coco_keypoints import COCO_SIGMAS, NUM_JOINTS, PERSON_CATEGORY_ID
 from psm_model.errors import PsmError
-from psm_model.files import read_json, write_atomic
+from psm_model.files import read_json
 from psm_model.geometry import box_problem
 
 if TYPE_CHECKING:  # imported where used: a bare GPU box can still run `psm bench` without it
@@ -182,11 +181,6 @@ def make_results(
     scores = rescore(box_scores, maxvals, keypoint_threshold)
     keep = nms_per_image(image_ids, coords, scores, np.asarray(areas), oks_threshold)
     return to_coco_results(image_ids[keep], coords[keep], maxvals[keep], scores[keep])
-
-
-def write_results(results: list[dict], path: str | os.PathLike) -> None:
-    """Write the results JSON atomically (a crash leaves the old file or none, never half)."""
-    write_atomic(path, json.dumps(results))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,10 +44,11 @@ def test_eval_a_state_dict_file(ray_local, synthetic_root, tmp_path, capsys):
         "--checkpoint",
         str(tmp_path / "model.pt"),
     ]
-    assert main([*args, "--results", str(results)]) == 0
+    # a URI, as s3://... on a cluster: written there (it once became a local "file:/..." path)
+    assert main([*args, "--results", f"file://{results}"]) == 0
     out = capsys.readouterr().out
     assert "model evaluation on" in out and "| AP | AP50 |" in out
-    assert results.exists()
+    assert json.loads(results.read_text()) and not Path("file:").exists()
     run = _last_run(tmp_path)
     assert run["params.eval.kind"] == "model" and "metrics.AP" in run
 
