@@ -236,9 +236,9 @@ def test_a_run_that_loses_a_worker_then_its_driver_reaches_the_weights_of_an_uni
 
     wait_for(lambda: _recorded_checkpoints(run_dir), "its first checkpoint")
     recorded = len(_recorded_checkpoints(run_dir))
-    alive = [k for k, (_, state) in ours().items() if state == "ALIVE"]
-    killed = alive[-1]
-    os.kill(ours()[killed][0], signal.SIGKILL)
+    alive = {k: pid for k, (pid, state) in ours().items() if state == "ALIVE"}
+    killed = list(alive)[-1]
+    os.kill(alive[killed], signal.SIGKILL)
     # the recovery happens: Ray Train starts a second group of 2 workers, which trains on
     wait_for(lambda: len(_recorded_checkpoints(run_dir)) > recorded, "a checkpoint after the kill")
     proc.send_signal(signal.SIGKILL)
