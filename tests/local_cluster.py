@@ -197,6 +197,10 @@ class RayCluster:
         (its pid once the entrypoint has connected to Ray), ..."""
         return self._api(f"/api/jobs/{job_id}")
 
+    def logs(self, job_id: str) -> str:
+        """What `ray job logs` prints, from the REST API."""
+        return self._api(f"/api/jobs/{job_id}/logs")["logs"]
+
     def wait(self, job_id: str, timeout: float = 600) -> str:
         """The job's final status (SUCCEEDED, FAILED, STOPPED)."""
         deadline = time.monotonic() + timeout
