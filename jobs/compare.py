@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import command
-from jobs.tracking import KIND_TAG, PARENT_TAG
+from jobs.tracking import KIND_TAG, PARENT_TAG, literal
 from psm_model.files import write_atomic
 
 METRICS = {
@@ -49,7 +49,9 @@ def comparison(
     if sweep is not None:
         parents = mlflow.search_runs(
             experiment_names=[experiment],
-            filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`psm.run_name` = '{sweep}'",
+            filter_string=(
+                f"tags.`{KIND_TAG}` = 'sweep' and tags.`psm.run_name` = {literal(sweep)}"
+            ),
             output_format="list",
         )
         if not parents:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from psm_model.config import Config, redact_secrets
+from psm_model.config import Config, ConfigError, redact_secrets
 from psm_model.errors import PsmError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,15 @@ def _experiment(mlflow, cfg: Config):
     return mlflow.set_experiment(name)
 
 
+def literal(value: str) -> str:
+    """`value` as a string literal of an MLflow search filter: MLflow has no escapes, so in the
+    quotes it does not hold; a value with both kinds is refused, never spliced in."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ConfigError(f"{value!r}: a name with both ' and \" cannot be searched for in MLflow")
+
+
 def start_or_resume_run(
     cfg: Config, run_name: str, kind: str = "train", tags: dict[str, str] | None = None
 ) -> str:
@@ -72,7 +81,7 @@ def start_or_resume_run(
     experiment = _experiment(mlflow, cfg)
     found = mlflow.search_runs(
         experiment_ids=[experiment.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        filter_string=f"tags.`{RUN_NAME_TAG}` = {literal(run_name)}",
         output_format="list",
     )
     client = mlflow.MlflowClient()
@@ -198,7 +207,7 @@ def child_runs(cfg: Config, parent_run_id: str) -> list:
     parent = mlflow.MlflowClient().get_run(parent_run_id)
     return mlflow.search_runs(
         experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        filter_string=f"tags.`{PARENT_TAG}` = {literal(parent_run_id)}",
         output_format="list",
     )
 
@@ -244,6 +253,6 @@ def registered_versions(cfg: Config, run_id: str) -> list:
     """The versions of cfg.train.registered_model registered from `run_id`, oldest first."""
     client = _mlflow(cfg).MlflowClient()
     found = client.search_model_versions(
-        f"name = '{cfg.train.registered_model}' and run_id = '{run_id}'"
+        f"name = {literal(cfg.train.registered_model)} and run_id = {literal(run_id)}"
     )
     return sorted((v.version for v in found), key=int)

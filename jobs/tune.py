@@ -33,7 +33,7 @@ from jobs.compare import comparison, format_table, plot_sweep, write_csv
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.train import resolve_paths, run_training
 from psm_model.checkpoint import load_checkpoint_model
-from psm_model.config import Config, ConfigError, parse_config, redact_secrets
+from psm_model.config import Config, ConfigError, check_run_name, parse_config, redact_secrets
 
 log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune
@@ -51,6 +51,7 @@ def run_sweep(
     wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run (or `resume`) the sweep `name`; returns the best trial and the comparison rows."""
+    check_run_name(name, "sweep name (--name, default: the space file's stem)")
     base = resolve_paths(base)
     storage = base.train.storage_path
     experiment_path = f"{storage}/{name}"

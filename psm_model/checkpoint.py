@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from psm_model.weights import CheckpointError, read_state_dict
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
+# what checksums.json may name: a checkpoint's own files, never a path to elsewhere
+FILES = ("model.pt", "config.yaml", "optimizer.pt", "train_state.json")
 
 
 @dataclass
@@ -114,7 +117,13 @@ def verify_checkpoint(directory: str | Path) -> None:
     except (OSError, ValueError, AssertionError) as e:
         raise CheckpointError(f"{d / CHECKSUMS}: unreadable or not a JSON object") from e
     for name, digest in expected.items():
+        if name not in FILES:
+            raise CheckpointError(
+                f"{d / CHECKSUMS}: {name!r} is not a checkpoint file (one of {', '.join(FILES)})"
+            )
         try:
+            if not stat.S_ISREG((d / name).stat().st_mode):  # a FIFO would block the read
+                raise CheckpointError(f"{d / name}: not a regular file")
             data = (d / name).read_bytes()
         except OSError as e:
             raise CheckpointError(f"{d / name}: cannot read: {e.strerror or e}") from e

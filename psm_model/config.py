@@ -188,6 +188,8 @@ class TrainConfig:
         _at_least(self, -1, "max_failures")  # -1: Ray Train retries without limit
         if any(s < 0 for s in self.lr_steps):
             raise ValueError(f"lr_steps: epochs must be >= 0, got {self.lr_steps}")
+        if self.name:
+            check_run_name(self.name, "name")
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,19 @@ def _finite_floats(section: object) -> None:
         value = getattr(section, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name}: must be a finite number, got {value}")
+
+
+# a run or sweep name is one folder under train.storage_path (and a Ray run name, an MLflow tag
+# value in search filters): no separator, no leading dot, no quote
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
+
+
+def check_run_name(name: str, key: str) -> None:
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key}: {name!r} must be one folder name: letters, digits and _ . = + - "
+            "(starting with a letter, digit or _)"
+        )
 
 
 def _positive(section: object, *names: str) -> None:

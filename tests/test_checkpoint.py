@@ -3,6 +3,8 @@ corrupt newest checkpoint replaced by the previous one."""
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,23 @@ def test_changed_bytes_are_an_error_naming_the_file(tmp_path, cfg):
     # still valid JSON, so the old loader resumed at the wrong epoch without a word
     state_file.write_text(state_file.read_text().replace('"epoch": 3', '"epoch": 7'))
     with pytest.raises(CheckpointError, match=rf"{state_file}: sha256 differs"):
+        load_checkpoint(tmp_path / "c", _pieces(cfg)[0])
+
+
+@pytest.mark.parametrize("entry", ["/etc/hostname", "../model.pt", "notes.txt"])
+def test_checksum_entries_name_only_the_checkpoints_own_files(tmp_path, cfg, entry):
+    _save(tmp_path / "c", cfg, 3)
+    sums = tmp_path / "c" / "checksums.json"
+    sums.write_text(json.dumps({**json.loads(sums.read_text()), entry: "0" * 64}))
+    with pytest.raises(CheckpointError, match=rf"{sums}: '{re.escape(entry)}' is not a checkpoint"):
+        load_checkpoint(tmp_path / "c", _pieces(cfg)[0])
+
+
+def test_a_checkpoint_file_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, cfg):
+    _save(tmp_path / "c", cfg, 3)
+    (tmp_path / "c" / "optimizer.pt").unlink()
+    os.mkfifo(tmp_path / "c" / "optimizer.pt")  # reading it would wait for a writer forever
+    with pytest.raises(CheckpointError, match="optimizer.pt: not a regular file"):
         load_checkpoint(tmp_path / "c", _pieces(cfg)[0])
 
 

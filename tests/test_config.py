@@ -113,12 +113,21 @@ def test_bad_overrides(override, expected):
         ("infer:\n  part_images: 0\n", "infer.part_images: must be positive"),
         ("data:\n  cpus_per_task: 0\n", "data.cpus_per_task: must be positive"),
         ("data:\n  chunk_images: 0\n", "data.chunk_images: must be positive"),
+        # a run name is one folder under train.storage_path, nothing that climbs out of it
+        ("train:\n  name: ../../escaped\n", "train.name: '../../escaped' must be one folder"),
+        ("train:\n  name: a/b\n", "train.name: 'a/b' must be one folder"),
+        ("train:\n  name: .hidden\n", "train.name: '.hidden' must be one folder"),
+        ('train:\n  name: "it\'s"\n', 'train.name: "it\'s" must be one folder'),
         # the data side reads COCO's 17 keypoints: another head size is refused up front
         ("model:\n  num_joints: 5\n", "model.num_joints: 5, but the data (COCO person keypoints)"),
     ],
 )
 def test_out_of_range_values_name_file_and_key(tmp_path, text, expected):
     _refused_naming_file_and_key(tmp_path, text, expected)
+
+
+def test_a_run_name_of_one_folder_is_accepted():
+    assert load_config(None, ["train.name=psm-w32_lr=1e-3.v2"]).train.name == "psm-w32_lr=1e-3.v2"
 
 
 @pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=inf", "data.sigma=-inf"])

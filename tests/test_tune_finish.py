@@ -5,12 +5,14 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from jobs import tracking
+from jobs.compare import comparison
 from jobs.sweep_space import parse_space
-from jobs.tune import _finish
+from jobs.tune import _finish, run_sweep
 from psm_model.checkpoint import save_model
-from psm_model.config import load_config
+from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -56,3 +58,23 @@ def test_finish_marks_unreported_trials_failed_and_registers_once(tmp_path):
     assert str(again["model_version"]) == "1"
     versions = client.search_model_versions(f"name = '{base.train.registered_model}'")
     assert [str(v.version) for v in versions] == ["1"]
+
+
+def test_names_reach_mlflow_filters_as_literals_never_as_filter_text(tmp_path):
+    """A name with a quote is searched for as itself (MLflow's filters have no escapes: the other
+    quote kind is used); one with both kinds is refused, as is a sweep name that is no folder."""
+    base = load_config(TINY, [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    parent = tracking.start_or_resume_run(base, "sweep1", kind="sweep")
+    assert tracking.start_or_resume_run(base, "sweep1", kind="sweep") == parent  # found again
+    with pytest.raises(LookupError, match="has no sweep \"x' or '1'='1\""):
+        comparison(base.train.mlflow_uri, base.train.experiment, sweep="x' or '1'='1")
+    quoted = load_config(TINY, [*_uri(base), 'train.registered_model=Ann\'s "best" model'])
+    with pytest.raises(ConfigError, match="both ' and \" cannot be searched for"):
+        tracking.registered_versions(quoted, parent)
+    assert tracking.literal("it's") == '"it\'s"' and tracking.literal("plain") == "'plain'"
+    with pytest.raises(ConfigError, match=r"sweep name .*'\.\./up' must be one folder"):
+        run_sweep(base, parse_space(SPACE, base), "../up")
+
+
+def _uri(base) -> list[str]:
+    return [f"train.mlflow_uri={base.train.mlflow_uri}"]
