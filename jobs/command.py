@@ -93,7 +93,9 @@ def run(args: argparse.Namespace, name: str) -> int:
         with console.quiet(console.log_file(args.verbose, name)):
             args.func(args)
     except PsmError as e:
-        print(f"psm: error: {e}", file=sys.stderr)
+        from psm_model.config import redact_secrets
+
+        print(f"psm: error: {redact_secrets(str(e))}", file=sys.stderr)  # URIs may carry keys
         return 2
     return 0
 

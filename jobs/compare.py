@@ -184,8 +184,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from jobs.storage import require_output_file
     from jobs.tracking import resolve_uri
 
+    for location, key in ((args.csv, "--csv"), (args.plot, "--plot")):
+        if location and location != "-":  # checked before the MLflow queries
+            require_output_file(location, key)
     uri = resolve_uri(args.tracking_uri or "")
     try:
         rows, params = comparison(uri, args.experiment, args.sweep)

@@ -39,22 +39,27 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
     if "://" in checkpoint:
         import tempfile
 
+        import pyarrow as pa
         import pyarrow.fs as pafs
 
+        shown = redact_secrets(checkpoint)  # a URI may carry key:secret@
         with tempfile.TemporaryDirectory() as tmp:
-            fs, where = pafs.FileSystem.from_uri(checkpoint)
-            local = Path(tmp) / Path(where.rstrip("/")).name
-            kind = fs.get_file_info(where).type
-            if kind == pafs.FileType.NotFound:
-                raise CheckpointError(f"{checkpoint}: checkpoint not found")
-            if kind == pafs.FileType.Directory:
-                local.mkdir()
-            pafs.copy_files(
-                where,
-                str(local),
-                source_filesystem=fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
+            try:
+                fs, where = pafs.FileSystem.from_uri(checkpoint)
+                local = Path(tmp) / Path(where.rstrip("/")).name
+                kind = fs.get_file_info(where).type
+                if kind == pafs.FileType.NotFound:
+                    raise CheckpointError(f"{shown}: checkpoint not found")
+                if kind == pafs.FileType.Directory:
+                    local.mkdir()
+                pafs.copy_files(
+                    where,
+                    str(local),
+                    source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
+            except (OSError, pa.ArrowException) as e:  # a bad URI, no access, no network
+                raise CheckpointError(f"{shown}: cannot read: {redact_secrets(str(e))}") from e
             return load_model(str(local), cfg)
     path = Path(checkpoint)
     if path.is_dir():
@@ -83,7 +88,7 @@ def run_eval(
         raise ConfigError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     if results_file:
-        storage.require_persistent(results_file, "--results")
+        storage.require_output_file(results_file, "--results")
     kind = "oracle" if oracle else "model"
     weights = None
     if not oracle:

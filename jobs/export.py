@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jobs import command
 
@@ -22,13 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from jobs import storage
     from jobs.evaluate import load_model
+    from pipelines.uris import write_bytes
     from psm_model.export import export_onnx
 
+    storage.require_output_file(args.output, "--output")
     model, cfg = load_model(args.checkpoint, command.load(args))
     data = export_onnx(model, cfg.model.input_size)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_bytes(data)
+    write_bytes(args.output, data)  # a local path or a URI, atomically
     h, w = cfg.model.input_size
     stride = cfg.model.heatmap_stride
     print(

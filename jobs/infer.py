@@ -127,7 +127,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             "COCO results format (e.g. the HRNet release's "
             "COCO_test-dev2017_detections_AP_H_609_person.json), or set infer.boxes=detector"
         )
-    storage.require_persistent(cfg.infer.output, "infer.output (--output)")
+    storage.require_output_file(cfg.infer.output, "infer.output (--output)")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
     if not images.is_dir():

@@ -148,9 +148,9 @@ def private_copy(checkpoint: ray.train.Checkpoint, stack: contextlib.ExitStack) 
 
 
 def check_resume_config(cfg: Config) -> None:
-    """A new run saves its config in the run folder; a resumed one must match it, except in the
-    FREE_ON_RESUME keys and those listed in train.resume_changes (then the saved config is
-    updated). Keys missing on either side (added or removed in the code since) are ignored."""
+    """A resumed run must match the config its run folder saved (`save_run_config`), except in
+    the FREE_ON_RESUME keys and those listed in train.resume_changes. Keys missing on either side
+    (added or removed in the code since) are ignored. A new run passes."""
     unknown = sorted(set(cfg.train.resume_changes) - set(cfg.flat()))
     if unknown:  # a typo would otherwise accept nothing and refuse the resume anyway
         raise ConfigError(f"train.resume_changes: unknown keys {unknown} (expected section.key)")
@@ -172,4 +172,10 @@ def check_resume_config(cfg: Config) -> None:
                 f"({'; '.join(changed)}). Resuming would train a mix of both. Accept the change "
                 "with train.resume_changes=[KEY, ...], or start a new run (another train.name)"
             )
-    write_bytes(path, redact_secrets(cfg.to_yaml()).encode())
+
+
+def save_run_config(cfg: Config) -> None:
+    """The config a resume is checked against (updated by an accepted change): saved once the
+    run's data and MLflow run are in hand, so a start that failed before (a wrong data.root)
+    leaves nothing that refuses the corrected command."""
+    write_bytes(f"{run_folder(cfg)}/{RUN_CONFIG}", redact_secrets(cfg.to_yaml()).encode())

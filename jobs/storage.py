@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from psm_model.config import ConfigError
+from psm_model.config import ConfigError, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,38 @@ def require_persistent(location: str, key: str) -> None:
             "storage that outlives the job (shared by every node) or a URI such as "
             "s3://BUCKET/... (MLflow: a tracking server, http://HOST:5000)"
         )
+
+
+def require_output_file(location: str, key: str) -> None:
+    """Check an output file's location before the work that fills it, naming the key: outside a
+    submitted job's working dir, not an existing folder, under folders (not files) this process
+    may write in. On an object store a folder is a key prefix, made by the write itself."""
+    require_persistent(location, key)
+    shown = redact_secrets(location)
+    path = local_path(location)
+    if path is None:
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+
+        from pipelines.uris import filesystem
+
+        try:
+            fs, where = filesystem(location)
+            kind = fs.get_file_info(where).type
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError(f"{key}: {shown}: cannot reach: {redact_secrets(str(e))}") from e
+        if kind == pafs.FileType.Directory:
+            raise ConfigError(f"{key}: {shown} is a folder; give the file to write")
+        return
+    if path.is_dir():
+        raise ConfigError(f"{key}: {shown} is a folder; give the file to write")
+    folder = path.parent
+    while not folder.exists():  # the write makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {shown}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {shown}: cannot write in {folder}")
 
 
 def require_persistent_tracking(uri: str) -> None:

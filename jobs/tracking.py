@@ -90,9 +90,9 @@ def start_or_resume_run(
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     # RUNNING until end_run: the UI shows live runs, and the end time gives the wall time
-    tags = {RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})}
+    tags = _masked({RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})})
     run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = [mlflow.entities.Param(k, redact_secrets(str(v))) for k, v in cfg.flat().items()]
+    params = [mlflow.entities.Param(k, v) for k, v in _masked(cfg.flat()).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, redact_secrets(cfg.to_yaml()), "config.yaml")
@@ -187,14 +187,20 @@ def log_artifact(cfg: Config, run_id: str, path: str | Path, artifact_path: str 
 
 def log_params(cfg: Config, run_id: str, params: dict) -> None:
     client = _mlflow(cfg).MlflowClient()
-    for k, v in params.items():
+    for k, v in _masked(params).items():
         client.log_param(run_id, k, v)
 
 
 def set_tags(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
     client = _mlflow(cfg).MlflowClient()
-    for k, v in tags.items():
+    for k, v in _masked(tags).items():
         client.set_tag(run_id, k, v)
+
+
+def _masked(values: dict) -> dict[str, str]:
+    """Every param and tag value as MLflow stores it, credentials masked, whatever key carries a
+    URI (a checkpoint, a detector model, a data root)."""
+    return {k: redact_secrets(str(v)) for k, v in values.items()}
 
 
 def get_run(cfg: Config, run_id: str):

@@ -291,6 +291,7 @@ def run_training(
     _, skips = load_split(cfg, "train")  # read once here: a bad file fails before any worker starts
     run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
     tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
+    run_safety.save_run_config(cfg)
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()

@@ -75,3 +75,5 @@ def read_json(path: str | Path, error: type[Exception] = ValueError) -> object:
         raise error(f"{path}: cannot read: {e.strerror or e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON: {e}") from e
+    except RecursionError:  # e.g. 100k nested '[': Python's parser gives up, not JSON's
+        raise error(f"{path}: nested too deeply to read as JSON") from None

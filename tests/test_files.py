@@ -104,3 +104,15 @@ def test_a_corrupt_or_unrecorded_part_is_redone_and_named(tmp_path, caplog):
         "part-00001.json",
         "part-00002.json",
     ]
+
+
+def test_json_nested_too_deeply_is_an_error_naming_the_file(tmp_path):
+    """100k nested '[' (a hostile or broken image-info file) is a one-line error, not Python's
+    RecursionError traceback."""
+    from pipelines.coco import load_images
+
+    info = tmp_path / "image_info.json"
+    info.write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=f"{info}: nested too deeply to read as JSON"):
+        load_images(tmp_path / "images", info)

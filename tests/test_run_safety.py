@@ -65,8 +65,13 @@ def test_skip_policy_has_a_budget_for_the_whole_run(tmp_path):
         run_safety.skip_nonfinite_step(cfg, state, 3)
 
 
+def _check_and_save(cfg) -> None:
+    run_safety.check_resume_config(cfg)
+    run_safety.save_run_config(cfg)  # as run_training, once the data and MLflow run are in hand
+
+
 def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
-    run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
+    _check_and_save(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
     assert (tmp_path / "r" / "psm_config.yaml").exists()
     run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))  # same
     # before: resumed silently as a mixed run, MLflow showing the old params
@@ -79,11 +84,24 @@ def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
     accepted = _cfg(
         tmp_path, "train.lr=0.001", "train.epochs=20", "train.resume_changes=[train.epochs]"
     )
-    run_safety.check_resume_config(accepted)  # explicit, and saved: the next resume compares to it
+    _check_and_save(accepted)  # explicit, and saved: the next resume compares to it
     with pytest.raises(ConfigError, match="train.epochs: 20 -> 10"):
         run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
     with pytest.raises(ConfigError, match=r"train.resume_changes: unknown keys \['train.epoch'\]"):
         run_safety.check_resume_config(_cfg(tmp_path, "train.resume_changes=[train.epoch]"))
+
+
+def test_a_start_that_fails_on_its_data_leaves_nothing_that_refuses_the_corrected_one(tmp_path):
+    """Before: the wrong data.root's config was saved first, and the retry with the right root
+    was refused as a changed config."""
+    from jobs.train import run_training
+    from pipelines.coco import DataError
+
+    wrong = _cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")
+    with pytest.raises(DataError, match="nowhere"):
+        run_training(wrong)
+    assert not (tmp_path / "r" / "psm_config.yaml").exists()
+    run_safety.check_resume_config(_cfg(tmp_path, f"data.root={tmp_path / 'coco'}"))
 
 
 def test_default_run_names_are_unique_within_a_second(tmp_path):

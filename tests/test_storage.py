@@ -2,12 +2,15 @@
 cannot take now are held and sent later, once."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from jobs import storage, tracking
 from psm_model.config import Config, ConfigError, TrainConfig
 from tests.local_cluster import free_port
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
 @pytest.fixture
@@ -95,6 +98,33 @@ def test_credentials_are_masked_in_what_is_logged(monkeypatch, tmp_path):
     assert "hunter2" not in saved and "s3://***@bucket/runs" in saved
 
 
+def test_a_secret_in_a_flag_reaches_no_param_tag_or_error_line(tmp_path, capsys):
+    """Whatever key carries the URI: a job's own params (eval.checkpoint, the infer box source)
+    and tags go through the same mask as the config; so does the one-line error."""
+    from jobs.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    planted = "s3://AKIAPLANTED:PLANTEDSECRET@bucket/ck"
+    cfg = Config(train=TrainConfig(mlflow_uri=uri))
+    run_id = tracking.start_or_resume_run(cfg, "flags", tags={"psm.source": planted})
+    tracking.log_params(cfg, run_id, {"eval.checkpoint": planted, "infer.detector": planted})
+    tracking.set_tags(cfg, run_id, {"psm.detector": planted})
+    run = tracking.get_run(cfg, run_id)
+    assert run.data.params["eval.checkpoint"] == "s3://***@bucket/ck"
+    assert run.data.tags["psm.detector"] == run.data.tags["psm.source"] == "s3://***@bucket/ck"
+
+    # a checkpoint URI that cannot be read: one masked line at exit 2, not a traceback
+    checkpoint = "file://AKIAPLANTED:PLANTEDSECRET@/nowhere/ck"
+    capsys.readouterr()
+    assert main(["eval", TINY, "--checkpoint", checkpoint, f"train.mlflow_uri={uri}"]) == 2
+    said = capsys.readouterr()
+    assert said.err.startswith("psm: error: file://***@/nowhere/ck: cannot read")
+    assert "Traceback" not in said.err
+    stored = (tmp_path / "mlflow.db").read_bytes()  # the whole store, not only what the API shows
+    for secret in ("AKIAPLANTED", "PLANTEDSECRET"):
+        assert secret not in said.out + said.err and secret.encode() not in stored
+
+
 def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -106,3 +136,37 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
     assert tracking.start_or_resume_run(cfg, "beside") == run_id  # the experiment is found again
     assert (db.parent / "mlartifacts" / run_id / "artifacts" / "config.yaml").is_file()
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [
+        (["export", "onnx", TINY, "--checkpoint", "/none.pt", "--output"], "--output"),
+        (["infer", TINY, "--checkpoint", "/none.pt", "--dets", "/none.json", "--output"], "infer"),
+        (["eval", TINY, "--checkpoint", "/none.pt", "--results"], "--results"),
+        (["compare", "psm-pose", "--csv"], "--csv"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, capsys, command, key
+):
+    """A folder where the file should go, a file where a folder should be (before: a traceback
+    after all the work, or at its end): one line at exit 2 naming the key, before anything is
+    read (the checkpoint and detections named here do not exist)."""
+    from jobs.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    uri = [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    if command[0] == "compare":
+        uri = ["--tracking-uri", uri[0].split("=", 1)[1]]
+    for output, said in (
+        (tmp_path, f"{tmp_path} is a folder; give the file to write"),
+        (f"file://{tmp_path}", f"file://{tmp_path} is a folder; give the file to write"),
+        (a_file / "out.json", f"{a_file / 'out.json'}: {a_file} is a file, not a folder"),
+    ):
+        capsys.readouterr()
+        assert main([*command, str(output), *uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"psm: error: {key}") and err.endswith(said), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written, no run
