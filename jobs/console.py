@@ -15,6 +15,8 @@ import io
 import logging
 import os
 import re
+import secrets
+import stat
 import sys
 import tempfile
 import threading
@@ -125,7 +127,9 @@ class _LogFile:
         with self.lock:
             if self.file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed by quiet)
+                # a new file of this user's only: never one another process made or linked
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self.file = os.fdopen(fd, "w", buffering=1)  # closed by `quiet`
                 console.write(f"(Ray's and the libraries' output: {self.path}; -v shows it)\n")
             self.file.write(line + "\n")
 
@@ -139,7 +143,22 @@ def log_file(verbose: bool, command: str) -> Path | None:
     if verbose or os.environ.get(SUBMITTED_JOB_ENV):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(tempfile.gettempdir()) / "psm-logs" / f"{command}-{stamp}-{os.getpid()}.log"
+    return _log_folder() / f"{command}-{stamp}-{os.getpid()}-{secrets.token_hex(3)}.log"
+
+
+def _log_folder() -> Path:
+    """This user's own folder for the logs, $TMPDIR/psm-logs-UID (0700: the chatter holds paths
+    and hosts, and no other user may plant a file or link there); one of that name that is not
+    this user's private folder is passed over for a fresh one."""
+    folder = Path(tempfile.gettempdir()) / f"psm-logs-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return Path(tempfile.mkdtemp(prefix="psm-logs-"))
+    return folder
 
 
 @contextlib.contextmanager

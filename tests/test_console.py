@@ -1,7 +1,11 @@
 """jobs/console.py: what reaches the console while a command runs, and the per-epoch line."""
 
 import logging
+import os
+import stat
 import sys
+
+import pytest
 
 from jobs import console
 
@@ -47,6 +51,25 @@ def test_quiet_without_chatter_writes_no_file(tmp_path, capsys):
     with console.quiet(tmp_path / "x.log"):
         print("only ours")
     assert capsys.readouterr().out == "only ours\n" and not (tmp_path / "x.log").exists()
+
+
+def test_the_log_goes_to_a_new_file_in_a_folder_of_this_users_only(tmp_path, monkeypatch):
+    """Before: $TMPDIR/psm-logs, 0755 and shared, names of a stamp and a pid opened for append:
+    another user could read the chatter or plant the next file (a link) there."""
+    monkeypatch.setattr(console.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(console.SUBMITTED_JOB_ENV, raising=False)
+    first, second = console.log_file(False, "demo"), console.log_file(False, "demo")
+    assert first != second and first.parent == tmp_path / f"psm-logs-{os.getuid()}"
+    assert stat.S_IMODE(first.parent.stat().st_mode) == 0o700
+    with console.quiet(first):
+        print("(pid=1) a line of chatter")
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    second.symlink_to(tmp_path / "elsewhere")  # planted where the next log would go
+    with pytest.raises(FileExistsError), console.quiet(second):
+        print("(pid=1) chatter")
+    assert not (tmp_path / "elsewhere").exists()
+    first.parent.chmod(0o755)  # not private any more: a fresh folder instead
+    assert console.log_file(False, "demo").parent != first.parent
 
 
 def test_verbose_and_submitted_jobs_show_everything(monkeypatch):
