@@ -127,7 +127,8 @@ def deliver(cfg: Config, run_id: str, held: list[dict]) -> list[dict]:
         ]
         try:
             client.log_batch(run_id, metrics=metrics)
-        except Exception as e:  # any failure to reach the server: keep the batch, retry later
+        except Exception as e:  # not reached, or busy: keep the batch, retry later
+            _raise_if_refused(cfg, e, f"the metrics of step {batch['step']}")
             log.warning(
                 "MLflow %s unreachable (%s: %s): %d metric batches held (steps %s), sent later",
                 redact_secrets(tracking_uri(cfg)),
@@ -140,6 +141,19 @@ def deliver(cfg: Config, run_id: str, held: list[dict]) -> list[dict]:
     return []
 
 
+def _raise_if_refused(cfg: Config, error: Exception, what: str) -> None:
+    """A rejection that sending again cannot change fails now, with the server's words: 400
+    (an invalid value), 401/403 (no or wrong credentials), 404 (no such run). A server that is
+    away, times out, is rate-limited (429) or fails (5xx) is worth waiting for."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException) and error.get_http_status_code() in (400, 401, 403, 404):
+        raise TrackingError(
+            f"MLflow {redact_secrets(tracking_uri(cfg))} refused {what}: "
+            f"{redact_secrets(error.message)[:500]}"
+        ) from None
+
+
 def wait_until_reachable(cfg: Config, timeout_s: float = 900.0, poll_s: float = 5.0) -> bool:
     """Before a run's closing calls (held metrics, model registration, status): a tracking server
     that is restarting gets `timeout_s` to come back rather than failing a finished training."""
@@ -150,6 +164,7 @@ def wait_until_reachable(cfg: Config, timeout_s: float = 900.0, poll_s: float = 
             client.search_experiments(max_results=1)
             return True
         except Exception as e:  # unreachable: wait and ask again
+            _raise_if_refused(cfg, e, "a search")
             if time.monotonic() > deadline:
                 return False
             log.warning(

@@ -170,3 +170,43 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"psm: error: {key}") and err.endswith(said), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written, no run
+
+
+def test_a_server_that_refuses_fails_at_once_with_its_words(monkeypatch):
+    """401 (or 400, 403, 404) from the tracking server: sending again cannot help. Before, the
+    batch was held and resent forever, and a run's end waited 15 min for a server that answered
+    every time."""
+    import http.server
+    import threading
+    import time
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            body = json.dumps({"error_code": "UNAUTHENTICATED", "message": "token expired"})
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        cfg = Config(train=TrainConfig(mlflow_uri=f"http://127.0.0.1:{server.server_port}"))
+        held = [tracking.held_metrics({"loss": 0.5}, 0)]
+        refused = "refused the metrics of step 0: UNAUTHENTICATED: token expired"
+        with pytest.raises(tracking.TrackingError, match=refused):
+            tracking.deliver(cfg, "run", held)
+        started = time.monotonic()
+        searched = "refused a search: UNAUTHENTICATED: token expired"
+        with pytest.raises(tracking.TrackingError, match=searched):
+            tracking.wait_until_reachable(cfg, timeout_s=60, poll_s=5)
+        assert time.monotonic() - started < 5  # at once, not after the 60 s
+    finally:
+        server.shutdown()
