@@ -21,19 +21,10 @@ from pathlib import Path
 
 from jobs import command
 
-# Ray's fixed costs that the tests cut (tests/local_cluster.py, tests/conftest.py): no Ray Train
-# preemption watcher actor per run (it follows spot-node drains: a process start and Ray Train's
-# imports); the controller polls its workers every 0.5 s, not 2 s, so a run's end is seen sooner;
-# and an idle Ray instance takes 5.4% of a core instead of 9.2% (measured on 2 cores): no idle
-# workers started ahead of the first driver's tasks, node stats and metrics every 60 s, not 5 s
-LEAN_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_prestart_worker_first_driver": "0",
-    "REPORTER_UPDATE_INTERVAL_MS": "60000",
-    "METRICS_RECORD_INTERVAL_S": "60",
-    "RAY_metrics_report_interval_ms": "60000",
-}
+# Ray Train's fixed costs that the tests cut (tests/local_cluster.py): no preemption watcher actor
+# per run (it follows spot-node drains: a process start and Ray Train's imports), and the
+# controller polls its workers every 0.5 s, not 2 s, so a run's end is seen sooner
+LEAN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 SMALL = ["model.width=16", "model.input_size=[96,64]"]  # the end-to-end tests' model
 
 
