@@ -42,10 +42,12 @@ def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
         import pyarrow as pa
         import pyarrow.fs as pafs
 
+        from pipelines.uris import filesystem
+
         shown = redact_secrets(checkpoint)  # a URI may carry key:secret@
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                fs, where = pafs.FileSystem.from_uri(checkpoint)
+                fs, where = filesystem(checkpoint)
                 local = Path(tmp) / Path(where.rstrip("/")).name
                 kind = fs.get_file_info(where).type
                 if kind == pafs.FileType.NotFound:

@@ -68,13 +68,10 @@ def test_names_reach_mlflow_filters_as_literals_never_as_filter_text(tmp_path):
     assert tracking.start_or_resume_run(base, "sweep1", kind="sweep") == parent  # found again
     with pytest.raises(LookupError, match="has no sweep \"x' or '1'='1\""):
         comparison(base.train.mlflow_uri, base.train.experiment, sweep="x' or '1'='1")
-    quoted = load_config(TINY, [*_uri(base), 'train.registered_model=Ann\'s "best" model'])
+    uri = f"train.mlflow_uri={base.train.mlflow_uri}"
+    quoted = load_config(TINY, [uri, 'train.registered_model=Ann\'s "best" model'])
     with pytest.raises(ConfigError, match="both ' and \" cannot be searched for"):
         tracking.registered_versions(quoted, parent)
     assert tracking.literal("it's") == '"it\'s"' and tracking.literal("plain") == "'plain'"
     with pytest.raises(ConfigError, match=r"sweep name .*'\.\./up' must be one folder"):
         run_sweep(base, parse_space(SPACE, base), "../up")
-
-
-def _uri(base) -> list[str]:
-    return [f"train.mlflow_uri={base.train.mlflow_uri}"]
