@@ -17,10 +17,10 @@ import pyarrow.fs as pafs
 import ray.train
 
 from pipelines.uris import filesystem, write_bytes
-from psm_model.checkpoint import CHECKSUMS, TrainState, load_first_good
+from psm_model.checkpoint import CURRENT, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
 from psm_model.errors import PsmError
-from psm_model.files import temporary_name
+from psm_model.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +85,29 @@ def run_folder(cfg: Config) -> str:
     return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name}"
 
 
-def keep_best(cfg: Config, directory: str | Path) -> None:
-    """Copy a checkpoint folder to the run folder's best_checkpoint, replacing the previous best
-    only once the copy is complete. Ray keeps only the newest train.keep_checkpoints."""
-    fs, target = filesystem(f"{run_folder(cfg)}/{BEST}")
-    if not isinstance(fs, pafs.LocalFileSystem):
-        # an object store renames no folders (S3's CopyObject of a "folder" fails): overwrite in
-        # place, the checksums first, so a copy cut short fails its verification when loaded
-        # (and is skipped), never passes as a mix of two epochs
-        files = sorted(Path(directory).iterdir(), key=lambda p: p.name != CHECKSUMS)
-        for path in files:
-            with fs.open_output_stream(f"{target}/{path.name}") as out:
+def keep_best(cfg: Config, directory: str | Path, epoch: int) -> None:
+    """Copy a checkpoint folder into the run folder's best_checkpoint as a new generation, then
+    make it current (CURRENT, one small file replaced atomically, names it), then remove the
+    older ones: a kill at any point leaves CURRENT naming a complete checkpoint, on a disk and on
+    object stores (which rename no folders). Ray keeps only the newest train.keep_checkpoints."""
+    best = f"{run_folder(cfg)}/{BEST}"
+    fs, root = filesystem(best)
+    name = f"gen-{epoch:04d}-{uuid.uuid4().hex[:8]}"
+    local = isinstance(fs, pafs.LocalFileSystem)
+    for path in sorted(Path(directory).iterdir()):
+        if local:
+            write_atomic(f"{root}/{name}/{path.name}", path.read_bytes())  # synced to disk
+        else:  # an object appears whole or not at all
+            with fs.open_output_stream(f"{root}/{name}/{path.name}") as out:
                 out.write(path.read_bytes())
-        return
-    tmp, old = str(temporary_name(target)), str(temporary_name(target)) + ".old"
-    fs.create_dir(tmp, recursive=True)
-    pafs.copy_files(str(directory), tmp, destination_filesystem=fs)
-    if fs.get_file_info(target).type != pafs.FileType.NotFound:
-        fs.move(target, old)
-    fs.move(tmp, target)
-    if fs.get_file_info(old).type != pafs.FileType.NotFound:
-        fs.delete_dir(old)
+    write_bytes(f"{best}/{CURRENT}", name.encode())
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.base_name in (CURRENT, name):
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:  # a best folder of the earlier layout: its files, now superseded
+            fs.delete_file(info.path)
 
 
 def restore(checkpoint: ray.train.Checkpoint, model, optimizer, scheduler, scaler) -> TrainState:

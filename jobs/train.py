@@ -32,6 +32,7 @@ from jobs import command, console, run_safety, storage, tracking
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
 from pipelines.datasets import FeedStats, iter_chunked, train_crops
+from pipelines.leases import Lease, check_held
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.codec import HeatmapCodec
 from psm_model.compiling import compile_model, eager
@@ -54,6 +55,7 @@ def train_loop(loop_config: dict) -> None:
     device = get_device()  # Ray: this worker's GPU, or the CPU
     checkpoint = ray.train.get_checkpoint()  # Ray: the newest checkpoint after a restart
     run = _setup(cfg, device, rank, world, rows, loop_config["mlflow_run_id"], checkpoint)
+    run.lease_token = loop_config["lease_token"]
     run.model = prepare_model(run.model, move_to_device=False)  # Ray: DDP over gloo or NCCL
     # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
     run.step_model = (
@@ -100,6 +102,7 @@ class _Run:
     state: TrainState
     warmup_steps: int
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
+    lease_token: str = ""  # the driver's lease on the run folder (pipelines/leases.py)
 
 
 def _setup(
@@ -209,9 +212,11 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
     state.held_metrics.append(tracking.held_metrics(metrics, epoch))
     elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
     console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed))
+    # fencing: a run taken over by another job (a second start of this name) writes nothing more
+    check_held(run_safety.run_folder(cfg), run.lease_token, f"training run {cfg.train.name}")
     save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.scaler, state, cfg)
     if state.best_ap > best_before:  # kept whatever happens to the later epochs
-        run_safety.keep_best(cfg, directory)
+        run_safety.keep_best(cfg, directory, epoch)
     return True
 
 
@@ -285,7 +290,15 @@ def run_training(
     name = cfg.train.name or run_safety.default_run_name(cfg)
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
-    storage_path = cfg.train.storage_path
+    # one job per run folder: a second start of the same name is refused while this one lives
+    with Lease(run_safety.run_folder(cfg), f"training run {name}") as lease:
+        return _train(cfg, lease.token, callbacks, mlflow_tags, register)
+
+
+def _train(
+    cfg: Config, lease_token: str, callbacks: Sequence, mlflow_tags: dict | None, register: bool
+) -> dict:
+    name, storage_path = cfg.train.name, cfg.train.storage_path
     run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
 
     _, skips = load_split(cfg, "train")  # read once here: a bad file fails before any worker starts
@@ -299,7 +312,11 @@ def run_training(
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(  # Ray
         train_loop,
-        train_loop_config={"config_yaml": cfg.to_yaml(), "mlflow_run_id": run_id},
+        train_loop_config={
+            "config_yaml": cfg.to_yaml(),
+            "mlflow_run_id": run_id,
+            "lease_token": lease_token,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,

@@ -13,11 +13,8 @@ writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -30,30 +27,30 @@ from pipelines.augment import NO_PERSON
 from pipelines.coco import DataError
 from pipelines.datasets import detected_pose_predictions, pose_predictions
 from pipelines.evaluate import pose_results
+from pipelines.leases import Lease
 from pipelines.uris import filesystem, write_bytes
 from psm_model.config import Config
-from psm_model.files import fsync_folder, sha256, temporary_name, write_atomic
+from psm_model.files import sha256
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PART_HASHES = "part_sha256"  # manifest key: part file name -> sha256 of its bytes
-LEASE = "LEASE"  # present while a job writes the folder
 
 
 class PartStore:
     """The parts folder of one output (a local path or a URI): its lease (one job at a time), its
     manifest (what the results are of, and the sha256 of each finished part) and the part files.
 
-    Take it as a context manager, or call `release()`: a job that dies without releasing leaves a
-    lease that a later job on the same host takes over once the holder's process is gone.
+    Take it as a context manager, or call `release()`; a job that dies without releasing frees
+    the lease by dying (pipelines/leases.py), and its parts are resumed by the next job.
     """
 
     def __init__(self, folder: str, manifest: dict) -> None:
         self.folder = folder
         self.fs, self.root = filesystem(folder)
         self.fs.create_dir(self.root, recursive=True)
-        self._lease = _take_lease(self.fs, self.root, folder)
+        self._lease = Lease(folder, "these parts")
         try:
             self._open_manifest(manifest)
         except BaseException:
@@ -82,10 +79,7 @@ class PartStore:
         write_bytes(self._uri(MANIFEST), data)
 
     def release(self) -> None:
-        if self._lease:
-            with contextlib.suppress(OSError, FileNotFoundError):
-                self.fs.delete_file(self._lease)
-            self._lease = ""
+        self._lease.release()
 
     def __enter__(self) -> PartStore:
         return self
@@ -133,6 +127,7 @@ class PartStore:
         return finished
 
     def write(self, index: int, part: dict) -> None:
+        self._lease.check()  # fencing: a job whose lease was taken over writes nothing more
         data = json.dumps(part).encode()
         write_bytes(self._uri(self.name(index)), data)
         self.hashes[self.name(index)] = sha256(data)
@@ -140,67 +135,6 @@ class PartStore:
 
     def read(self, index: int) -> dict:
         return self._read(self.name(index))
-
-
-def _take_lease(fs: pafs.FileSystem, root: str, folder: str) -> str:
-    """Create the folder's lease file if absent (exclusively, on a local disk); a lease whose
-    process is gone (same host) is taken over. Another job's live lease is a DataError."""
-    path = f"{root}/{LEASE}"
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for _ in range(3):
-        if isinstance(fs, pafs.LocalFileSystem):
-            # a complete file under a private name, then a hard link: created only if absent, and
-            # never seen empty by another job
-            tmp = temporary_name(path)
-            write_atomic(tmp, json.dumps(mine))
-            try:
-                os.link(tmp, path)
-                fsync_folder(root)
-                return path
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        elif fs.get_file_info(path).type == pafs.FileType.NotFound:
-            # object stores have no create-if-absent here: write, then read back who holds it
-            write_bytes(f"{folder.rstrip('/')}/{LEASE}", json.dumps(mine).encode())
-        holder = _lease_holder(fs, path)
-        if holder == mine:
-            return path
-        if holder.get("host") == mine["host"] and holder.get("pid") == mine["pid"]:
-            return path  # this process holds it already (a second store of the same job)
-        if holder and not _stale(holder, mine["host"]):
-            raise DataError(
-                f"{folder}: another job writes these parts (lease {LEASE}: host "
-                f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, or delete "
-                f"{folder}/{LEASE} if no such job runs"
-            )
-        # stale: move it aside (only one of several takers succeeds) and try again
-        with contextlib.suppress(OSError, FileNotFoundError):
-            fs.move(path, str(temporary_name(path)) + ".stale")
-    raise DataError(f"{folder}: cannot take the lease {LEASE} (contended); try again")
-
-
-def _lease_holder(fs: pafs.FileSystem, path: str) -> dict:
-    try:
-        with fs.open_input_stream(path) as f:
-            holder = json.loads(f.read())
-    except (OSError, ValueError, FileNotFoundError):
-        return {}  # unreadable (a holder killed while writing it): stale
-    return holder if isinstance(holder, dict) else {}
-
-
-def _stale(holder: dict, host: str) -> bool:
-    """True if the holder's process is known to be gone: only decidable on this host."""
-    if holder.get("host") != host or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 def split_parts(rows: Sequence[dict], part_images: int) -> list[list[dict]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,10 @@ from psm_model.weights import CheckpointError, read_state_dict
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
+# a kept-best folder (jobs/run_safety.keep_best) holds whole checkpoints under new names and this
+# file naming the current one: replacing one small file is atomic on a disk and on object stores
+CURRENT = "CURRENT"
+GENERATION = re.compile(r"gen-[0-9]{4}-[0-9a-f]{8}")
 # what checksums.json may name: a checkpoint's own files, never a path to elsewhere
 FILES = ("model.pt", "config.yaml", "optimizer.pt", "train_state.json")
 
@@ -106,6 +111,22 @@ def _torch_bytes(obj: object) -> bytes:
     return buffer.getvalue()
 
 
+def current(directory: str | Path) -> Path:
+    """The checkpoint a folder holds: itself, or in a kept-best folder the generation its
+    CURRENT file names (one of its own subfolders, nothing else)."""
+    d = Path(directory)
+    pointer = d / CURRENT
+    if not pointer.is_file():
+        return d
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read: {e}") from e
+    if not GENERATION.fullmatch(name):
+        raise CheckpointError(f"{pointer}: {name[:80]!r} is not a generation of {d.name}")
+    return d / name
+
+
 def verify_checkpoint(directory: str | Path) -> None:
     """Check every file against checksums.json (checkpoints written before it have none)."""
     d = Path(directory)
@@ -139,7 +160,7 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
 ) -> TrainState:
     """Restore what is given (the model at least) and return the train state."""
-    d = Path(directory)
+    d = current(directory)
     verify_checkpoint(d)
     _load_weights(d, model)
     if optimizer is not None:
@@ -153,7 +174,7 @@ def load_checkpoint(
 def load_checkpoint_model(directory: str | Path) -> tuple[PoseHRNet, Config]:
     """The model of a checkpoint folder (training's or `save_model`'s), built from its own
     config.yaml and loaded strictly, and that config."""
-    d = Path(directory)
+    d = current(directory)
     verify_checkpoint(d)
     cfg = checkpoint_config(d)
     model = build_model(cfg.model)

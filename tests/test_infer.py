@@ -104,6 +104,7 @@ def test_a_parts_folder_resumes_and_refuses_other_inputs(tmp_path, uri):
     store.release()
     again = PartStore(folder, {"weights_sha256": "a", "part_images": 4})
     assert again.done(3) == [1] and again.read(1) == {"results": [{"score": 0.5}]}
+    again.release()
     with pytest.raises(
         DataError,
         match=r"p: holds parts of a job with other inputs "

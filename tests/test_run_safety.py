@@ -1,12 +1,14 @@
 """A run's good work kept: the non-finite loss guard, the resume config check, unique run names,
 and the best checkpoint kept beside the newest ones (no Ray needed for these)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from jobs import run_safety
-from psm_model.checkpoint import TrainState
+from psm_model.checkpoint import TrainState, load_checkpoint
 from psm_model.codec import HeatmapCodec
 from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
@@ -110,13 +112,89 @@ def test_default_run_names_are_unique_within_a_second(tmp_path):
     assert len(names) == 50 and all(n.startswith("psm-w4-") for n in names)
 
 
-def test_keep_best_replaces_the_best_folder_whole(tmp_path):
+def _checkpoint(folder, epoch: int, cfg):
+    """A real checkpoint (checksums verified on load) whose train state names `epoch`."""
+    from psm_model.checkpoint import save_checkpoint
+
+    model = build_model(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = TrainState(epoch=epoch, best_ap=epoch / 100)
+    save_checkpoint(folder, model, optimizer, scheduler, scaler, state, cfg)
+    return folder
+
+
+def test_keep_best_makes_each_new_best_current_and_removes_the_old(tmp_path):
     cfg = _cfg(tmp_path)
     for epoch in (3, 7):
-        source = tmp_path / f"ckpt{epoch}"
-        source.mkdir()
-        (source / "train_state.json").write_text(f'{{"epoch": {epoch}}}')
-        run_safety.keep_best(cfg, source)
+        run_safety.keep_best(cfg, _checkpoint(tmp_path / f"ckpt{epoch}", epoch, cfg), epoch)
     best = tmp_path / "r" / "best_checkpoint"
-    assert (best / "train_state.json").read_text() == '{"epoch": 7}'
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best_checkpoint"]
+    assert load_checkpoint(best, build_model(cfg.model)).epoch == 7
+    [generation] = [p.name for p in best.iterdir() if p.is_dir()]
+    assert (best / "CURRENT").read_text() == generation and generation.startswith("gen-0007-")
+    assert sorted(p.name for p in best.iterdir()) == ["CURRENT", generation]
+
+
+KEEPER = """
+import sys, torch
+from jobs import run_safety
+from psm_model.config import load_config
+cfg = load_config(None, sys.argv[3:])
+torch.set_num_threads(1)
+print("ready", flush=True)
+epoch = 0
+while True:  # a new best every round, as fast as it can: killed at some point of one
+    epoch += 1
+    run_safety.keep_best(cfg, sys.argv[1 + epoch % 2], epoch)
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_kill_at_any_point_of_keep_best_leaves_a_verifiable_best(
+    tmp_path, store, request, monkeypatch
+):
+    # before: on S3 the best was overwritten in place (checksums first), so a kill part-way left
+    # a folder that failed verification and the previous best was gone; locally the old best
+    # was moved aside before the new one took its name
+    import random
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipelines.uris import filesystem
+
+    if store == "s3":
+        from tests.local_cluster import S3Server
+
+        server = S3Server(tmp_path / "moto").start("best")
+        request.addfinalizer(server.stop)
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)  # this process reads the best back from it too
+        storage = f"s3://best/{tmp_path.name}"
+    else:
+        storage = str(tmp_path / "runs")
+    overrides = [*SMALL, f"train.storage_path={storage}", "train.name=r"]
+    cfg = load_config(None, overrides)
+    sources = [str(_checkpoint(tmp_path / f"ckpt{k}", k, cfg)) for k in (1, 2)]
+    run_safety.keep_best(cfg, sources[0], 0)  # the best before the killed job's
+    repo = str(Path(__file__).resolve().parents[1])
+    rng = random.Random(5)
+    for round_ in range(4):
+        keeper = subprocess.Popen(
+            [sys.executable, "-c", KEEPER, *sources, *overrides],
+            stdout=subprocess.PIPE, text=True,
+            env=os.environ | {"PYTHONPATH": repo},
+        )  # fmt: skip
+        assert keeper.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside some keep_best
+        keeper.kill()
+        keeper.wait()
+        fs, root = filesystem(f"{storage}/r/best_checkpoint")
+        local = tmp_path / f"best{round_}"
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(root, str(local), source_filesystem=fs)
+        state = load_checkpoint(local, build_model(cfg.model))  # verified against its checksums
+        assert state.epoch in (1, 2)
