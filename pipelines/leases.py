@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 LEASE = "LEASE"
 TTL_S = 20.0  # an object-store lease not renewed for this long is stale
 READ_TRIES = 4
+DYING_S = 5.0  # how long a local lock is retried before its holder counts as alive
 
 
 class LeaseLost(DataError):
@@ -82,6 +83,10 @@ class Lease:
             holder, etag = self._read()
             if etag is None:
                 continue  # released between our create and read: try again
+            dying = not self._store.renews and time.monotonic() - since < DYING_S
+            if dying:  # a killed job's process may take a moment to go (a Tune trial's actor)
+                time.sleep(0.2)
+                continue
             if not self._store.renews or (seen is not None and etag != seen):
                 # a local flock is held by a live process; an object renewed is alive
                 raise DataError(
