@@ -38,10 +38,11 @@ import numpy as np
 
 import pipelines.augment as augment_module
 from benchmarks.official_loader import clock, official_nbytes, official_sigma, time_official
-from jobs import command
+from jobs import command, storage
 from pipelines.augment import BATCH_IMAGES, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
+from pipelines.uris import write_bytes
 from psm_model.config import Config, load_config
 from psm_model.geometry import affine_matrix
 
@@ -331,7 +332,7 @@ def bench_data(
             _print_ray(size, entry)
         result["sizes"][_size_label(size)] = entry
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1))
+        write_bytes(json_out, json.dumps(result, indent=1).encode())
     return result
 
 
@@ -417,7 +418,7 @@ def run_bench_data(
         "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=1))
+        write_bytes(json_out, json.dumps(results, indent=1).encode())
     return results
 
 
@@ -492,6 +493,8 @@ def run(args: argparse.Namespace) -> None:
     if config and "=" in config and not Path(config).exists():  # `psm bench data data.x=1`
         config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)
+    if args.json:  # before the minutes of measuring
+        storage.require_output_file(args.json, "--json")
     run_bench_data(
         cfg,
         coco_root=args.coco_root if args.coco_root is not None else cfg.data.root,

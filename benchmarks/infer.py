@@ -24,13 +24,14 @@ import torch
 from benchmarks.data import _local_ray
 from benchmarks.model import machine
 from benchmarks.profile import describe
-from jobs import command
+from jobs import command, storage
 from pipelines.detect import detect_and_crop, detector_session
 from pipelines.images import decode_image
 from pipelines.malloc import keep_freed_memory
 from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
 from pipelines.toy_detector import export_toy_detector, write_plain_people
+from pipelines.uris import write_bytes
 from psm_model.config import Config, DetectorConfig
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model
@@ -178,7 +179,7 @@ def bench_infer(
         )
     _print(record, cfg.infer.detector)
     if json_out:
-        Path(json_out).write_text(json.dumps(record, indent=1))
+        write_bytes(json_out, json.dumps(record, indent=1).encode())
     return record
 
 
@@ -244,4 +245,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.json:  # before the minutes of measuring
+        storage.require_output_file(args.json, "--json")
     bench_infer(command.load(args), args.images, args.size, args.json, args.repeats)

@@ -11,7 +11,8 @@ import platform
 import torch
 
 from benchmarks.profile import cpu_latency, describe, summarize, train_step_throughput
-from jobs import command
+from jobs import command, storage
+from pipelines.uris import write_bytes
 from psm_model.compiling import CompileScope
 from psm_model.config import ModelConfig
 
@@ -121,8 +122,7 @@ def bench_model(
     else:
         print("\n(no GPU: train-step images/s is measured where torch.cuda.is_available())")
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_bytes(json_out, json.dumps(results, indent=1).encode())
     return results
 
 
@@ -168,6 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.json:  # before the minutes of measuring
+        storage.require_output_file(args.json, "--json")
     bench_model(
         command.load(args).model,
         threads=args.threads,

@@ -13,8 +13,8 @@ import torch
 
 from benchmarks.model import machine
 from benchmarks.profile import describe, train_step_throughput
-from jobs import command
-from psm_model.files import write_atomic
+from jobs import command, storage
+from pipelines.uris import write_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = command.load(args)
+    if args.json:  # before the minutes of measuring
+        storage.require_output_file(args.json, "--json")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     r = train_step_throughput(
         cfg.model,
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
             "warmup": args.warmup,
             **dataclasses.asdict(r),
         }
-        write_atomic(args.json, json.dumps(record, indent=1))
+        write_bytes(args.json, json.dumps(record, indent=1).encode())
 
 
 def main(argv: list[str] | None = None) -> int:

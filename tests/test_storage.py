@@ -145,6 +145,10 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
         (["infer", TINY, "--checkpoint", "/none.pt", "--dets", "/none.json", "--output"], "infer"),
         (["eval", TINY, "--checkpoint", "/none.pt", "--results"], "--results"),
         (["compare", "psm-pose", "--csv"], "--csv"),
+        *(
+            (["bench", kind, TINY, "--json"], "--json")
+            for kind in ("model", "train", "data", "infer")
+        ),
     ],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
@@ -160,6 +164,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     uri = [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     if command[0] == "compare":
         uri = ["--tracking-uri", uri[0].split("=", 1)[1]]
+    if command[0] == "bench":  # no MLflow; before: a traceback after the minutes of measuring
+        uri = []
     for output, said in (
         (tmp_path, f"{tmp_path} is a folder; give the file to write"),
         (f"file://{tmp_path}", f"file://{tmp_path} is a folder; give the file to write"),
