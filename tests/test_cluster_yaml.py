@@ -45,13 +45,64 @@ def test_the_job_server_listens_on_loopback_only(cluster):
     assert "0.0.0.0" not in yaml.safe_dump(cluster)
 
 
-def test_cpu_data_nodes_and_gpu_train_nodes_all_with_storage_rights(cluster):
+def _policy(name: str) -> dict[str, set[str]]:
+    """iam/NAME.json as {action: resources}."""
+    granted: dict[str, set[str]] = {}
+    for statement in json.loads((ROOT / "iam" / f"{name}.json").read_text())["Statement"]:
+        assert statement["Effect"] == "Allow", statement
+        resources = statement["Resource"]
+        for action in (
+            [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]
+        ):
+            granted.setdefault(action, set()).update(
+                [resources] if isinstance(resources, str) else resources
+            )
+    return granted
+
+
+# what Ray 2.60's AWS node provider calls on the head to bring up and end workers
+# (ray/autoscaler/_private/aws/node_provider.py: describe_instance_types, instances.filter,
+# create_instances with the workers' profile, create_tags, terminate, describe_images)
+AUTOSCALER = {
+    "ec2:DescribeInstanceTypes", "ec2:DescribeInstances", "ec2:RunInstances", "ec2:CreateTags",
+    "ec2:TerminateInstances", "ec2:DescribeImages", "iam:PassRole",
+}  # fmt: skip
+
+
+def test_the_head_launches_workers_that_get_only_bucket_rights(cluster):
+    """One profile for all once meant either no worker could start (no EC2 rights on the head)
+    or every job's code could launch instances (EC2 rights on every node)."""
     types = cluster["available_node_types"]
+    profile = {n: t["node_config"]["IamInstanceProfile"]["Name"] for n, t in types.items()}
+    head = profile.pop(cluster["head_node_type"])
     gpu = [n for n, t in types.items() if t["node_config"]["InstanceType"].startswith(("p", "g"))]
-    cpu = [n for n, t in types.items() if n not in gpu and n != cluster["head_node_type"]]
-    assert gpu and cpu
-    for name, node in types.items():  # every node may be rank 0 or write results
-        assert node["node_config"].get("IamInstanceProfile"), name
+    assert gpu and set(profile) - set(gpu), "a GPU worker type and a CPU worker type"
+    assert set(profile.values()) == {"psm-pose-worker"} and head == "psm-pose-head"
+
+    head_rights, worker_rights = _policy("head-policy"), _policy("worker-policy")
+    assert AUTOSCALER <= head_rights.keys()
+    # the head passes the workers' role, and no other
+    assert head_rights["iam:PassRole"] == {"arn:aws:iam::ACCOUNT_ID:role/psm-pose-worker"}
+    assert {a.split(":")[0] for a in worker_rights} == {"s3"}  # no EC2, no IAM
+    assert worker_rights["s3:GetObject"] == {
+        f"arn:aws:s3:::BUCKET/{p}/*" for p in ("coco", "runs", "results")
+    }
+    assert worker_rights["s3:PutObject"] == {
+        f"arn:aws:s3:::BUCKET/{p}/*" for p in ("runs", "results")
+    }
+    # job drivers run on the head: it has the workers' bucket rights too
+    assert all(head_rights[a] == r for a, r in worker_rights.items())
+    trust = json.loads((ROOT / "iam" / "ec2-trust-policy.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+
+
+def test_ssh_only_from_the_users_address_and_only_the_repo_is_shipped(cluster):
+    [rule] = cluster["provider"]["security_group"]["IpPermissions"]
+    assert (rule["FromPort"], rule["ToPort"]) == (22, 22)
+    assert [r["CidrIp"] for r in rule["IpRanges"]] == ["SET-YOUR-IP/32"]  # ray up fails until set
+    assert cluster["rsync_filter"] == [".gitignore"]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {".venv/", "runs/", "mlflow.db", "mlartifacts/", "data/"} <= set(ignored)
 
 
 def test_nodes_install_pinned_versions_that_match_the_client(cluster):
