@@ -69,6 +69,10 @@ COMMANDS = {
         "jobs.make_data",
         "a synthetic COCO-format keypoint dataset of drawn people",
     ),
+    ("make-data", "coco-size"): (
+        "jobs.make_data:add_coco_size_arguments",
+        "a COCO root's train annotations repeated to COCO's size (load and memory tests)",
+    ),
     ("demo",): ("jobs.demo", "the quick-start job on the embedded default"),
 }
 

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from jobs import command, storage, tracking
+from pipelines.uris import join
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.evaluation import metrics_table
@@ -128,7 +129,8 @@ def run_eval(
         raise
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.end_run(cfg, run_id)
-    print(f"{kind} evaluation on {Path(cfg.data.root) / cfg.data.val_annotations} with {boxes}:")
+    val = redact_secrets(join(cfg.data.root, cfg.data.val_annotations))
+    print(f"{kind} evaluation on {val} with {boxes}:")
     print(metrics_table(metrics))
     print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
     return metrics

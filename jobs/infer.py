@@ -30,8 +30,11 @@ import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
+import pyarrow.fs as pafs
+
 from jobs import command, storage, tracking
 from jobs.evaluate import load_model
+from pipelines import uris
 from pipelines.augment import image_rows
 from pipelines.coco import DataError, load_coco_persons, load_images
 from pipelines.detect import detector_session, load_detector
@@ -48,8 +51,12 @@ from psm_model.evaluation import (
 log = logging.getLogger(__name__)
 
 
-def _under_root(cfg: Config, path: str) -> Path:
-    return Path(path) if Path(path).is_absolute() else Path(cfg.data.root) / path
+def _under_root(cfg: Config, path: str) -> str:
+    return (
+        uris.join(cfg.data.root, path)
+        if "://" in cfg.data.root
+        else str(Path(cfg.data.root, path).resolve())
+    )
 
 
 def _sha256(data: bytes) -> str:
@@ -81,7 +88,7 @@ def tracking_flat(prefix: str, values: dict) -> dict:
 
 
 def _manifest(
-    cfg: Config, weights: dict, rows: list[dict], images: Path, info: Path, boxes: dict
+    cfg: Config, weights: dict, rows: list[dict], images: str, info: str, boxes: dict
 ) -> dict:
     """What the parts of one output are the results of: a resume with any of it changed is
     refused (mixing two models' or two detectors' poses in one file would go unnoticed)."""
@@ -105,8 +112,8 @@ def _manifest(
         },
         "box_padding": cfg.data.box_padding,
         "pose_runtime": cfg.infer.pose_runtime,
-        "images": str(images.resolve()),
-        "image_info": str(info.resolve()),
+        "images": redact_secrets(images),
+        "image_info": redact_secrets(info),
         "image_ids_sha256": _sha256(ids.encode()),
         **{k: v for k, v in boxes.items() if k not in ("detections", "detector.model")},
         "part_images": cfg.infer.part_images,
@@ -130,8 +137,9 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     storage.require_output_file(cfg.infer.output, "infer.output (--output)")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
     images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
-    if not images.is_dir():
-        raise DataError(f"{images}: infer.images: not a folder")
+    fs, where = uris.filesystem(images)
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        raise DataError(f"{redact_secrets(images)}: infer.images: not a folder")
     detector, detector_sha = None, ""
     if cfg.infer.boxes == "detector":  # read and checked before any work: a clear error first
         data, detector_sha = load_detector(cfg.infer.detector.model)
@@ -213,8 +221,9 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             boxes = [b for part in written for b in part["boxes"]]
             boxes_file = cfg.infer.boxes_output or _beside(output, "_person_boxes.json")
             write_bytes(boxes_file, json.dumps(boxes).encode())
-        if "annotations" in json.loads(info.read_text()):  # an annotation file: score it too
-            gt = load_gt(info)
+        info_data = uris.read_json_at(info, DataError)
+        if isinstance(info_data, dict) and "annotations" in info_data:  # score it too
+            gt = load_gt(redact_secrets(info), info_data)
             metrics.update(coco_eval(gt, results))
             if detector:
                 metrics.update(coco_box_eval(gt, boxes))

@@ -19,6 +19,7 @@ and `eval_batch` over blocks of image rows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,25 +69,81 @@ def image_rows(
 
     `scores` gives each image's box scores (detections); ground-truth boxes score 1.
     """
-    rows = []
-    for i, rec in enumerate(records):
-        n = len(rec.persons)
-        rows.append(
-            {
-                "image_id": rec.image_id,
-                "path": rec.path,
-                "ann_ids": np.array([p.ann_id for p in rec.persons], np.int64),
-                "keypoints": np.stack([p.keypoints for p in rec.persons]).astype(np.float32)
-                if n
-                else np.zeros((0, NUM_JOINTS, 3), np.float32),
-                "centers": np.array([p.center for p in rec.persons], np.float32).reshape(n, 2),
-                "scales": np.array([p.scale for p in rec.persons], np.float32).reshape(n, 2),
-                "scores": np.ones(n, np.float32)
-                if scores is None
-                else np.asarray(scores[i], np.float32),
-            }
+    return list(ImageTable.from_records(records, scores))
+
+
+@dataclass(frozen=True)
+class ImageTable(Sequence):
+    """`image_rows` as a few flat arrays: what a training job parses once on the driver and its
+    workers read from Ray's object store without a copy (COCO train: 118k images and 254k
+    persons are ~70 MB here, ~1.4 GB as records). Indexing gives `image_rows`' dicts, made only
+    for the rows asked for; `view(order)` picks and orders rows without copying any."""
+
+    image_id: np.ndarray  # (N,) int64
+    path: np.ndarray  # (N,) fixed-width UTF-8 bytes: one buffer, not N Python strings
+    first: np.ndarray  # (N + 1,) int64: image i's persons are [first[i], first[i + 1])
+    ann_ids: np.ndarray  # (P,) int64
+    keypoints: np.ndarray  # (P, 17, 3) float32
+    centers: np.ndarray  # (P, 2) float32
+    scales: np.ndarray  # (P, 2) float32
+    scores: np.ndarray  # (P,) float32
+    order: np.ndarray | None = None  # the rows shown, in this order (None: all)
+
+    @classmethod
+    def from_records(
+        cls, records: Sequence[ImageRecord], scores: Sequence[np.ndarray] | None = None
+    ) -> ImageTable:
+        persons = [p for r in records for p in r.persons]
+        counts = np.array([len(r.persons) for r in records], np.int64)
+        return cls(
+            image_id=np.array([r.image_id for r in records], np.int64),
+            path=np.array([r.path.encode() for r in records], np.bytes_),
+            first=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            ann_ids=np.array([p.ann_id for p in persons], np.int64),
+            keypoints=np.array([p.keypoints for p in persons], np.float32).reshape(
+                -1, NUM_JOINTS, 3
+            ),
+            centers=np.array([p.center for p in persons], np.float32).reshape(-1, 2),
+            scales=np.array([p.scale for p in persons], np.float32).reshape(-1, 2),
+            scores=np.ones(len(persons), np.float32)
+            if scores is None
+            else np.concatenate(
+                [np.zeros(0, np.float32), *(np.asarray(s, np.float32).reshape(-1) for s in scores)]
+            ),
         )
-    return rows
+
+    def __len__(self) -> int:
+        return len(self.image_id) if self.order is None else len(self.order)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._row(i) for i in range(*k.indices(len(self)))]
+        return self._row(range(len(self))[k])
+
+    def _row(self, k: int) -> dict:
+        i = int(k if self.order is None else self.order[k])
+        a, b = self.first[i], self.first[i + 1]
+        return {
+            "image_id": int(self.image_id[i]),
+            "path": self.path[i].decode(),
+            "ann_ids": self.ann_ids[a:b].copy(),
+            "keypoints": self.keypoints[a:b].copy(),
+            "centers": self.centers[a:b].copy(),
+            "scales": self.scales[a:b].copy(),
+            "scores": self.scores[a:b].copy(),
+        }
+
+    @property
+    def persons(self) -> int:
+        counts = np.diff(self.first)
+        return int(counts.sum() if self.order is None else counts[self.order].sum())
+
+    def view(self, order: Sequence[int] | np.ndarray) -> ImageTable:
+        """These rows, in this order (indices into this view)."""
+        rows = np.asarray(order, np.int64)
+        if self.order is not None:
+            rows = self.order[rows]
+        return dataclasses.replace(self, order=rows)
 
 
 def train_batch(

@@ -284,11 +284,12 @@ def iter_chunked(
         stats.made_samples += dataset.count()  # from the block metadata, no data read
         return dataset
 
-    chunks = [rows[i : i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
+    # sliced when due: an ImageTable makes a chunk's row dicts only then (COCO-size epochs)
+    starts = range(0, len(rows), chunk_rows)
     with ThreadPoolExecutor(max_workers=1) as ahead:
-        future = ahead.submit(made, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
+        future = ahead.submit(made, rows[:chunk_rows]) if starts else None
+        for k, start in enumerate(starts):
             dataset = future.result()
-            if k + 1 < len(chunks):
-                future = ahead.submit(made, chunks[k + 1])
+            if k + 1 < len(starts):
+                future = ahead.submit(made, rows[start + chunk_rows : start + 2 * chunk_rows])
             yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy")

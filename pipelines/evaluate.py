@@ -21,7 +21,6 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -34,11 +33,17 @@ from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
 from pipelines.detect import box_row
 from pipelines.images import ImageError, decode_image
 from pipelines.predict import predict_poses
-from pipelines.uris import write_bytes
+from pipelines.uris import join, read_json_at, write_bytes
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config
-from psm_model.evaluation import coco_eval, load_gt, make_results, read_detections
+from psm_model.config import Config, redact_secrets
+from psm_model.evaluation import (
+    EvalError,
+    coco_eval,
+    load_gt,
+    make_results,
+    read_detections,
+)
 from psm_model.geometry import (
     PIXEL_STD,
     affine_matrix,
@@ -119,7 +124,7 @@ def oracle_eval(
     if gt_in_crop_only and detections:
         raise ValueError("gt_in_crop_only: only defined with GT boxes (eval.detections is set)")
     records = _val_records(cfg)
-    ann_file = Path(cfg.data.root) / cfg.data.val_annotations
+    ann_file = join(cfg.data.root, cfg.data.val_annotations)
     h, w = cfg.model.input_size
     codec = HeatmapCodec.from_config(cfg)
 
@@ -146,7 +151,7 @@ def oracle_eval(
             center, scale = box_to_center_scale(box, aspect=w / h, padding=cfg.data.box_padding)
             persons.append((int(image_id), center, scale, kpts, float(score), -1))
 
-    coco = load_gt(ann_file)
+    coco = load_gt_at(ann_file)
     results: list[dict] = []
     if persons:
         image_ids = np.array([p[0] for p in persons], dtype=np.int64)
@@ -204,6 +209,11 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
         mine = groups.get(rec.image_id, np.zeros(0, np.int64))
         rows.append(box_row(rec.image_id, rec.path, dets.boxes[mine], dets.scores[mine], cfg))
     return rows
+
+
+def load_gt_at(location: str):
+    """`load_gt` of a local annotation file or one on an object store (data.root=s3://...)."""
+    return load_gt(redact_secrets(location), read_json_at(location, EvalError))
 
 
 def _val_records(cfg: Config) -> list:
@@ -309,7 +319,7 @@ def _score(
     results = pose_results(batches, cfg)
     if results_file is not None:
         _write_results(results, results_file)
-    metrics = coco_eval(load_gt(Path(cfg.data.root) / cfg.data.val_annotations), results)
+    metrics = coco_eval(load_gt_at(join(cfg.data.root, cfg.data.val_annotations)), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
     if save_drawings and cfg.eval.visualize:
         draw_results(records[: cfg.eval.visualize], results, cfg, save_drawings)

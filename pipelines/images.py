@@ -13,6 +13,7 @@ import os
 import cv2
 import numpy as np
 
+from psm_model.config import redact_secrets
 from psm_model.errors import PsmError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,22 +40,11 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
     one whose header declares more than `max_pixels` pixels; the header is read before decoding.
     EXIF orientation is ignored, as COCO annotations (and the official loader) use stored pixels.
     """
-    try:
-        with open(path, "rb") as f:
-            # no file of an allowed size is this long (4 bytes a pixel, headers and metadata):
-            # refuse it before reading, as a multi-GB file would exhaust the task's memory
-            size = os.fstat(f.fileno()).st_size
-            if size > max_pixels * 4 + _MAX_METADATA_BYTES:
-                raise ImageError(
-                    f"{path}: file of {size:,} bytes; an image of at most {max_pixels:,} pixels "
-                    f"has at most {max_pixels * 4 + _MAX_METADATA_BYTES:,}",
-                    "too_large",
-                )
-            data = f.read()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found", "missing_image") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror or e}", "unreadable_image") from e
+    if "://" in str(path):
+        data = _read(str(path), max_pixels)
+        path = redact_secrets(str(path))  # the messages below name it
+    else:
+        data = _read_file(path, max_pixels)
     if not data:
         raise ImageError(f"{path}: empty file")
     try:
@@ -116,6 +106,47 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if length < 2:
             raise ValueError(f"JPEG: segment length {length} at byte {i}")
         i += length
+
+
+def _read_file(path: str | os.PathLike, max_pixels: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            # no file of an allowed size is this long (4 bytes a pixel, headers and metadata):
+            # refuse it before reading, as a multi-GB file would exhaust the task's memory
+            _check_size(path, os.fstat(f.fileno()).st_size, max_pixels)
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found", "missing_image") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}", "unreadable_image") from e
+
+
+def _read(uri: str, max_pixels: int) -> bytes:
+    """An object of a store (data.root=s3://...), read inside the task that decodes it."""
+    from pipelines.uris import filesystem
+
+    shown = redact_secrets(uri)
+    try:
+        fs, where = filesystem(uri)
+        with fs.open_input_file(where) as f:  # its size from the store, before the body
+            _check_size(shown, f.size(), max_pixels)
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{shown}: object not found", "missing_image") from None
+    except OSError as e:
+        raise ImageError(
+            f"{shown}: cannot read: {redact_secrets(str(e))}", "unreadable_image"
+        ) from e
+
+
+def _check_size(path: object, size: int, max_pixels: int) -> None:
+    limit = max_pixels * 4 + _MAX_METADATA_BYTES
+    if size > limit:
+        raise ImageError(
+            f"{path}: file of {size:,} bytes; an image of at most {max_pixels:,} pixels has at "
+            f"most {limit:,}",
+            "too_large",
+        )
 
 
 def _header_size(data: bytes) -> tuple[int, int]:

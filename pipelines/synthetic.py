@@ -303,3 +303,40 @@ def make_synthetic(
             f"{c['visible_keypoints']} visible keypoints"
         )
     return counts
+
+
+COCO_TRAIN_IMAGES = 118_287  # COCO 2017 train: the size `make_coco_size` repeats a sample up to
+
+
+def make_coco_size(
+    source_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    images: int = COCO_TRAIN_IMAGES,
+    split: str = "train2017",
+) -> dict[str, int]:
+    """A COCO-size annotation file for load and memory tests: the source root's `split`
+    annotations repeated (fresh image and annotation ids, the same file names) up to `images`
+    images, in OUT/annotations; OUT's image folders link to the source's, so every entry is a
+    real image. The other annotation files are linked as they are."""
+    source, out = Path(source_root).resolve(), Path(out_dir)
+    data = json.loads((source / "annotations" / f"person_keypoints_{split}.json").read_bytes())
+    base_images, base_anns = data["images"], data["annotations"]
+    by_image: dict[int, list[dict]] = {}
+    for ann in base_anns:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    new_images, new_anns = [], []
+    for k in range(images):
+        entry = base_images[k % len(base_images)]
+        image_id = k + 1
+        new_images.append({**entry, "id": image_id})
+        for ann in by_image.get(entry["id"], []):
+            new_anns.append({**ann, "id": len(new_anns) + 1, "image_id": image_id})
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    repeated = {**data, "images": new_images, "annotations": new_anns}
+    write_atomic(out / "annotations" / f"person_keypoints_{split}.json", json.dumps(repeated))
+    written = source / "annotations" / f"person_keypoints_{split}.json"
+    for path in [*source.iterdir(), *(source / "annotations").iterdir()]:
+        link = out / path.relative_to(source)
+        if path not in (source / "annotations", written) and not link.exists():
+            link.symlink_to(path)
+    return {"images": len(new_images), "annotations": len(new_anns)}

@@ -337,10 +337,11 @@ def validate_results(results: object, gt_image_ids: set[int], source: str) -> li
 # ----------------------------------------------------------------------------------------------
 
 
-def load_gt(gt_file: str | os.PathLike) -> COCO:
-    """pycocotools COCO of a keypoint annotation file, checked enough for COCOeval and loadRes."""
-    path = Path(gt_file)
-    data = _read_json(path)
+def load_gt(gt_file: str | os.PathLike, data: object = None) -> COCO:
+    """pycocotools COCO of a keypoint annotation file (or of its `data`, read elsewhere, e.g.
+    from an object store; `gt_file` then names it), checked enough for COCOeval and loadRes."""
+    path = Path(gt_file) if data is None else gt_file
+    data = _read_json(path) if data is None else data
     if not isinstance(data, dict):
         raise EvalError(f"{path}: top level: expected a JSON object, got {type(data).__name__}")
     for field in ("images", "annotations", "categories"):

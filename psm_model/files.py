@@ -10,6 +10,7 @@ old content or the new, never a mix or zero bytes that count as done.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -65,15 +66,44 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_json(path: str | Path, error: type[Exception] = ValueError) -> object:
+def read_json(
+    path: str | Path, error: type[Exception] = ValueError, drop: frozenset[str] = frozenset()
+) -> object:
     """A JSON file's value; `error` (the caller's error class) naming the file when it cannot be
-    read or is not JSON."""
+    read or is not JSON. `drop`: keys left out of every object (see `parse_json`)."""
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            data = f.read()
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_json(data, str(path), error, drop)
+
+
+def parse_json(
+    data: bytes, name: str, error: type[Exception] = ValueError, drop: frozenset[str] = frozenset()
+) -> object:
+    """JSON bytes read from `name` (a file or an object store's URI, for the messages).
+
+    `drop` leaves keys out as each object is made: COCO train's `segmentation` polygons are most
+    of its 286 MB file, and dropping them while parsing halves the peak memory (1.76 -> 0.96 GB
+    here). The collector is paused meanwhile: the parse makes millions of containers and no
+    cycle, and each full collection on the way walks all of them (~1 s of ~6 s here)."""
+    hook = None
+    if drop:
+
+        def hook(obj: dict) -> dict:
+            for key in drop & obj.keys():
+                del obj[key]
+            return obj
+
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(data, object_hook=hook)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON: {e}") from e
+        raise error(f"{name}: not valid JSON: {e}") from e
     except RecursionError:  # e.g. 100k nested '[': Python's parser gives up, not JSON's
-        raise error(f"{path}: nested too deeply to read as JSON") from None
+        raise error(f"{name}: nested too deeply to read as JSON") from None
+    finally:
+        if paused:
+            gc.enable()

@@ -11,6 +11,7 @@ from test_geometry import SIZE_HW, UNIT_SCALE, pose
 from pipelines.augment import (
     SAMPLE_COLUMNS,
     Augmentation,
+    ImageTable,
     SampleRngs,
     count_skips,
     draw_augmentation,
@@ -275,6 +276,34 @@ def test_rows_carry_every_person(synthetic_root):
         assert row["keypoints"].shape == (len(rec.persons), 17, 3)
         assert row["centers"].shape == row["scales"].shape == (len(rec.persons), 2)
         assert np.all(row["scores"] == 1.0)
+
+
+def test_an_image_table_gives_every_row_from_a_few_shared_arrays(synthetic_root):
+    """What a training job's workers read from Ray's object store: the rows of the records, a
+    view of them in any order, and nothing per row in the pickle (numpy buffers out of band,
+    so the workers map one copy instead of each parsing the annotations)."""
+    import pickle
+
+    records, _ = _rows(synthetic_root)
+    table = ImageTable.from_records(records)
+    assert len(table) == len(records) and table.persons == sum(len(r.persons) for r in records)
+    for rec, row in zip(records, table, strict=True):
+        assert row["image_id"] == rec.image_id and row["path"] == rec.path
+        np.testing.assert_array_equal(row["ann_ids"], [p.ann_id for p in rec.persons])
+        np.testing.assert_array_equal(
+            row["keypoints"], np.array([p.keypoints for p in rec.persons]).reshape(-1, 17, 3)
+        )
+        np.testing.assert_allclose(
+            row["centers"], np.reshape([p.center for p in rec.persons], (-1, 2))
+        )
+    order = [3, 0, 2]
+    view = table.view(order).view([2, 0])  # a view of a view: rows 2 and 3 of the table
+    assert [r["image_id"] for r in view] == [records[2].image_id, records[3].image_id]
+    assert view.persons == len(records[2].persons) + len(records[3].persons)
+    assert [r["image_id"] for r in view[0:1]] == [records[2].image_id]
+    buffers = []
+    inline = pickle.dumps(view, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 9 and len(inline) < 1500  # the arrays, and a small frame around them
 
 
 def test_train_samples_columns_and_sizes(synthetic_root):

@@ -1,6 +1,6 @@
 """The jobs as users run them: `ray job submit --working-dir .` to a `ray start --head` cluster
-with token authentication, logging over HTTP to an `mlflow server`, checkpoints and results on
-S3 (moto's server), with the README's commands.
+with token authentication, logging over HTTP to an `mlflow server`, COCO (data.root),
+checkpoints and results on S3 (moto's server), with the README's commands.
 
 Slow (a few minutes on 2 cores): one cluster, one tracking server and one S3 server for the
 module, stopped exactly at the end, also when a test fails; one training, which the eval and
@@ -40,6 +40,10 @@ def services(tmp_path_factory):
     try:
         mlflow_server.start()
         s3.start(BUCKET)
+        for path in (work / "data").rglob("*"):  # data.root=s3://...: read by the jobs' tasks
+            if path.is_file():
+                key = f"coco/{path.relative_to(work / 'data')}"
+                s3.client().put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
         cluster.extra_env = s3.env  # the nodes' credentials, as an instance profile gives them
         cluster.start()
         yield {"work": work, "cluster": cluster, "mlflow": mlflow_server, "s3": s3}
@@ -50,8 +54,9 @@ def services(tmp_path_factory):
 
 
 def _common(services) -> list[str]:
-    work = services["work"]
-    return [f"data.root={work / 'data'}", f"train.mlflow_uri={services['mlflow'].uri}"]
+    """COCO on S3 (the fixture's synthetic root uploaded), as on a cluster without a shared
+    file system: annotations read by the drivers, images by the Ray Data tasks."""
+    return [f"data.root=s3://{BUCKET}/coco", f"train.mlflow_uri={services['mlflow'].uri}"]
 
 
 def _client(services):

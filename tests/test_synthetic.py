@@ -195,3 +195,30 @@ def test_a_killed_make_data_leaves_no_half_file_and_a_rerun_gives_valid_data(tmp
         assert records and not skips.get("bad_box")
         for r in records:
             decode_image(r.path, 10**8)
+
+
+def test_a_coco_size_file_repeats_a_root_with_fresh_ids_over_its_real_images(
+    synthetic_root, tmp_path
+):
+    """`psm make-data coco-size`: the load and memory tests' COCO-size annotations."""
+    from jobs.cli import main
+    from pipelines.coco import load_split
+    from psm_model.config import load_config
+
+    out = tmp_path / "big"
+    assert (
+        main(["make-data", "coco-size", str(out), "--from", str(synthetic_root), "--images", "50"])
+        == 0
+    )
+    data = json.loads((out / "annotations/person_keypoints_train2017.json").read_text())
+    source = json.loads(
+        (synthetic_root / "annotations/person_keypoints_train2017.json").read_text()
+    )
+    assert len(data["images"]) == 50 and len({i["id"] for i in data["images"]}) == 50
+    assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
+    per_copy = len(source["annotations"]) / len(source["images"])
+    assert len(data["annotations"]) == pytest.approx(50 * per_copy, rel=0.3)
+    assert (out / "train2017").resolve() == (synthetic_root / "train2017").resolve()
+    cfg = load_config(None, [f"data.root={out}"])
+    records, _ = load_split(cfg, "train")
+    assert len(records) == 50 and all(Path(r.path).exists() for r in records)
