@@ -59,6 +59,15 @@ def _under_root(cfg: Config, path: str) -> str:
     )
 
 
+def _read(location: str, key: str) -> bytes:
+    try:
+        return uris.read_bytes(location)
+    except OSError as e:  # FileNotFoundError included
+        raise DataError(
+            f"{key}: {redact_secrets(location)}: cannot read: {redact_secrets(str(e))}"
+        ) from e
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -67,7 +76,7 @@ def _box_source(cfg: Config, detector_sha: str) -> dict:
     """What the boxes are (manifest and MLflow params): the file and its sha256, the detector
     model, its sha256 and every threshold, or the annotations."""
     if cfg.infer.boxes == "file":
-        data = Path(cfg.infer.detections).read_bytes()
+        data = _read(cfg.infer.detections, "infer.detections (--dets)")
         return {
             "boxes": "file",
             "detections": cfg.infer.detections,

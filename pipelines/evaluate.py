@@ -138,7 +138,7 @@ def oracle_eval(
     else:
         by_image = {r.image_id: r for r in records}
         sizes = {i: (r.width, r.height) for i, r in by_image.items()}
-        dets, skips = read_detections(detections, sizes, cfg.eval.box_score_threshold)
+        dets, skips = read_detections_at(detections, sizes, cfg.eval.box_score_threshold)
         log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
         persons = []
         for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
@@ -195,7 +195,7 @@ def oracle_eval(
 
 def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     """Image rows whose boxes are a detector's (COCO results format), with their scores."""
-    dets, skips = read_detections(
+    dets, skips = read_detections_at(
         detections, {r.image_id: (r.width, r.height) for r in records}, cfg.eval.box_score_threshold
     )
     log.info("%s: %d person boxes; skipped: %s", detections, len(dets), dict(skips) or "none")
@@ -214,6 +214,14 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
 def load_gt_at(location: str):
     """`load_gt` of a local annotation file or one on an object store (data.root=s3://...)."""
     return load_gt(redact_secrets(location), read_json_at(location, EvalError))
+
+
+def read_detections_at(location: str, image_sizes: dict, score_threshold: float):
+    """`read_detections` of a local file or an object (--dets s3://...)."""
+    if "://" not in str(location):
+        return read_detections(location, image_sizes, score_threshold)
+    data = read_json_at(location, EvalError)
+    return read_detections(redact_secrets(location), image_sizes, score_threshold, data)
 
 
 def _val_records(cfg: Config) -> list:

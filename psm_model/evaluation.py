@@ -252,15 +252,17 @@ def read_detections(
     path: str | os.PathLike,
     image_ids: Collection[int] | Mapping[int, tuple[int, int]] | None = None,
     score_threshold: float = 0.0,
+    data: object = None,
 ) -> tuple[Detections, Counter]:
     """Person detections (COCO results format: image_id, category_id, bbox xywh, score) and the
     entries skipped, by reason (`DETECTION_SKIPS`). With `image_ids`, ids outside it are skipped;
     given as a mapping id -> (width, height), boxes that miss their image are skipped too.
 
-    An empty list is valid: every image then yields no poses.
+    An empty list is valid: every image then yields no poses. `data`: the file's value, read
+    elsewhere (an object store); `path` then names it.
     """
-    path = Path(path)
-    data = _read_json(path)
+    path = Path(path) if data is None else path
+    data = _read_json(path) if data is None else data
     if not isinstance(data, list):
         raise EvalError(
             f"{path}: top level: expected a list of detections (COCO results format), "

@@ -85,3 +85,22 @@ def test_file_names_cannot_climb_out_of_the_image_prefix(s3_root, tmp_path):
     records, skips = load_images(f"{s3_root}/val", tmp_path / "info.json")
     assert [r.path for r in records] == [f"{s3_root}/val/ok/x.jpg"]
     assert skips["unsafe_file_name"] == 3
+
+
+def test_detections_on_s3_read_as_a_local_file(s3_root, tmp_path):
+    import json
+
+    import boto3
+
+    from pipelines.evaluate import read_detections_at
+    from psm_model.evaluation import EvalError
+
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 30, 40], "score": 0.9}]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="dets.json", Body=json.dumps(dets))
+    sizes = {1: (100, 100)}
+    local, _ = read_detections_at(str(tmp_path / "dets.json"), sizes, 0.0)
+    remote, _ = read_detections_at(f"s3://{BUCKET}/dets.json", sizes, 0.0)
+    np.testing.assert_array_equal(local.boxes, remote.boxes)
+    with pytest.raises(EvalError, match=rf"s3://{BUCKET}/none.json: cannot read: not found"):
+        read_detections_at(f"s3://{BUCKET}/none.json", sizes, 0.0)
