@@ -12,15 +12,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
-import ray.train
 
 from pipelines.uris import filesystem, write_bytes
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, parse_config, redact_secrets
 from psm_model.errors import PsmError
 from psm_model.files import write_atomic
+
+if TYPE_CHECKING:  # imported where used: keep-best and the config checks need no Ray
+    import ray.train
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ def restore(checkpoint: ray.train.Checkpoint, model, optimizer, scheduler, scale
         def local_dirs() -> Iterator[str]:  # fetched one at a time, only while needed
             yield private_copy(checkpoint, stack)
             for path in [*older, *best]:
+                import ray.train
+
                 yield private_copy(ray.train.Checkpoint(path, filesystem=fs), stack)  # Ray
 
         state, used = load_first_good(local_dirs(), model, optimizer, scheduler, scaler)
