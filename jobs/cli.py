@@ -40,6 +40,10 @@ COMMANDS = {
         "benchmarks.infer",
         "persons/s of the whole infer job (detector + pose) vs the pose model alone",
     ),
+    ("bench", "load"): (
+        "benchmarks.load",
+        "the driver's parse of the train annotations (time, peak memory) and the shared rows",
+    ),
     ("bench", "data"): (
         "benchmarks.data",
         "augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",

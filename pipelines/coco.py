@@ -43,7 +43,7 @@ from psm_model.coco_keypoints import NUM_JOINTS, PERSON_CATEGORY_ID
 from psm_model.config import Config, redact_secrets
 from psm_model.errors import PsmError
 from psm_model.evaluation import json_int
-from psm_model.geometry import box_to_center_scale
+from psm_model.geometry import boxes_to_centers_scales
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,8 @@ def _parse_persons(
     counts = (visibility > 0).sum(axis=1)
     keypoints = flat.astype(np.float32).reshape(-1, NUM_JOINTS, 3)  # (17*3,) -> (17, x y v)
     keypoints.flags.writeable = False  # records are shared by every epoch's augmentation
+    centers, scales = boxes_to_centers_scales([b[2] for b in boxed], aspect, padding)
+    centers.flags.writeable = scales.flags.writeable = False
     persons: dict[int, list[PersonRecord]] = {image_id: [] for image_id in images}
     for k, (image_id, ann_id, box, area, _) in enumerate(boxed):
         if not good[k]:
@@ -336,10 +338,8 @@ def _parse_persons(
         if counts[k] == 0:
             skips.skip("no_keypoints")
             continue
-        center, scale = box_to_center_scale(box, aspect=aspect, padding=padding)
-        center.flags.writeable = scale.flags.writeable = False
         persons[image_id].append(
-            PersonRecord(ann_id, box, keypoints[k], int(counts[k]), area, center, scale)
+            PersonRecord(ann_id, box, keypoints[k], int(counts[k]), area, centers[k], scales[k])
         )
     return persons
 

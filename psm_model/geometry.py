@@ -45,14 +45,20 @@ def box_to_center_scale(
     box: np.ndarray | tuple[float, float, float, float], aspect: float, padding: float = 1.25
 ) -> tuple[np.ndarray, np.ndarray]:
     """COCO xywh box -> (centre, scale): grown to `aspect` (= width / height), times `padding`."""
-    x, y, w, h = (float(v) for v in box)
-    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float32)
-    if w > aspect * h:
-        h = w / aspect
-    else:
-        w = h * aspect
-    scale = np.array([w, h], dtype=np.float32) / PIXEL_STD * padding
-    return center, scale
+    centers, scales = boxes_to_centers_scales(np.asarray([box], np.float64), aspect, padding)
+    return centers[0], scales[0]
+
+
+def boxes_to_centers_scales(
+    boxes: np.ndarray, aspect: float, padding: float = 1.25
+) -> tuple[np.ndarray, np.ndarray]:
+    """`box_to_center_scale` of (N, 4) xywh boxes at once: (N, 2) float32 centres and scales."""
+    x, y, w, h = np.asarray(boxes, np.float64).reshape(-1, 4).T
+    centers = np.stack([x + 0.5 * w, y + 0.5 * h], axis=1).astype(np.float32)
+    wider = w > aspect * h
+    w, h = np.where(wider, w, h * aspect), np.where(wider, w / aspect, h)
+    scales = np.stack([w, h], axis=1).astype(np.float32) / PIXEL_STD * padding
+    return centers, scales
 
 
 # ----------------------------------------------------------------------------------------------

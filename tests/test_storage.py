@@ -147,7 +147,7 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
         (["compare", "psm-pose", "--csv"], "--csv"),
         *(
             (["bench", kind, TINY, "--json"], "--json")
-            for kind in ("model", "train", "data", "infer")
+            for kind in ("model", "train", "data", "infer", "load")
         ),
     ],
 )
