@@ -53,6 +53,10 @@ COMMANDS = {
         "jobs.infer",
         "batch inference: poses for every image of an image list -> COCO results JSON",
     ),
+    ("serve",): (
+        "jobs.serve",
+        "the pose service on Ray Serve: POST an image, get its persons' keypoints as JSON",
+    ),
     ("tune",): (
         "jobs.tune",
         "Ray Tune sweep of widths, sigma, ...: every trial a training run, MLflow children",
