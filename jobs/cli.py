@@ -40,6 +40,10 @@ COMMANDS = {
         "benchmarks.infer",
         "persons/s of the whole infer job (detector + pose) vs the pose model alone",
     ),
+    ("bench", "serve"): (
+        "benchmarks.serve",
+        "the pose service under load on 127.0.0.1: latency percentiles, persons/s, replica kill",
+    ),
     ("bench", "data"): (
         "benchmarks.data",
         "augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",

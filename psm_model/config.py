@@ -42,7 +42,8 @@ MOVED_KEYS = {
     "train.data_chunk_images": "data.chunk_images",
     "train.channels_last": "data.channels_last",
 }
-# the shorthand flags of `psm eval` / `psm infer` / `psm serve`: each stands for these overrides ({} = its value)
+# the shorthand flags of `psm eval` / `psm infer` / `psm serve`: each stands for these overrides
+# ({} = its value)
 FLAG_OVERRIDES = {
     "eval": {"dets": ("eval.detections={}",)},
     "infer": {"dets": ("infer.boxes=file", "infer.detections={}"), "output": ("infer.output={}",)},
