@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 DETECTOR_SIZE = (160, 160)  # the tests' detector input
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
     conn.request("POST", "/pose", body, {"Content-Type": "image/png"})
     response = conn.getresponse()
@@ -235,12 +243,16 @@ def bench_serve(
         save_model(Path(tmp) / "ckpt", model, cfg)
         record["pose_alone_before_persons_s"] = pose_alone(cfg, model, paths, detector)
 
-        ray.init(include_dashboard=True, log_to_driver=False)
+        port = cfg.serve.port
+        # the state API (replica pids) needs the dashboard: on a port of its own, named for
+        # the state client (other Ray instances on the machine otherwise make it refuse)
+        dashboard = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+        ray.init(dashboard_port=dashboard, log_to_driver=False)
         try:
             from ray import serve
 
             serve_app(cfg, str(Path(tmp) / "ckpt"), blocking=False)
-            port = cfg.serve.port
             load(port, bodies, 2 * max(levels), max(levels), deadline_s)  # warm-up
             pids = replicas()
             record["rss_mb_start"] = rss_mb(pids)
@@ -319,6 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--deadline", type=float, default=120.0, help="seconds at most per level (then stops)"
     )
     p.add_argument("--kill", type=float, default=0.0, help="seconds of the replica-kill run")
+    p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
@@ -328,7 +341,7 @@ def run(args: argparse.Namespace) -> None:
         storage.require_output_file(args.json, "--json")
     levels = [int(c) for c in args.concurrency.split(",")]
     bench_serve(
-        command.load(args),
+        command.load(args, f"serve.port={args.port or _free_port()}"),
         args.images,
         args.size,
         args.requests,

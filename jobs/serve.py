@@ -310,7 +310,19 @@ def application(cfg: Config, checkpoint: str, model_info: dict) -> serve.Applica
     import ray
 
     # Ray call: the pose model takes a GPU where the cluster has any, as the infer job's actors
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    total = ray.cluster_resources()
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    s, detecting = cfg.serve, bool(cfg.infer.detector.model)
+    cpus = s.pose.min_replicas * s.pose.cpus + s.ingress_replicas * s.ingress_cpus
+    cpus += s.detector.min_replicas * s.detector.cpus if detecting else 0
+    if cpus > total.get("CPU", 0) or s.pose.min_replicas * gpus > total.get("GPU", 0):
+        # Serve waits for replicas that cannot start (an autoscaler may add nodes): say so
+        log.warning(
+            "the service's replicas need %.2f CPUs (serve.*.min_replicas x cpus), the cluster "
+            "has %.2f now: it waits for more",
+            cpus,
+            total.get("CPU", 0),
+        )
     pose = PoseModel.options(**_replica_options(cfg.serve.pose, gpus)).bind(cfg, checkpoint)
     detector = None
     if cfg.infer.detector.model:

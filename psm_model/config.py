@@ -325,7 +325,7 @@ class ServeConfig:
     pose: ReplicaConfig = field(default_factory=ReplicaConfig)
     # the HTTP side (body, decode, crops, OKS-NMS, JSON): light, and it waits on the two models
     ingress_replicas: int = 1
-    ingress_cpus: float = 0.5
+    ingress_cpus: float = 0.0  # 0: no reservation, as Serve's proxy (the two models' fit 2 CPUs)
     ingress_max_ongoing: int = 64  # requests an HTTP replica holds at once; more queue at Serve
 
     def __post_init__(self) -> None:

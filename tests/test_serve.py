@@ -176,7 +176,7 @@ const send = (path, init) => fetch(base + path, init);
 (async () => {
   const file = new Blob([fs.readFileSync(png)], { type: "image/png" });
   const result = await context.api.requestPoses(file, send);
-  const drawn = context.api.drawPoses(ctx, result, 0.2);
+  const drawn = context.api.drawPoses(ctx, result, 0.0);  // random weights: low confidences
   let error = "";
   try { await context.api.requestPoses(new Blob(["not an image"], { type: "image/png" }), send); }
   catch (e) { error = e.message; }
@@ -245,7 +245,7 @@ def service(ray_local, tmp_path_factory):
 
     port = free_port()
     overrides = [mlflow_uri, *detector, f"serve.port={port}", "serve.max_body_bytes=100000"]
-    overrides += ["serve.pose.cpus=0.5", "serve.detector.cpus=0.25", "serve.ingress_cpus=0.25"]
+    overrides += ["serve.pose.cpus=0.5", "serve.detector.cpus=0.25"]  # beside other tests' Ray
     serve_cfg = load_config(TINY, overrides)
     _, info = serve_app(serve_cfg, str(tmp / "ckpt"), blocking=False)
     yield {
@@ -343,8 +343,8 @@ def test_the_page_draws_the_skeletons_of_the_service(service, tmp_path):
     out = _node_page(page_file, f"http://127.0.0.1:{service['port']}", png)
     (person,) = out["result"]["persons"]
     assert out["calls"]["strokeRect"] == [person["box"]]
-    assert out["drawn"] == out["calls"]["stroke"] == _limbs(person, 0.2)
-    assert out["calls"]["fill"] == sum(v > 0.2 for _, _, v in person["keypoints"])
+    assert out["drawn"] == out["calls"]["stroke"] == _limbs(person, 0.0) > 0
+    assert out["calls"]["fill"] == sum(v > 0.0 for _, _, v in person["keypoints"])
     assert "not a JPEG or PNG" in out["error"]
     if shutil.which("chromium"):  # where installed: the page itself, a file chosen in it
         from tests.browser import drive_page
