@@ -333,7 +333,7 @@ def test_bad_input_is_a_clear_4xx_json_error_and_the_service_goes_on(service):
 def test_the_page_draws_the_skeletons_of_the_service(service, tmp_path):
     """The page's script on node, against the live service: it posts the image and draws each
     person's box and the limbs whose joints pass the threshold; an error shows the message."""
-    from jobs.serve import page
+    from jobs.deployments import page
 
     if not shutil.which("node"):
         pytest.skip("node not installed")
