@@ -44,6 +44,10 @@ COMMANDS = {
         "benchmarks.load",
         "the driver's parse of the train annotations (time, peak memory) and the shared rows",
     ),
+    ("bench", "serve"): (
+        "benchmarks.serve",
+        "the pose service under load on 127.0.0.1: latency percentiles, persons/s, replica kill",
+    ),
     ("bench", "data"): (
         "benchmarks.data",
         "augmented person crops/s per CPU core, bytes per sample, vs decode+warp and HRNet",
@@ -56,6 +60,10 @@ COMMANDS = {
     ("infer",): (
         "jobs.infer",
         "batch inference: poses for every image of an image list -> COCO results JSON",
+    ),
+    ("serve",): (
+        "jobs.serve",
+        "the pose service on Ray Serve: POST an image, get its persons' keypoints as JSON",
     ),
     ("tune",): (
         "jobs.tune",

@@ -38,6 +38,7 @@ from pipelines import uris
 from pipelines.augment import image_rows
 from pipelines.coco import DataError, load_coco_persons, load_images
 from pipelines.detect import detector_session, load_detector
+from psm_model.checkpoint import weights_sha256
 from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.decode import flip_shift
 from psm_model.evaluation import (
@@ -101,13 +102,9 @@ def _manifest(
 ) -> dict:
     """What the parts of one output are the results of: a resume with any of it changed is
     refused (mixing two models' or two detectors' poses in one file would go unnoticed)."""
-    weight_hash = hashlib.sha256()
-    for key in sorted(weights):
-        weight_hash.update(key.encode())
-        weight_hash.update(weights[key].numpy().tobytes())
     ids = ",".join(str(r["image_id"]) for r in rows)
     return {
-        "weights_sha256": weight_hash.hexdigest(),
+        "weights_sha256": weights_sha256(weights),
         "model": cfg.to_dict()["model"],
         "recipe": {
             k: getattr(cfg.eval, k)

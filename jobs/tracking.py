@@ -25,7 +25,8 @@ class TrackingError(PsmError, RuntimeError):
 
 
 RUN_NAME_TAG = "psm.run_name"  # the Ray Train run name, so a resumed run finds its MLflow run
-KIND_TAG = "psm.kind"  # train | eval | sweep: what `psm compare` lists
+KIND_TAG = "psm.kind"  # train | eval | infer | sweep | serve: what `psm compare` lists
+SOURCE_RUN_TAG = "psm.source_run"  # a service's run: the training run its model came from
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: sweep trials under their sweep
 
 
@@ -264,6 +265,33 @@ def model_requirements() -> list[str]:
 
     names = ("torch", "cloudpickle", "numpy", "pyyaml", "opencv-python-headless")
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
+def source_run(cfg: Config, checkpoint: str, train_name: str = "") -> str:
+    """The training run a served model came from, "" if unknown: the run that logged a registered
+    version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`), else the training run named
+    `train_name` (a checkpoint folder's train.name, psm.run_name)."""
+    client = _mlflow(cfg).MlflowClient()
+    if checkpoint.startswith("models:/"):
+        name, at, alias = checkpoint.removeprefix("models:/").partition("@")
+        try:
+            if at:
+                return client.get_model_version_by_alias(name, alias).run_id or ""
+            name, _, version = name.rpartition("/")
+            return client.get_model_version(name, version).run_id or ""
+        except Exception as e:  # no such model or version: the run is logged without a source
+            log.warning("MLflow: %s not found in the registry (%s)", checkpoint, e)
+            return ""
+    if not train_name:
+        return ""
+    mlflow = _mlflow(cfg)
+    found = mlflow.search_runs(
+        experiment_names=[cfg.train.experiment],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = {literal(train_name)} and "
+        f"tags.`{KIND_TAG}` = 'train'",
+        output_format="list",
+    )
+    return found[0].info.run_id if found else ""
 
 
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:

@@ -45,27 +45,35 @@ def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         path = redact_secrets(str(path))  # the messages below name it
     else:
         data = _read_file(path, max_pixels)
+    return decode_image_bytes(data, max_pixels, str(path))
+
+
+def decode_image_bytes(data: bytes, max_pixels: int, source: str) -> np.ndarray:
+    """`decode_image` of bytes in memory (a request body): the same checks, the same pixels; the
+    ImageError's message starts with `source`."""
     if not data:
-        raise ImageError(f"{path}: empty file")
+        raise ImageError(f"{source}: empty file")
     try:
         width, height = _header_size(data)
     except ValueError as e:
-        raise ImageError(f"{path}: {e}") from None
-    if width <= 0 or height <= 0 or width * height > max_pixels:
+        raise ImageError(f"{source}: {e}") from None
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{source}: header declares {width}x{height} pixels: an empty image")
+    if width * height > max_pixels:
         raise ImageError(
-            f"{path}: header declares {width}x{height} pixels; allowed: 1 to {max_pixels:,}",
+            f"{source}: header declares {width}x{height} pixels; allowed: 1 to {max_pixels:,}",
             "too_large",
         )
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:
-        raise ImageError(f"{path}: cannot decode: {e}") from None
+        raise ImageError(f"{source}: cannot decode: {e}") from None
     if bgr is None:  # check before any colour conversion (cvtColor on None hides the cause)
-        raise ImageError(f"{path}: corrupt or truncated image data")
+        raise ImageError(f"{source}: corrupt or truncated image data")
     if bgr.shape[:2] != (height, width):
         raise ImageError(
-            f"{path}: decoded {bgr.shape[1]}x{bgr.shape[0]}, header says {width}x{height}"
+            f"{source}: decoded {bgr.shape[1]}x{bgr.shape[0]}, header says {width}x{height}"
         )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 

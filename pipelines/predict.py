@@ -76,6 +76,23 @@ def predict_poses(
     return {**passed, "coords": coords, "maxvals": maxvals}
 
 
+def pose_model(
+    cfg: Config, state: dict[str, torch.Tensor] | bytes, runtime: PoseRuntime = "torch"
+) -> tuple[torch.nn.Module | OnnxPoseModel, str]:
+    """The pose model of `cfg.model` ready for `predict_poses`, and its device: `state` is a CPU
+    state_dict (runtime "torch") or the model's ONNX bytes (runtime "onnxruntime"). A process
+    that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES) and runs the model there."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if runtime == "onnxruntime":
+        from pipelines.onnx_runtime import OnnxPoseModel
+
+        threads = max(1, int(cfg.eval.cpus_per_worker))
+        return OnnxPoseModel(state, "pose model (ONNX)", threads), device
+    model = build_model(cfg.model)
+    load_strict(model, state, "predictor weights")
+    return model.to(device).eval(), device
+
+
 class PosePredictor:
     """Ray Data callable class (see `pipelines.datasets.pose_predictions`): builds the model once
     per actor, then maps batches of crops to poses with `predict_poses`.
@@ -91,17 +108,7 @@ class PosePredictor:
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
         keep_freed_memory()  # no page faults for each batch's activations
         self.cfg = cfg
-        # an actor that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES); others see none
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if runtime == "onnxruntime":
-            from pipelines.onnx_runtime import OnnxPoseModel
-
-            threads = max(1, int(cfg.eval.cpus_per_worker))
-            self.model = OnnxPoseModel(state, "pose model (ONNX)", threads)
-            return
-        model = build_model(cfg.model)
-        load_strict(model, state, "predictor weights")
-        self.model = model.to(self.device).eval()
+        self.model, self.device = pose_model(cfg, state, runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict_poses(self.model, batch, self.cfg, self.device)

@@ -18,6 +18,7 @@ back to an older checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -234,6 +235,16 @@ def load_first_good(
     if not errors:
         raise CheckpointError("no checkpoint to load")
     raise errors[0]
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """One hash of a state_dict's keys and values, whatever the file it came from: what a job's
+    results (infer's manifest) and a service's answers (`psm serve`) name as their model."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def checkpoint_config(directory: str | Path) -> Config:

@@ -42,10 +42,12 @@ MOVED_KEYS = {
     "train.data_chunk_images": "data.chunk_images",
     "train.channels_last": "data.channels_last",
 }
-# the shorthand flags of `psm eval` / `psm infer`: each stands for these overrides ({} = its value)
+# the shorthand flags of `psm eval` / `psm infer` / `psm serve`: each stands for these overrides
+# ({} = its value)
 FLAG_OVERRIDES = {
     "eval": {"dets": ("eval.detections={}",)},
     "infer": {"dets": ("infer.boxes=file", "infer.detections={}"), "output": ("infer.output={}",)},
+    "serve": {"port": ("serve.port={}",)},
 }
 
 
@@ -279,12 +281,69 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class ReplicaConfig:
+    """One deployment of `psm serve` (the detector, the pose model): its request batching
+    (`@serve.batch`: a batch closes at max_batch_size calls or batch_wait_s after its first) and
+    its replicas (Serve's autoscaler keeps between min and max, aiming at target_ongoing
+    requests each)."""
+
+    max_batch_size: int = 8  # requests (images) per batch; their persons run together
+    batch_wait_s: float = 0.01
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing: float = 2.0  # the autoscaler's target of ongoing requests per replica
+    max_ongoing: int = 32  # requests a replica takes at once (>= max_batch_size to fill one)
+    cpus: float = 1.0  # CPUs each replica reserves (the pose model: a GPU too where there is one)
+
+    def __post_init__(self) -> None:
+        _finite_floats(self)
+        _positive(self, "max_batch_size", "max_replicas", "target_ongoing", "max_ongoing")
+        _at_least(self, 0, "batch_wait_s", "min_replicas", "cpus")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas/max_replicas: need min <= max, got {self.min_replicas}, "
+                f"{self.max_replicas}"
+            )
+        if self.max_ongoing < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing: {self.max_ongoing} is below max_batch_size {self.max_batch_size}: "
+                "a batch could never fill"
+            )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`psm serve`: the pose service on Ray Serve (jobs/serve.py). The recipe is `psm infer`'s
+    (eval.*, infer.detector.*, infer.pose_runtime); these are the service's own values."""
+
+    host: str = "127.0.0.1"  # where the HTTP proxy listens (0.0.0.0: every interface)
+    port: int = 8000
+    max_body_bytes: int = 20 << 20  # a larger request is refused (413) before it is read
+    max_boxes: int = 100  # person boxes one request may give
+    request_timeout_s: float = 30.0  # a request not answered by then gets 503, never hangs
+    detector: ReplicaConfig = field(default_factory=ReplicaConfig)
+    pose: ReplicaConfig = field(default_factory=ReplicaConfig)
+    # the HTTP side (body, decode, crops, OKS-NMS, JSON): light, and it waits on the two models
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.0  # 0: no reservation, as Serve's proxy (the two models' fit 2 CPUs)
+    ingress_max_ongoing: int = 64  # requests an HTTP replica holds at once; more queue at Serve
+
+    def __post_init__(self) -> None:
+        _finite_floats(self)
+        _positive(self, "max_body_bytes", "max_boxes", "request_timeout_s", "ingress_replicas")
+        _positive(self, "ingress_max_ongoing")
+        _at_least(self, 0, "ingress_cpus")
+        _within(self, 1, 65535, "port")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {

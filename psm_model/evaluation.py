@@ -178,9 +178,28 @@ def make_results(
     `areas` are the crop boxes' areas in image pixels, prod(scale * 200), as the official code.
     """
     image_ids, coords, maxvals = np.asarray(image_ids), np.asarray(coords), np.asarray(maxvals)
+    keep, scores = kept_poses(
+        image_ids, coords, maxvals, box_scores, areas, keypoint_threshold, oks_threshold
+    )
+    return to_coco_results(image_ids[keep], coords[keep], maxvals[keep], scores)
+
+
+def kept_poses(
+    image_ids: np.ndarray,
+    coords: np.ndarray,
+    maxvals: np.ndarray,
+    box_scores: np.ndarray,
+    areas: np.ndarray,
+    keypoint_threshold: float = 0.2,
+    oks_threshold: float = 0.9,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What `make_results` keeps: the indices of the poses OKS-NMS keeps (in input order) and
+    their rescored scores, for a caller that carries more per pose (the service's boxes)."""
     scores = rescore(box_scores, maxvals, keypoint_threshold)
-    keep = nms_per_image(image_ids, coords, scores, np.asarray(areas), oks_threshold)
-    return to_coco_results(image_ids[keep], coords[keep], maxvals[keep], scores[keep])
+    keep = nms_per_image(
+        np.asarray(image_ids), np.asarray(coords), scores, np.asarray(areas), oks_threshold
+    )
+    return keep, scores[keep]
 
 
 # ----------------------------------------------------------------------------------------------

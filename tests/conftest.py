@@ -20,6 +20,7 @@ LONGEST_FIRST = {
     "test_tune.py": 150,
     "test_infer.py": 150,
     "test_eval_job.py": 60,
+    "test_serve.py": 60,
     "test_compile.py": 50,
     "test_benchmarks_infer.py": 40,
 }
