@@ -48,6 +48,7 @@ from psm_model.geometry import affine_matrix
 
 SIZES: tuple[tuple[int, int], ...] = ((384, 288), (256, 192))  # (height, width)
 RAY_BATCH = 32
+RAY_MIN_SAMPLES = 1000  # the Ray part's image rows are repeated to hold at least this many persons
 
 
 def sample_nbytes(sample: dict) -> int:
@@ -286,7 +287,7 @@ def bench_data(
     json_out: str | None = None,
     sizes: Sequence[tuple[int, int]] = SIZES,
     repeats: int = 5,
-    ray_min_samples: int = 1000,
+    ray_min_samples: int = RAY_MIN_SAMPLES,
     label: str = "",
 ) -> dict:
     """Crops/s per core, bytes per sample and the time breakdown on one COCO-style split (module
@@ -406,11 +407,13 @@ def run_bench_data(
     sizes: Sequence[tuple[int, int]] = SIZES,
     repeats: int = 5,
     json_out: str | None = None,
+    ray_min_samples: int = RAY_MIN_SAMPLES,
 ) -> dict:
     """`psm bench data`: the real COCO split under `coco_root` (skipped if absent) and a synthetic
     one of `synthetic` train images written to a temporary folder (skipped if 0)."""
     results: dict = {"machine": machine_line(), "datasets": []}
     kwargs = {"workers": workers, "epochs": epochs, "sizes": sizes, "repeats": repeats}
+    kwargs["ray_min_samples"] = ray_min_samples
     with _local_ray(max(workers)) if workers else contextlib.nullcontext():
         _run_datasets(cfg, coco_root, synthetic, results, kwargs)
     results["load_at_end"] = list(os.getloadavg())
@@ -476,6 +479,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray worker counts")
     p.add_argument("--epochs", type=int, default=1, help="timed Ray epochs after the warm-up")
     p.add_argument(
+        "--min-samples",
+        type=int,
+        default=RAY_MIN_SAMPLES,
+        help="Ray epochs: the image rows are repeated to hold at least this many persons",
+    )
+    p.add_argument(
         "--sizes",
         type=command.size_hw,
         nargs="+",
@@ -504,4 +513,5 @@ def run(args: argparse.Namespace) -> None:
         sizes=args.sizes,
         repeats=args.repeats,
         json_out=args.json,
+        ray_min_samples=args.min_samples,
     )

@@ -1,7 +1,8 @@
-"""`psm bench infer`: the whole inference job (decode, detection, crops, pose, results) against
-the pose model alone on the same crops, the pose model on ONNX Runtime against PyTorch eager,
-and what a detector actor spends per image (decode; decode, detection and crops). One run, the
-same images: figures for docs/benchmarks.md.
+"""`psm bench infer`: the whole inference job (decode, detection, crops, pose, results) and the
+graph of `psm eval` (crops of given boxes, pose, results) against the pose model alone on the
+same crops, the pose model on ONNX Runtime against PyTorch eager, and what a detector actor
+spends per image (decode; decode, detection and crops). One run, the same images: figures for
+docs/benchmarks.md. The pose model runs on the GPU when there is one, as in the jobs.
 
 The images are plain-background people (pipelines.toy_detector) at COCO size, the detector the
 ONNX model the tests build (the box around the figure), the pose model the config's with random
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from benchmarks.data import _local_ray
 from benchmarks.model import machine
 from benchmarks.profile import describe
 from jobs import command, storage
-from pipelines.detect import detect_and_crop, detector_session
+from pipelines.detect import box_row, detect_and_crop, detector_session
 from pipelines.images import decode_image
 from pipelines.malloc import keep_freed_memory
 from pipelines.onnx_runtime import OnnxPoseModel
@@ -61,11 +64,21 @@ def _clocked(ds, arrivals: list[tuple[float, int]]):
         yield batch
 
 
+RUNTIMES = ("torch", "onnxruntime")
+# the graphs timed: `psm infer`'s detector + pose job, and `psm eval`'s (and `psm infer --dets`')
+# crops of given boxes + pose, here the boxes the detector found
+GRAPHS = ("job", "boxes_job")
+
+
 def bench_infer(
-    cfg: Config, images: int, size_hw: tuple[int, int], json_out: str | None, repeats: int = 3
+    cfg: Config,
+    images: int,
+    size_hw: tuple[int, int],
+    json_out: str | None,
+    repeats: int = 3,
+    runtimes: tuple[str, ...] = RUNTIMES,
 ) -> dict:
-    from pipelines.datasets import detected_pose_predictions
-    from pipelines.evaluate import pose_results
+    from pipelines.datasets import detected_pose_predictions, pose_predictions
 
     det = dataclasses.replace(
         cfg.infer.detector, input_size=DETECTOR_SIZE, pad_value=20.0, model="toy-raw.onnx"
@@ -76,10 +89,13 @@ def bench_infer(
     keep_freed_memory()  # its malloc settings too
     model = build_model(cfg.model).eval()
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as a pose actor's (predict.py)
     detector = export_toy_detector("raw", DETECTOR_SIZE)
     record: dict = {
         "machine": machine(),
         "model": describe(cfg.model),
+        "pose_device": device,
+        "runtimes": list(runtimes),
         "images": images,
         "image_size": list(size_hw),
         "detector_input": list(DETECTOR_SIZE),
@@ -109,13 +125,7 @@ def bench_infer(
             {k: v[keep][i : i + cfg.eval.batch_size] for k, v in crops.items()}
             for i in range(0, persons, cfg.eval.batch_size)
         ]
-        onnx_model = OnnxPoseModel(export_onnx(model, cfg.model.input_size), "pose", threads)
-        pose_steps = {
-            "pose_only_torch": lambda b: predict_poses(model, b, cfg, "cpu"),
-            "pose_only_onnxruntime": lambda b: predict_poses(onnx_model, b, cfg, "cpu"),
-            "forward_torch": lambda b: predict(model, b["image"], cfg, "cpu"),
-            "forward_onnxruntime": lambda b: predict(onnx_model, b["image"], cfg, "cpu"),
-        }
+        pose_steps = _pose_steps(model.to(device), device, cfg, threads, runtimes)
 
         def alone(name: str) -> float:  # persons/s; warm-up: the first two batches
             step = pose_steps[name]
@@ -129,53 +139,45 @@ def bench_infer(
         for name in pose_steps:
             record[f"{name}_persons_s"] = alone(name)
 
-        # the whole job's graph: detector actors (decode, detect, crop) -> pose actors -> results
-        with _local_ray(max(2, torch.get_num_threads())):
-            for runtime in ("torch", "onnxruntime"):
+        box_rows = _box_rows(rows, crops, cfg)
+        with _local_ray(os.cpu_count() or 2):
+            for runtime in runtimes:
                 run_cfg = dataclasses.replace(
                     cfg, infer=dataclasses.replace(cfg.infer, pose_runtime=runtime)
                 )
-
-                def job(rows=rows, run_cfg=run_cfg, runtime=runtime) -> list[tuple[float, int]]:
-                    ds = detected_pose_predictions(
-                        rows, run_cfg, weights, runtime, detector, "toy-raw.onnx"
-                    )
-                    arrivals: list[tuple[float, int]] = []  # (time, pose rows) per batch
-                    pose_results(_clocked(ds, arrivals), run_cfg)
-                    return arrivals
-
-                job(rows[: min(8, len(rows))])  # warm-up: workers, imports
-                started = time.perf_counter()
-                arrivals = job()
-                record[f"job_{runtime}_persons_s"] = persons / (arrivals[-1][0] - started)
-                # the actor pools start with every job: the start-up apart from the running rate
-                first, rest = arrivals[0], arrivals[1:]
-                record[f"job_{runtime}_start_s"] = first[0] - started
-                running_s = arrivals[-1][0] - first[0]  # 0 when all came in one batch
-                record[f"job_{runtime}_running_persons_s"] = (
-                    sum(n for _, n in rest) / running_s if running_s > 0 else float("nan")
+                job = functools.partial(
+                    detected_pose_predictions,
+                    cfg=run_cfg,
+                    weights=weights,
+                    runtime=runtime,
+                    detector=detector,
+                    source="toy-raw.onnx",
                 )
+                boxes_job = functools.partial(
+                    pose_predictions, cfg=run_cfg, weights=weights, runtime=runtime
+                )
+                record |= _time_graph(job, rows, run_cfg, persons, f"job_{runtime}")
+                record |= _time_graph(boxes_job, box_rows, run_cfg, persons, f"boxes_job_{runtime}")
         # rates drift by ~10% over minutes here (the same passes, run first in a process, came out
         # ~10% faster than later): the pose alone again after the jobs; the faster is the goal's
-        for runtime in ("torch", "onnxruntime"):
+        for runtime in runtimes:
             name = f"pose_only_{runtime}"
             record[f"{name}_before_persons_s"] = record[f"{name}_persons_s"]
             record[f"{name}_after_persons_s"] = alone(name)
             record[f"{name}_persons_s"] = max(
                 record[f"{name}_before_persons_s"], record[f"{name}_after_persons_s"]
             )
-    record["job_over_pose_only_torch"] = (
-        record["job_torch_persons_s"] / record["pose_only_torch_persons_s"]
-    )
-    record["job_over_pose_only_onnxruntime"] = (
-        record["job_onnxruntime_persons_s"] / record["pose_only_onnxruntime_persons_s"]
-    )
-    record["onnxruntime_over_torch_forward"] = (
-        record["forward_onnxruntime_persons_s"] / record["forward_torch_persons_s"]
-    )
-    for runtime in ("torch", "onnxruntime"):
-        record[f"job_running_over_pose_only_{runtime}"] = (
-            record[f"job_{runtime}_running_persons_s"] / record[f"pose_only_{runtime}_persons_s"]
+    for runtime in runtimes:
+        alone_rate = record[f"pose_only_{runtime}_persons_s"]
+        for graph in GRAPHS:
+            key = f"{graph}_{runtime}"
+            record[f"{graph}_over_pose_only_{runtime}"] = record[f"{key}_persons_s"] / alone_rate
+            record[f"{graph}_running_over_pose_only_{runtime}"] = (
+                record[f"{key}_running_persons_s"] / alone_rate
+            )
+    if set(RUNTIMES) <= set(runtimes):
+        record["onnxruntime_over_torch_forward"] = (
+            record["forward_onnxruntime_persons_s"] / record["forward_torch_persons_s"]
         )
     _print(record, cfg.infer.detector)
     if json_out:
@@ -183,40 +185,89 @@ def bench_infer(
     return record
 
 
+def _pose_steps(model, device: str, cfg: Config, threads: int, runtimes) -> dict:
+    """name -> a function of one batch of crops: poses (flip test, decode) and the forward
+    alone, per runtime. ONNX Runtime runs on the CPU (its CPU provider: no onnxruntime-gpu)."""
+    models = {"torch": (model, device)}
+    if "onnxruntime" in runtimes:
+        cpu_model = build_model(cfg.model).eval()
+        cpu_model.load_state_dict(model.state_dict())
+        onnx = export_onnx(cpu_model, cfg.model.input_size)
+        models["onnxruntime"] = (OnnxPoseModel(onnx, "pose", threads), "cpu")
+    steps = {}
+    for runtime in runtimes:
+        net, on = models[runtime]
+        steps[f"pose_only_{runtime}"] = lambda b, net=net, on=on: predict_poses(net, b, cfg, on)
+        steps[f"forward_{runtime}"] = lambda b, net=net, on=on: predict(net, b["image"], cfg, on)
+    return steps
+
+
+def _box_rows(rows: list[dict], crops: dict[str, np.ndarray], cfg: Config) -> list[dict]:
+    """The image rows with the boxes the detector found (score 1): what `psm eval` and
+    `psm infer --dets` crop."""
+    keep = crops["skip"] == ""
+    found: dict[int, list] = {r["image_id"]: [] for r in rows}
+    for image_id, box in zip(crops["image_id"][keep], crops["box"][keep], strict=True):
+        found[int(image_id)].append(box)
+    out = []
+    for r in rows:
+        boxes = np.array(found[r["image_id"]], np.float32).reshape(-1, 4)
+        out.append(box_row(r["image_id"], r["path"], boxes, np.ones(len(boxes)), cfg))
+    return out
+
+
+def _time_graph(make, inputs: list[dict], cfg: Config, persons: int, key: str) -> dict:
+    """persons/s of the graph `make(inputs)` to the results, after a warm-up run on 8 inputs
+    (workers, imports); and apart, the start-up to the first poses (each run starts its actor
+    pools) and the rate once they flow."""
+    from pipelines.evaluate import pose_results
+
+    def run(some: list[dict]) -> list[tuple[float, int]]:
+        arrivals: list[tuple[float, int]] = []  # (time, pose rows) per batch
+        pose_results(_clocked(make(some), arrivals), cfg)
+        return arrivals
+
+    run(inputs[:8])
+    started = time.perf_counter()
+    arrivals = run(inputs)
+    first, rest = arrivals[0], arrivals[1:]
+    running_s = arrivals[-1][0] - first[0]  # 0 when all came in one batch
+    return {
+        f"{key}_persons_s": persons / (arrivals[-1][0] - started),
+        f"{key}_start_s": first[0] - started,
+        f"{key}_running_persons_s": (
+            sum(n for _, n in rest) / running_s if running_s > 0 else float("nan")
+        ),
+    }
+
+
 def _print(r: dict, det: DetectorConfig) -> None:
     print(
-        f"{r['machine']}; {r['model']}; {r['images']} images {r['image_size']}, "
-        f"{r['persons']} persons; detector input {r['detector_input']} ({r['date']})"
+        f"{r['machine']}; {r['model']}; pose model on {r['pose_device']}; {r['images']} images "
+        f"{r['image_size']}, {r['persons']} persons; detector input {r['detector_input']} "
+        f"({r['date']})"
     )
-    print("| figure | persons/s |")
-    print("|---|---:|")
-    for key in (
-        "job_torch",
-        "pose_only_torch",
-        "job_onnxruntime",
-        "pose_only_onnxruntime",
-        "forward_torch",
-        "forward_onnxruntime",
-    ):
-        print(f"| {key.replace('_', ' ')} | {r[key + '_persons_s']:.1f} |")
-    print(
-        "(pose only: the faster of two measures, before the jobs: torch "
-        f"{r['pose_only_torch_before_persons_s']:.1f}, onnxruntime "
-        f"{r['pose_only_onnxruntime_before_persons_s']:.1f}; after: torch "
-        f"{r['pose_only_torch_after_persons_s']:.1f}, onnxruntime "
-        f"{r['pose_only_onnxruntime_after_persons_s']:.1f})"
-    )
-    print(
-        f"\njob / pose only: torch {r['job_over_pose_only_torch']:.2f}, onnxruntime "
-        f"{r['job_over_pose_only_onnxruntime']:.2f} (goal >= 0.9); pose forward onnxruntime / "
-        f"torch eager {r['onnxruntime_over_torch_forward']:.2f}"
-    )
-    print(
-        f"once running (after the first poses: torch {r['job_torch_start_s']:.1f} s, onnxruntime "
-        f"{r['job_onnxruntime_start_s']:.1f} s): job / pose only torch "
-        f"{r['job_running_over_pose_only_torch']:.2f}, onnxruntime "
-        f"{r['job_running_over_pose_only_onnxruntime']:.2f}"
-    )
+    print("| figure | persons/s | / pose only | once running / pose only | to first poses s |")
+    print("|---|---:|---:|---:|---:|")
+    for runtime in r["runtimes"]:
+        for graph in GRAPHS:
+            key = f"{graph}_{runtime}"
+            print(
+                f"| {key.replace('_', ' ')} | {r[key + '_persons_s']:.1f} "
+                f"| {r[f'{graph}_over_pose_only_{runtime}']:.2f} "
+                f"| {r[f'{graph}_running_over_pose_only_{runtime}']:.2f} "
+                f"| {r[key + '_start_s']:.1f} |"
+            )
+        for key in (f"pose_only_{runtime}", f"forward_{runtime}"):
+            print(f"| {key.replace('_', ' ')} | {r[key + '_persons_s']:.1f} | | | |")
+        print(
+            f"(pose only {runtime}: the faster of two measures, before the jobs "
+            f"{r[f'pose_only_{runtime}_before_persons_s']:.1f}, after "
+            f"{r[f'pose_only_{runtime}_after_persons_s']:.1f})"
+        )
+    print("\njob: detector + pose (`psm infer`); boxes job: given boxes (`psm eval`); goal >= 0.9")
+    if "onnxruntime_over_torch_forward" in r:
+        print(f"pose forward onnxruntime / torch eager {r['onnxruntime_over_torch_forward']:.2f}")
     print(
         f"per image: decode {r['decode_ms']:.2f} ms; decode, detection and crops "
         f"{r['detect_and_crop_ms_per_image']:.2f} ms (score >= {det.score_threshold}, NMS "
@@ -227,10 +278,11 @@ def _print(r: dict, det: DetectorConfig) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "On the same plain-background people, in one run: persons/s of the infer "
-        "graph (decode, the tests' ONNX detector, crops, pose actors, results) against the pose "
-        "model alone on the same crops in one process (eval.cpus_per_worker threads, what one "
-        "pose actor has), for infer.pose_runtime torch and onnxruntime; the pose forward on "
-        "ONNX Runtime vs PyTorch eager; a detector actor's ms per image."
+        "graph (decode, the tests' ONNX detector, crops, pose actors, results) and of the eval "
+        "graph (crops of the boxes found, pose actors, results) against the pose model alone "
+        "on the same crops in one process (eval.cpus_per_worker threads, what one pose actor "
+        "has; the GPU when there is one), for each --runtimes (infer.pose_runtime); the pose "
+        "forward on ONNX Runtime vs PyTorch eager; a detector actor's ms per image."
     )
     command.add_config_arguments(p)
     p.add_argument("--images", type=int, default=64, help="images (one person each)")
@@ -240,11 +292,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repeats", type=int, default=3, help="best of this many passes for the pose-alone rates"
     )
+    p.add_argument(
+        "--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="pose runtimes"
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    cfg = command.load(args)
     if args.json:  # before the minutes of measuring
         storage.require_output_file(args.json, "--json")
-    bench_infer(command.load(args), args.images, args.size, args.json, args.repeats)
+    bench_infer(cfg, args.images, args.size, args.json, args.repeats, tuple(args.runtimes))

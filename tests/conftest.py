@@ -19,10 +19,12 @@ LONGEST_FIRST = {
     "test_node_loss.py": 250,
     "test_tune.py": 150,
     "test_infer.py": 150,
+    "test_gpu_run.py": 150,
     "test_eval_job.py": 60,
     "test_serve.py": 60,
+    "test_device_bundle.py": 60,
+    "test_benchmarks_infer.py": 60,
     "test_compile.py": 50,
-    "test_benchmarks_infer.py": 40,
 }
 
 
