@@ -303,6 +303,9 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
             RANK_METRIC: best[RANK_METRIC],
             "model_version": version,
         }
+    # read again: registering reopened and closed the best trial's run (its wall time)
+    rows, params = comparison(uri, base.train.experiment, sweep=name)
+    rows = sort_rows(rows, RANK_METRIC)
     with tempfile.TemporaryDirectory() as d:
         sweep_files(uri, rows, params, d)  # the table, best first, the heatmap and the curves
         tracking.log_artifact(base, parent, d, "sweep")
