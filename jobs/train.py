@@ -374,20 +374,21 @@ def run_training(
 
 
 def training_datasets(cfg: Config, train_records: list) -> list[dict]:
-    """The run's dataset inputs: the train annotations (as read) and the val annotations."""
+    """The run's dataset inputs: the train annotations (as read) and, when it validates, the val
+    annotations."""
     root = Path(cfg.data.root)
-    val = load_split(cfg, "val")[0] if cfg.train.val_every else []
-    return [
-        provenance.annotation_dataset(
-            root / cfg.data.train_annotations,
-            root / cfg.data.train_images,
-            train_records,
-            "training",
-        ),
-        provenance.annotation_dataset(
-            root / cfg.data.val_annotations, root / cfg.data.val_images, val, "validation"
-        ),
-    ]
+    train = provenance.annotation_dataset(
+        root / cfg.data.train_annotations, root / cfg.data.train_images, train_records, "training"
+    )
+    if not cfg.train.val_every:
+        return [train]
+    val = provenance.annotation_dataset(
+        root / cfg.data.val_annotations,
+        root / cfg.data.val_images,
+        load_split(cfg, "val")[0],
+        "validation",
+    )
+    return [train, val]
 
 
 def _absolute(path: str) -> str:
