@@ -73,6 +73,10 @@ COMMANDS = {
         "jobs.compare",
         "the training runs of an MLflow experiment (or one sweep) side by side",
     ),
+    ("job-env",): (
+        "jobs.provenance",
+        "a `ray job submit --runtime-env-json` value carrying this checkout's git commit",
+    ),
     ("export", "onnx"): (
         "jobs.export",
         "the pose model as ONNX (dynamic batch), for infer.pose_runtime=onnxruntime",

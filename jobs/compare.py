@@ -2,7 +2,8 @@
 
 Columns: run, trial, status, the config values that differ between the runs, the last val AP / AP50
 / AP75 / AR, the best AP, epochs done and wall time. Sortable by any column; `--csv` writes the
-rows; the sweep logs the same table and an AP-vs-parameter plot to its parent run.
+rows; `--sweep NAME --pictures DIR` writes the table and pictures the sweep logs to its parent
+run (`sweep_files`).
 """
 
 from __future__ import annotations
@@ -126,37 +127,19 @@ def write_csv(rows: list[dict], params: list[str], path: str | Path) -> None:
         write_atomic(path, out.getvalue())
 
 
-def plot_sweep(rows: list[dict], keys: list[str], path: str | Path) -> None:
-    """Best AP against each swept parameter, one panel per parameter (hollow: stopped early)."""
-    import matplotlib
+def sweep_files(uri: str, rows: list[dict], params: list[str], folder: str | Path) -> list[Path]:
+    """A sweep's table (`trials.csv`, `trials.txt`, best AP first) and pictures
+    (`jobs.sweep_pictures`) in `folder`; the files written."""
+    from jobs.sweep_pictures import draw
+    from jobs.tracking import metric_histories
 
-    matplotlib.use("Agg")  # files only; no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(k in r for r in rows)] or ["run"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        labels = sorted({str(r.get(key, "")) for r in rows}, key=_numeric_first)
-        for r in rows:
-            if not row_has(r, "best_AP"):
-                continue
-            x = labels.index(str(r.get(key, "")))
-            early = "stopped" in r["status"]
-            ax.scatter(x, r["best_AP"], s=40, facecolors="none" if early else "C0", edgecolors="C0")
-        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-        ax.set_xlabel(key)
-        ax.set_ylabel("best val AP")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _numeric_first(text: str):
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = sort_rows(rows, "best_AP")
+    write_csv(rows, params, folder / "trials.csv")
+    write_atomic(folder / "trials.txt", format_table(rows, params) + "\n")
+    curves = metric_histories(uri, [r["run_id"] for r in rows], "val_AP")
+    return [folder / "trials.csv", folder / "trials.txt", *draw(rows, params, curves, folder)]
 
 
 def _cell(value: Any) -> str:
@@ -176,7 +159,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sort", default="best_AP", help="column to sort by (default best_AP)")
     p.add_argument("--ascending", action="store_true", help="smallest first")
     p.add_argument("--csv", help="write the rows as CSV to this file ('-': stdout, no table)")
-    p.add_argument("--plot", help="save a best-AP-vs-parameter plot (PNG) here")
+    p.add_argument(
+        "--pictures",
+        metavar="DIR",
+        help="with --sweep: write the sweep's pictures (best-AP heatmap, val-AP curves) and "
+        "table here, as the sweep logs them to its parent run",
+    )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, ./mlflow.db)"
     )
@@ -187,9 +175,10 @@ def run(args: argparse.Namespace) -> None:
     from jobs.storage import require_output_file
     from jobs.tracking import resolve_uri
 
-    for location, key in ((args.csv, "--csv"), (args.plot, "--plot")):
-        if location and location != "-":  # checked before the MLflow queries
-            require_output_file(location, key)
+    if args.pictures and not args.sweep:
+        raise SystemExit("psm compare: error: --pictures needs --sweep NAME")
+    if args.csv and args.csv != "-":  # checked before the MLflow queries
+        require_output_file(args.csv, "--csv")
     uri = resolve_uri(args.tracking_uri or "")
     try:
         rows, params = comparison(uri, args.experiment, args.sweep)
@@ -200,9 +189,9 @@ def run(args: argparse.Namespace) -> None:
         write_csv(rows, params, args.csv)
     if args.csv != "-":
         print(format_table(rows, params) if rows else "no training runs")
-    if args.plot:
-        plot_sweep(rows, params, args.plot)
-        print(f"plot: {args.plot}")
+    if args.pictures:
+        for path in sweep_files(uri, rows, params, args.pictures):
+            print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,12 +44,14 @@ def progress(text: str) -> None:
     print(PROGRESS + text, flush=True)
 
 
-def epoch_line(metrics: dict, epochs: int, seconds: float, width: int = 20) -> str:
+def epoch_line(metrics: dict, epochs: int, seconds: float, width: int = 20, label: str = "") -> str:
     """`[#####---] epoch 3/10 loss 0.00123, 31.2 samples/s, 41 s, ETA 4m47s, AP 0.1234`: the
-    end of epoch `metrics` (jobs.train), `seconds` the epoch with its validation."""
+    end of epoch `metrics` (jobs.train), `seconds` the epoch with its validation; a sweep's
+    trial starts it with its `label` (`w48 σ2.5`), so the lines of trials side by side differ."""
     done = metrics["epochs_done"]
     filled = round(width * done / max(epochs, 1))
     line = (
+        f"{label + ' ' if label else ''}"
         f"[{'#' * filled}{'-' * (width - filled)}] epoch {done}/{epochs} "
         f"loss {metrics['train_loss']:.5f}, {metrics['samples_per_s']:.1f} samples/s, "
         f"{seconds:.0f} s, ETA {_minutes(seconds * (epochs - done))}"

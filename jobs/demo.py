@@ -63,10 +63,13 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
         f"in {time.perf_counter() - t0:.0f} s"
     )
     print(f"run {summary['run_name']}: checkpoint {summary['checkpoint']}")
+    experiment = tracking.get_run(cfg, summary["mlflow_run_id"]).info.experiment_id
     print(
         f"MLflow: run {summary['mlflow_run_id']}, model {cfg.train.registered_model} "
         f"v{summary['model_version']}. Browse it with:\n"
-        f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}"
+        f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}\n"
+        # the UI's GenAI / model-training switch is kept per browser, GenAI first
+        f"  http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
     )
     ray.shutdown()
     return {"untrained": untrained, "trained": trained, **summary}

@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from jobs import command, storage, tracking
-from pipelines.uris import join
+from jobs import command, provenance, storage, tracking
+from pipelines.uris import join, read_bytes
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.evaluation import metrics_table
@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
     """A training checkpoint directory (its own config wins), an official HRNet pose .pth, or a
     state_dict file for `cfg.model`; a local path or a pyarrow URI (the s3:// checkpoints of a
-    cluster's train.storage_path), copied to a temporary folder first."""
+    cluster's train.storage_path), copied to a temporary folder first; or a registered model,
+    `models:/NAME/VERSION` (its checkpoint folder, no pickle: `jobs/registered_model.py`)."""
+    if checkpoint.startswith("models:/"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_model(str(tracking.download_model(cfg, checkpoint, tmp)), cfg)
     if "://" in checkpoint:
         import tempfile
 
@@ -106,24 +112,10 @@ def run_eval(
     run_id = tracking.start_or_resume_run(cfg, name, kind="eval")
     params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
     tracking.log_params(cfg, run_id, params)
+    tracking.log_datasets(cfg, run_id, eval_datasets(cfg))
     try:
-        if oracle:
-            from pipelines.evaluate import oracle_eval
-
-            metrics = oracle_eval(cfg, results_file=results_file)
-        else:
-            import ray
-
-            from pipelines.evaluate import evaluate_on_actors
-
-            if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
-                ray.init()
-            metrics = evaluate_on_actors(
-                weights,
-                cfg,
-                results_file=results_file,
-                save_drawings=tracking.save_pose_drawings(cfg, run_id),
-            )
+        with tracking.system_metrics(cfg, run_id):
+            metrics = _score(cfg, weights, results_file, tracking.save_pose_drawings(cfg, run_id))
     except BaseException:
         tracking.end_run(cfg, run_id, "FAILED")
         raise
@@ -136,6 +128,50 @@ def run_eval(
     return metrics
 
 
+def _score(cfg: Config, weights: dict | None, results_file: str | None, drawings) -> dict:
+    """The metrics of `weights` on actors, or of the ground-truth round trip (no weights)."""
+    if weights is None:
+        from pipelines.evaluate import oracle_eval
+
+        return oracle_eval(cfg, results_file=results_file)
+    import ray
+
+    from pipelines.evaluate import evaluate_on_actors
+
+    if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
+        ray.init()
+    return evaluate_on_actors(weights, cfg, results_file=results_file, save_drawings=drawings)
+
+
+def eval_datasets(cfg: Config) -> list[dict]:
+    """The val annotations as evaluated, and the boxes: a detections file (its digest and box
+    count) when given, else the annotations' own."""
+    from pipelines.coco import load_split
+
+    root = cfg.data.root  # a folder or a URI
+    val = provenance.annotation_dataset(
+        join(root, cfg.data.val_annotations),
+        join(root, cfg.data.val_images),
+        load_split(cfg, "val")[0],
+        "evaluation",
+    )
+    if not cfg.eval.detections:
+        return [val]
+    boxes = provenance.file_dataset(cfg.eval.detections, "boxes", boxes=_count(cfg.eval.detections))
+    return [val, boxes]
+
+
+def _count(path: str) -> int:
+    """Entries of a JSON list file (detections): -1 when it is not one."""
+    import json
+
+    try:
+        value = json.loads(read_bytes(path))
+    except (OSError, ValueError):
+        return -1
+    return len(value) if isinstance(value, list) else -1
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Evaluates a checkpoint with the test recipe (flip test, decode, rescoring, "
@@ -144,7 +180,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoded again instead of a model."
     )
     command.add_config_arguments(p)
-    p.add_argument("--checkpoint", help="a training checkpoint folder or a weights file (.pth)")
+    p.add_argument(
+        "--checkpoint",
+        help="a training checkpoint folder, a weights file (.pth) or a registered model "
+        "(models:/NAME/VERSION)",
+    )
     p.add_argument("--dets", help="person detections, COCO results format (default: GT boxes)")
     p.add_argument("--oracle", action="store_true", help="GT round trip instead of a model")
     p.add_argument(

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
-from jobs import command, storage, tracking
+from jobs import command, provenance, storage, tracking
 from jobs.evaluate import load_model
 from pipelines import uris
 from pipelines.augment import image_rows
@@ -91,6 +91,18 @@ def _box_source(cfg: Config, detector_sha: str) -> dict:
             **tracking_flat("detector", cfg.to_dict()["infer"]["detector"]),
         }
     return {"boxes": "gt", "gt": cfg.infer.image_info}
+
+
+def _datasets(cfg: Config, info: str, images: str, records: list, boxes: dict) -> list[dict]:
+    """The image list and the boxes (the detections file or the detector model, by digest)."""
+    out = [provenance.annotation_dataset(info, images, records, "inference")]
+    if boxes["boxes"] == "file":
+        digest = boxes["detections_sha256"]
+        out.append(provenance.file_dataset(cfg.infer.detections, "boxes", digest))
+    elif boxes["boxes"] == "detector":
+        digest = boxes["detector_sha256"]
+        out.append(provenance.file_dataset(cfg.infer.detector.model, "boxes", digest))
+    return out
 
 
 def tracking_flat(prefix: str, values: dict) -> dict:
@@ -184,11 +196,13 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
         )
         tracking.log_params(cfg, run_id, params)
+    tracking.log_datasets(cfg, run_id, _datasets(cfg, info, images, records, box_source))
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
             ray.init()
         started = time.perf_counter()
-        sent = infer_parts(parts, todo, cfg, weights, store, detector)
+        with tracking.system_metrics(cfg, run_id):
+            sent = infer_parts(parts, todo, cfg, weights, store, detector)
         seconds = time.perf_counter() - started
         written = [store.read(k) for k in range(len(parts))]
         results = [r for part in written for r in part["results"]]

@@ -7,11 +7,14 @@ of CPU to import that only the driver and rank 0 spend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from psm_model.config import Config, ConfigError, redact_secrets
@@ -28,6 +31,8 @@ RUN_NAME_TAG = "psm.run_name"  # the Ray Train run name, so a resumed run finds 
 KIND_TAG = "psm.kind"  # train | eval | infer | sweep | serve: what `psm compare` lists
 SOURCE_RUN_TAG = "psm.source_run"  # a service's run: the training run its model came from
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: sweep trials under their sweep
+# the UI opens a "custom model development" experiment on its runs table, not on GenAI traces
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -58,10 +63,15 @@ def _experiment(mlflow, cfg: Config):
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         try:
-            mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").as_uri())
+            location = (db.parent / "mlartifacts").as_uri()
+            mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:  # another worker created it first
             pass
-    return mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    for key, value in EXPERIMENT_KIND.items():  # also on experiments made before, or elsewhere
+        if experiment.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment
 
 
 def literal(value: str) -> str:
@@ -77,7 +87,10 @@ def start_or_resume_run(
     cfg: Config, run_name: str, kind: str = "train", tags: dict[str, str] | None = None
 ) -> str:
     """The MLflow run of this run name (found by its run-name tag), created if new with `tags`
-    (e.g. PARENT_TAG to nest it under a sweep)."""
+    (e.g. PARENT_TAG to nest it under a sweep) and the tags naming its code (`jobs.provenance`).
+    A run resumed by other code keeps its first source tags and gets `psm.resumed_with.*`."""
+    from jobs import provenance
+
     mlflow = _mlflow(cfg)
     experiment = _experiment(mlflow, cfg)
     found = mlflow.search_runs(
@@ -86,12 +99,21 @@ def start_or_resume_run(
         output_format="list",
     )
     client = mlflow.MlflowClient()
+    source = provenance.source_tags(f"psm {kind}")
     if found:
-        log.info("resuming MLflow run %s (%s)", found[0].info.run_id, run_name)
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
+        run = found[0]
+        log.info("resuming MLflow run %s (%s)", run.info.run_id, run_name)
+        client.update_run(run.info.run_id, status="RUNNING")
+        keys = {"digest": provenance.DIGEST_TAG, "commit": provenance.GIT_COMMIT_TAG}
+        changed = {
+            f"psm.resumed_with.{short}": source[k]
+            for short, k in keys.items()
+            if k in source and run.data.tags.get(k) != source[k]
+        }
+        set_tags(cfg, run.info.run_id, changed)
+        return run.info.run_id
     # RUNNING until end_run: the UI shows live runs, and the end time gives the wall time
-    tags = _masked({RUN_NAME_TAG: run_name, KIND_TAG: kind, **(tags or {})})
+    tags = _masked({RUN_NAME_TAG: run_name, KIND_TAG: kind, **source, **(tags or {})})
     run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
     params = [mlflow.entities.Param(k, v) for k, v in _masked(cfg.flat()).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -239,31 +261,124 @@ def download_artifacts(cfg: Config, run_id: str, path: str, dst: str | Path) -> 
     return Path(client.download_artifacts(run_id, path, str(dst)))
 
 
-def register_model(cfg: Config, run_id: str, model) -> str:
-    """Log the model (pickled with its code, so it loads back as PoseHRNet) and register it."""
+def log_datasets(cfg: Config, run_id: str, datasets: list[dict]) -> None:
+    """MLflow dataset inputs (`jobs.provenance`'s dicts): the UI's Datasets column, so runs on
+    other data show it. Source URIs are masked like every param; logged again on a resume,
+    MLflow keeps one input per dataset."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for d in datasets:
+        source = {k: redact_secrets(v) for k, v in d["source"].items()}
+        kind = source["uri"].split("://")[0] if "://" in source["uri"] else "local"
+        dataset = Dataset(
+            name=d["name"],
+            digest=d["digest"],
+            source_type=kind,
+            source=json.dumps(source),
+            profile=json.dumps(d["profile"]),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", d["context"])]))
+    _mlflow(cfg).MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: Config, run_id: str, node: str | None = None) -> Iterator[None]:
+    """While the block runs, MLflow's own monitor logs this machine's CPU, memory, disk and
+    network (and each GPU's utilisation and memory where nvidia-ml-py finds one) every 10 s
+    ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) as `system/[node/]...`; a resumed run goes on
+    from its last step. It stops by itself when the run ends or the server is away."""
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id, resume_logging=True, node_id=node, tracking_uri=tracking_uri(cfg)
+        )
+        monitor.start()
+    except Exception as e:  # psutil missing, the server away: the run goes on without them
+        log.warning("no system metrics for run %s (%s: %s)", run_id, type(e).__name__, e)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:  # its last flush may wait on a server that is away: not for long
+            stopper = threading.Thread(target=monitor.finish, daemon=True)
+            stopper.start()
+            stopper.join(timeout=30)
+
+
+def register_model(cfg: Config, run_id: str, model, description: str = "") -> str:
+    """Log the model and register it: a checkpoint folder (state dict, read back with
+    weights_only=True, and config.yaml) loaded by `jobs/registered_model.py` as MLflow "models
+    from code", so loading it unpickles nothing. Signature N x 3 x H x W float32 crops ->
+    N x 17 x H/s x W/s heatmaps, a one-crop input example, `description` on the version."""
+    import tempfile
+
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from jobs import registered_model
+    from psm_model.checkpoint import save_model
+
     mlflow = _mlflow(cfg)
-    code = [str(Path(__file__).resolve().parents[1] / "psm_model")]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
+    h, w = cfg.model.input_size
+    # unnamed: a named tensor reaches `predict` as a dict from a serving request
+    crops = TensorSpec(np.dtype(np.float32), (-1, 3, h, w))
+    heatmaps = TensorSpec(np.dtype(np.float32), (-1, cfg.model.num_joints, *cfg.model.heatmap_size))
+    signature = ModelSignature(inputs=Schema([crops]), outputs=Schema([heatmaps]))
+    example = np.zeros((1, 3, h, w), np.float32)
+    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        folder = save_model(Path(d) / registered_model.CHECKPOINT, model.cpu().eval(), cfg)
+        info = mlflow.pyfunc.log_model(
             name="model",
-            serialization_format="pickle",
-            code_paths=code,
+            python_model=registered_model.__file__,
+            artifacts={registered_model.CHECKPOINT: str(folder)},
+            code_paths=[str(Path(__file__).resolve().parents[1] / "psm_model")],
+            signature=signature,
+            input_example=example,
             pip_requirements=model_requirements(),
         )
     version = mlflow.register_model(info.model_uri, cfg.train.registered_model)
+    if description:
+        mlflow.MlflowClient().update_model_version(
+            cfg.train.registered_model, version.version, description=redact_secrets(description)
+        )
     log.info("registered %s version %s", cfg.train.registered_model, version.version)
     return version.version
 
 
+def download_model(cfg: Config, uri: str, dst: str | Path) -> Path:
+    """The checkpoint folder of a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`)
+    as `register_model` logged it, downloaded into `dst`."""
+    from mlflow import artifacts
+
+    from jobs import registered_model
+    from psm_model.weights import CheckpointError
+
+    try:
+        local = artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=tracking_uri(cfg))
+    except Exception as e:  # no such model or version, the server away
+        shown = redact_secrets(str(e))[:500]
+        raise CheckpointError(f"{uri}: cannot download from MLflow: {shown}") from e
+    folder = Path(local) / "artifacts" / registered_model.CHECKPOINT
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{uri}: no artifacts/{registered_model.CHECKPOINT}/ in the model (registered by an "
+            "older version, as a pickle: not loaded)"
+        )
+    return folder
+
+
 def model_requirements() -> list[str]:
-    """What the logged model needs to load, pinned to this process's versions: torch and
-    cloudpickle (the pytorch flavour's pickle) and what `psm_model` imports. Given, not inferred:
-    MLflow's inference loads the model in a subprocess to see what it imports (~4 s of every
-    registration). A local build label (torch's +cpu) is dropped, as MLflow does: PyPI has none."""
+    """What the logged model needs to load, pinned to this process's versions: torch and what
+    `psm_model` imports. Given, not inferred: MLflow's inference loads the model in a subprocess
+    to see what it imports (~4 s of every registration). A local build label (torch's +cpu) is
+    dropped, as MLflow does: PyPI has none."""
     from importlib.metadata import version
 
-    names = ("torch", "cloudpickle", "numpy", "pyyaml", "opencv-python-headless")
+    names = ("torch", "numpy", "pyyaml", "opencv-python-headless")
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
@@ -305,3 +420,13 @@ def registered_versions(cfg: Config, run_id: str) -> list:
         f"name = {literal(cfg.train.registered_model)} and run_id = {literal(run_id)}"
     )
     return sorted((v.version for v in found), key=int)
+
+
+def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
+    """run id -> [(step, value), ...] of one metric, by step (a sweep's val-AP curves)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    return {
+        r: sorted((m.step, m.value) for m in client.get_metric_history(r, key)) for r in run_ids
+    }

@@ -28,11 +28,12 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import command, console, run_safety, storage, tracking
+from jobs import command, console, provenance, run_safety, storage, tracking
 from pipelines.augment import ImageTable, count_skips
 from pipelines.coco import load_split
 from pipelines.datasets import FeedStats, iter_chunked, train_crops
 from pipelines.leases import Lease, check_held
+from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.codec import HeatmapCodec
 from psm_model.compiling import compile_model, eager
@@ -64,28 +65,42 @@ def train_loop(loop_config: dict) -> None:
         if cfg.train.compile
         else run.model
     )
+    run.label = loop_config.get("label", "")  # a sweep trial's params, on its epoch lines
+    # MLflow's system metrics from the first worker of each node: CPU, memory, GPUs of that machine
+    several_nodes = world > ctx.get_local_world_size()  # Ray
+    node = f"node{ctx.get_node_rank()}" if several_nodes else None  # Ray
+    monitor = (
+        tracking.system_metrics(cfg, run.state.mlflow_run_id, node)
+        if ctx.get_local_rank() == 0  # Ray
+        else contextlib.nullcontext()
+    )
 
-    for epoch in range(run.state.epoch, cfg.train.epochs):
-        # the same image order on every rank, a new one every epoch; each rank takes every world-th
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
-        order = order[: cfg.train.images_per_epoch or None]
-        feed = FeedStats()  # which side bounds the run: the epoch's waits and data rate
-        batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
-            functools.partial(train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task),
-            rows.view(order[rank::world]),
-            cfg.data.chunk_images,
-            cfg.train.batch_size,
-            feed,
-        )
-        metrics = _train_epoch(run, batches, feed, epoch)
-        with tempfile.TemporaryDirectory() as d:
-            written = _end_epoch(run, metrics, epoch, d)  # rank 0: validation, checkpoint in d
-            checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
-            ray.train.report(metrics, checkpoint=checkpoint)  # Ray: rank 0 writes, all report
-        if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
-            run.state.held_metrics = tracking.deliver(
-                cfg, run.state.mlflow_run_id, run.state.held_metrics
+    with monitor:
+        for epoch in range(run.state.epoch, cfg.train.epochs):
+            # the same image order on every rank, a new one every epoch; each rank takes every
+            # world-th
+            order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
+            order = order[: cfg.train.images_per_epoch or None]
+            feed = FeedStats()  # which side bounds the run: the epoch's waits and data rate
+            make = functools.partial(
+                train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task
             )
+            batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
+                make,
+                rows.view(order[rank::world]),
+                cfg.data.chunk_images,
+                cfg.train.batch_size,
+                feed,
+            )
+            metrics = _train_epoch(run, batches, feed, epoch)
+            with tempfile.TemporaryDirectory() as d:
+                written = _end_epoch(run, metrics, epoch, d)  # rank 0: validation, checkpoint in d
+                checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
+                ray.train.report(metrics, checkpoint=checkpoint)  # Ray: rank 0 writes, all report
+            if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
+                run.state.held_metrics = tracking.deliver(
+                    cfg, run.state.mlflow_run_id, run.state.held_metrics
+                )
 
 
 @dataclasses.dataclass
@@ -104,6 +119,7 @@ class _Run:
     warmup_steps: int
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
     lease_token: str = ""  # the driver's lease on the run folder (pipelines/leases.py)
+    label: str = ""  # names the run on its epoch lines (a sweep trial's params)
 
 
 def _setup(
@@ -212,7 +228,7 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
             metrics |= _validate(unwrap(run.model), cfg, run.device, state, epoch)
     state.held_metrics.append(tracking.held_metrics(metrics, epoch))
     elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
-    console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed))
+    console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed, label=run.label))
     # fencing: a run taken over by another job (a second start of this name) writes nothing more
     check_held(run_safety.run_folder(cfg), run.lease_token, f"training run {cfg.train.name}")
     save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.scaler, state, cfg)
@@ -282,32 +298,40 @@ def run_training(
     callbacks: Sequence = (),
     mlflow_tags: dict[str, str] | None = None,
     register: bool = True,
+    label: str = "",
 ) -> dict:
     """Start (or resume, when `train.name` exists) a training run; returns the final metrics.
 
     A Tune trial passes its report callback, the tags that nest its MLflow run under the sweep's,
-    and `register=False` (the sweep registers its best trial's model).
+    `register=False` (the sweep registers its best trial's model) and the `label` its epoch
+    lines start with (its params).
     """
     name = cfg.train.name or run_safety.default_run_name(cfg)
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     # one job per run folder: a second start of the same name is refused while this one lives
     with Lease(run_safety.run_folder(cfg), f"training run {name}") as lease:
-        return _train(cfg, lease.token, callbacks, mlflow_tags, register)
+        return _train(cfg, lease.token, callbacks, mlflow_tags, register, label)
 
 
 def _train(
-    cfg: Config, lease_token: str, callbacks: Sequence, mlflow_tags: dict | None, register: bool
+    cfg: Config,
+    lease_token: str,
+    callbacks: Sequence,
+    mlflow_tags: dict | None,
+    register: bool,
+    label: str,
 ) -> dict:
     name, storage_path = cfg.train.name, cfg.train.storage_path
     run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
 
     # read once, here: a bad file fails before any worker starts, and the workers share the rows
     records, skips = load_split(cfg, "train")
-    rows = ImageTable.from_records(records)
-    del records  # the table holds what the workers need, in ~5% of the records' memory
     run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
     tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
+    tracking.log_datasets(cfg, run_id, training_datasets(cfg, records))
+    rows = ImageTable.from_records(records)
+    del records  # the table holds what the workers need, in ~5% of the records' memory
     run_safety.save_run_config(cfg)
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
@@ -321,6 +345,7 @@ def _train(
             "mlflow_run_id": run_id,
             "lease_token": lease_token,
             "train_rows": ray.put(rows),  # Ray: one copy in the object store for all workers
+            "label": label,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -359,7 +384,10 @@ def _train(
     if unsent:
         epochs = [b["step"] for b in unsent]
         log.error("MLflow run %s lacks the metrics of epochs %s", run_id, epochs)
-    version = tracking.register_model(cfg, run_id, model) if register else ""
+    version = ""
+    if register:
+        about = provenance.model_description(cfg, run_id, name, result.metrics or {})
+        version = tracking.register_model(cfg, run_id, model, about)
     tracking.end_run(cfg, run_id)
     summary = {
         **(result.metrics or {}),
@@ -372,6 +400,27 @@ def _train(
         "unsent_metric_epochs": [b["step"] for b in unsent],
     }
     return summary
+
+
+def training_datasets(cfg: Config, train_records: list) -> list[dict]:
+    """The run's dataset inputs: the train annotations (as read) and, when it validates, the val
+    annotations."""
+    root = cfg.data.root  # a folder or a URI
+    train = provenance.annotation_dataset(
+        join(root, cfg.data.train_annotations),
+        join(root, cfg.data.train_images),
+        train_records,
+        "training",
+    )
+    if not cfg.train.val_every:
+        return [train]
+    val = provenance.annotation_dataset(
+        join(root, cfg.data.val_annotations),
+        join(root, cfg.data.val_images),
+        load_split(cfg, "val")[0],
+        "validation",
+    )
+    return [train, val]
 
 
 def _absolute(path: str) -> str:

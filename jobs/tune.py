@@ -5,9 +5,10 @@ Each trial is a small Tune function (0.1 CPU) that builds the trial's config and
 resumes the trial's training from its last checkpoint) and reporting every epoch to Tune. The
 metric is `val_AP` (validation every epoch), which ASHA stops trials on; trials are ranked by
 `best_AP`. MLflow: the sweep is a parent run, each trial a child run (MLflow's parent tag, plus
-`psm.trial_id`); the best trial's best weights are registered; the comparison table and an
-AP-vs-parameter plot are logged to the parent. (Ray 2.60: `Tuner(TorchTrainer)` itself is not
-accepted, hence the function trainable.)
+`psm.trial_id`); the best trial's best weights are registered; the comparison table (best first),
+a best-AP heatmap and the trials' val-AP curves are logged to the parent (`jobs.sweep_pictures`).
+A trial's epoch lines on the console start with its params (`w48 σ2.5`). (Ray 2.60:
+`Tuner(TorchTrainer)` itself is not accepted, hence the function trainable.)
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import ray
 import yaml
 from ray import tune
 
-from jobs import command, tracking
-from jobs.compare import comparison, format_table, plot_sweep, write_csv
+from jobs import command, provenance, tracking
+from jobs.compare import comparison, format_table, sort_rows, sweep_files
+from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.train import resolve_paths, run_training
 from psm_model.checkpoint import load_checkpoint_model
@@ -144,6 +146,7 @@ def _trial(params: dict, *, base_yaml: str, space: SweepSpace, info: dict) -> No
             "psm.trial_id": trial_id,
         },
         register=False,
+        label=trial_label({k: params[k] for k in space.swept_keys() if k in params}),
     )
 
 
@@ -281,9 +284,9 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
             tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
             tracking.end_run(base, run.info.run_id, "KILLED")
 
-    rows, params = comparison(
-        tracking.resolve_uri(base.train.mlflow_uri), base.train.experiment, sweep=name
-    )
+    uri = tracking.resolve_uri(base.train.mlflow_uri)
+    rows, params = comparison(uri, base.train.experiment, sweep=name)
+    rows = sort_rows(rows, RANK_METRIC)
     summary: dict[str, Any] = {"sweep": name, "trials": len(rows), "parent_run_id": parent}
     summary["errors"] = sum(1 for r in grid if r.error)
     ranked = [r for r in rows if isinstance(r.get(RANK_METRIC), float) and r[RANK_METRIC] >= 0]
@@ -300,9 +303,11 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
             RANK_METRIC: best[RANK_METRIC],
             "model_version": version,
         }
+    # read again: registering reopened and closed the best trial's run (its wall time)
+    rows, params = comparison(uri, base.train.experiment, sweep=name)
+    rows = sort_rows(rows, RANK_METRIC)
     with tempfile.TemporaryDirectory() as d:
-        write_csv(rows, params, Path(d) / "trials.csv")
-        plot_sweep(rows, [p.key for p in space.params], Path(d) / "ap_vs_params.png")
+        sweep_files(uri, rows, params, d)  # the table, best first, the heatmap and the curves
         tracking.log_artifact(base, parent, d, "sweep")
     tracking.end_run(base, parent, "FINISHED" if not summary["errors"] else "FAILED")
     summary["table"] = format_table(rows, params)
@@ -331,13 +336,23 @@ def _register_best(base: Config, run_id: str) -> str:
     if versions := tracking.registered_versions(base, run_id):
         log.info("run %s: already registered as version %s", run_id, versions[-1])
         return versions[-1]
-    status = tracking.get_run(base, run_id).info.status
+    run = tracking.get_run(base, run_id)
     with tempfile.TemporaryDirectory() as d:
         folder = tracking.download_artifacts(base, run_id, "best_checkpoint", d)
-        model, _ = load_checkpoint_model(folder)
-    version = tracking.register_model(base, run_id, model)
-    tracking.end_run(base, run_id, status)  # logging the model reopened the run
+        model, cfg = load_checkpoint_model(folder)  # the trial's model: the signature's shapes
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_registry(base)))
+    best = run.data.metrics.get(RANK_METRIC, -1.0)  # the best weights scored the trial's best AP
+    about = provenance.model_description(cfg, run_id, run.info.run_name, {"val_AP": best})
+    version = tracking.register_model(cfg, run_id, model, about)
+    tracking.end_run(base, run_id, run.info.status)  # logging the model reopened the run
     return version
+
+
+def _registry(base: Config) -> dict:
+    """Where a registration goes: the sweep's store and name, not the checkpoint's saved config
+    (its URI is masked there, and the space may not change them)."""
+    keys = ("mlflow_uri", "experiment", "registered_model")
+    return {k: getattr(base.train, k) for k in keys}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -89,6 +89,10 @@ def test_epoch_line():
     assert console.epoch_line(metrics, 10, 5, width=4) == (
         "[####] epoch 10/10 loss 0.00123, 31.2 samples/s, 5 s, ETA 0s, AP 0.2500 (best 0.3000)"
     )
+    # a sweep's trial names itself: two trials' lines side by side differ
+    assert console.epoch_line(metrics, 10, 5, width=4, label="w48 σ2.5").startswith(
+        "w48 σ2.5 [####] epoch 10/10"
+    )
     metrics = {**metrics, "data_wait_frac": 0.4249, "data_samples_per_s": 52.6}
     assert console.epoch_line(metrics, 10, 5, width=4) == (
         "[####] epoch 10/10 loss 0.00123, 31.2 samples/s, 5 s, ETA 0s, data wait 42% "

@@ -2,6 +2,7 @@
 official HRNet .pth, and the GT oracle; metrics printed and logged to MLflow. The model runs on
 Ray Data actors and must score as it does in process (validation inside training)."""
 
+import hashlib
 import json
 import types
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from official_reference import official_state_dict
 
+from jobs import tracking
 from jobs.cli import main
 from jobs.evaluate import load_model
 from pipelines.evaluate import evaluate_model
@@ -141,14 +143,18 @@ def test_eval_on_actors_scores_as_in_process(ray_local, synthetic_root, tmp_path
     expected = evaluate_model(model, cfg, results_file=tmp_path / "in_process.json")
     ids, keypoints, scores = _poses(tmp_path / "in_process.json")
     assert len(ids) > 0
+    # the same weights registered in MLflow: `--checkpoint models:/NAME/VERSION` (issue 25, 8a)
+    registered = tracking.register_model(cfg, tracking.start_or_resume_run(cfg, "reg"), model)
+    registry = f"models:/{cfg.train.registered_model}/{registered}"
     # 2 actors at half a CPU each leave 1 CPU for the crop tasks on the session's 2 CPUs
-    for workers, cpus in ((1, 1.0), (2, 0.5)):
+    for workers, cpus, checkpoint in ((1, 1.0, str(tmp_path / "model.pt")), (2, 0.5, registry)):
         results = tmp_path / f"actors{workers}.json"
         overrides = [f"eval.workers={workers}", f"eval.cpus_per_worker={cpus}"]
         args = [*_args(synthetic_root, tmp_path), *overrides, "--results", str(results)]
-        assert main(["eval", TINY, *args, "--checkpoint", str(tmp_path / "model.pt")]) == 0
+        assert main(["eval", TINY, *args, "--checkpoint", checkpoint]) == 0
         run = _last_run(tmp_path)
         assert run["params.eval.workers"] == str(workers)
+        assert run["params.eval.checkpoint"] == checkpoint
         for k in METRIC_NAMES:
             assert run[f"metrics.{k}"] == pytest.approx(expected[k], abs=1e-6), k
         # an untrained model scores ~0 AP, so the poses themselves carry the comparison
@@ -180,7 +186,15 @@ def test_eval_with_detections_gives_no_pose_to_an_image_without_boxes(
     ids, _, _ = _poses(results)
     assert no_boxes not in ids
     assert set(ids) == {d["image_id"] for d in dets}  # every other image keeps a pose
-    assert _last_run(tmp_path)["params.eval.boxes"] == str(tmp_path / "dets.json")
+    run = _last_run(tmp_path)
+    assert run["params.eval.boxes"] == str(tmp_path / "dets.json")
+    # the run names its data: the val annotations and the boxes, each by its digest
+    inputs = mlflow.MlflowClient().get_run(run["run_id"]).inputs.dataset_inputs
+    named = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(named) == {"evaluation", "boxes"}
+    digest = hashlib.sha256((tmp_path / "dets.json").read_bytes()).hexdigest()
+    assert named["boxes"].digest == digest[:16]
+    assert json.loads(named["boxes"].profile) == {"sha256": digest, "boxes": len(dets)}
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ infer jobs read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import provenance
 from tests.local_cluster import MlflowServer, RayCluster, S3Server
 
 pytestmark = pytest.mark.slow
@@ -111,8 +113,10 @@ def trained(services):
     back (same port and store), and the same command resumes the run from S3 to its end."""
     cluster, server, s3 = services["cluster"], services["mlflow"], services["s3"]
     prefix = "runs/e2e-train/"
-    # the client's own retries (minutes by default) off: the run's held metrics do the retrying
+    # the client's own retries (minutes by default) off: the run's held metrics do the retrying;
+    # the checkout's commit, as `psm job-env` hands it over (the job's copy has no .git)
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env |= provenance.job_env()["env_vars"]
     train = (
         "python",
         "-m",
@@ -221,6 +225,12 @@ def test_training_job_writes_checkpoints_and_its_mlflow_run(services, trained):
     assert 0.0 <= run.data.metrics["val_AP"] <= 1.0
     versions = _client(services).search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1
+    # the job ran a copy without .git: its code named by the commit handed over, and a digest
+    # of the same source files as here
+    assert run.data.tags["mlflow.source.type"] == "JOB"
+    assert run.data.tags.get("mlflow.source.git.commit") == provenance.git_state().get("commit")
+    assert run.data.tags["psm.source.digest"] == provenance.source_digest()
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"training", "validation"}
 
 
 def test_training_survives_its_tracking_server_going_away_and_a_stop(services, trained):
@@ -246,6 +256,9 @@ def test_eval_job_scores_the_checkpoint_like_training_validated_it(services, tra
     assert eval_run.info.status == "FINISHED"
     # the last epoch's validation ran the same weights through the same recipe
     assert eval_run.data.metrics["AP"] == pytest.approx(train_run.data.metrics["val_AP"], abs=1e-6)
+    # submitted without `psm job-env`: no commit, the source digest names the code
+    assert "mlflow.source.git.commit" not in eval_run.data.tags
+    assert eval_run.data.tags["psm.source.digest"] == provenance.source_digest()
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +308,9 @@ def test_infer_job_writes_its_results_and_parts_to_s3_and_resumes_them(services,
     assert run.info.status == "FINISHED"
     assert run.data.metrics["poses"] == len(results)
     assert run.data.metrics["parts_resumed"] == 3  # 6 val images, 2 per part
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    digest = hashlib.sha256(dets.read_bytes()).hexdigest()
+    assert set(inputs) == {"inference", "boxes"} and inputs["boxes"].digest == digest[:16]
     assert 0.0 <= run.data.metrics["AP"] <= 1.0  # an annotation file: the job scores it
 
 

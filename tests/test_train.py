@@ -1,5 +1,6 @@
 """End-to-end Ray Train runs on the local Ray: 2 gloo workers, tiny model, synthetic data."""
 
+import hashlib
 import json
 import os
 import signal
@@ -9,10 +10,15 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+import yaml
 
+from jobs import provenance
+from jobs.evaluate import load_model
 from jobs.train import run_training
+from pipelines.coco import load_split
 from psm_model.checkpoint import load_checkpoint
 from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
@@ -108,8 +114,67 @@ def test_two_worker_run_logs_everything_to_mlflow(straight):
     assert "config.yaml" in artifacts
     version = client.get_latest_versions(cfg.train.registered_model)[0]
     assert version.run_id == run.info.run_id
-    model = mlflow.pytorch.load_model(f"models:/{cfg.train.registered_model}/{version.version}")
-    assert model(torch.zeros(1, 3, 96, 64)).shape == (1, 17, 48, 32)
+    uri = f"models:/{cfg.train.registered_model}/{version.version}"
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.predict(np.zeros((1, 3, 96, 64), np.float32)).shape == (1, 17, 48, 32)
+
+
+def test_the_run_names_its_code_data_machine_and_model(straight, tmp_path):
+    """Issue 26: the commit (or the source digest) and versions, the train and val annotation
+    files as dataset inputs, system metrics, an experiment that opens on its runs, and a
+    registered model with a signature and a description."""
+    summary, cfg = straight["summary"], straight["cfg"]
+    client = mlflow.MlflowClient(cfg.train.mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["psm.source.digest"] == provenance.source_digest()
+    assert tags.get("mlflow.source.git.commit") == provenance.git_state().get("commit")
+    assert tags["psm.version.torch"] == torch.__version__ and tags["psm.version.ray"]
+    assert tags["mlflow.source.name"] == "psm train"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training"}  # train.val_every=0: no validation (ray jobs: both)
+    for context, split in (("training", "train"),):
+        path = Path(cfg.data.root) / getattr(cfg.data, f"{split}_annotations")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        records = load_split(cfg, split)[0]
+        assert inputs[context].digest == digest[:16]
+        assert json.loads(inputs[context].source)["uri"] == str(path)
+        profile = json.loads(inputs[context].profile)
+        assert profile["images"] == len(records) > 0
+        assert profile["persons"] == sum(len(r.persons) for r in records)
+
+    # MLflow's own monitor, from rank 0, every 10 s of a run of more than 10 s
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+
+    version = client.get_latest_versions(cfg.train.registered_model)[0]
+    assert run.info.run_id in version.description and "not validated" in version.description
+    uri = f"models:/{cfg.train.registered_model}/{version.version}"
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 96, 64)
+    assert signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 17, 48, 32)
+
+    # issue 25, 8a: nothing in the registry copy is a pickle; its weights load with
+    # weights_only and equal the run's last checkpoint (before: a pickled PoseHRNet)
+    folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    assert set(mlmodel["flavors"]) == {"python_function"}
+    assert "model_code_path" in mlmodel["flavors"]["python_function"]
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    pickles = [p for p in files if p.suffix == ".pkl" or p.read_bytes()[:1] == b"\x80"]
+    assert not pickles  # a pickle starts with its PROTO opcode
+    weights = [p for p in files if p.suffix in (".pt", ".pth")]
+    assert [p.relative_to(folder).as_posix() for p in weights] == ["artifacts/checkpoint/model.pt"]
+    registered = torch.load(weights[0], weights_only=True)
+    expected, _ = _weights(summary, cfg)
+    assert registered.keys() == expected.keys()
+    assert all(torch.equal(registered[k], expected[k]) for k in expected)
+    loaded, _ = load_model(uri, cfg)  # what `psm eval --checkpoint models:/...` reads
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
 
 
 def test_bad_images_are_skipped_and_counted(straight):

@@ -75,11 +75,9 @@ def test_sweep_nests_trials_in_mlflow_stops_early_and_registers_the_best(
     assert parent.info.status == "FINISHED" and parent.data.tags["psm.kind"] == "sweep"
     assert parent.data.params["sweep.train.lr"] == "grid [0.005, 1e-07]"
     assert parent.data.params["sweep.data.sigma"] == "choice [2.0, 3.0]"
+    pictures = {"trials.csv", "trials.txt", "best_ap_heatmap.png", "val_ap_curves.png"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {
-        "sweep/space.yaml",
-        "sweep/base_config.yaml",
-        "sweep/trials.csv",
-        "sweep/ap_vs_params.png",
+        f"sweep/{name}" for name in {"space.yaml", "base_config.yaml", *pictures}
     }
 
     children = client.search_runs(
@@ -113,6 +111,10 @@ def test_sweep_nests_trials_in_mlflow_stops_early_and_registers_the_best(
     assert version.run_id == best.info.run_id
     assert str(version.version) == str(summary["model_version"])
     assert best.info.status == "FINISHED"
+    assert f"val AP {best.data.metrics['best_AP']:.4f}" in version.description
+    # the sweep's console table, best first
+    table = summary["table"].splitlines()
+    assert len(table) == 3 and best.info.run_name in table[1]
 
     # psm compare lists every trial with the values MLflow holds
     rows, params = comparison(base.train.mlflow_uri, "sweeps", sweep="asha")
@@ -135,3 +137,8 @@ def test_sweep_nests_trials_in_mlflow_stops_early_and_registers_the_best(
     assert best_col == sorted(best_col, reverse=True)  # sorted, best first
     with pytest.raises(SystemExit, match="not a column"):
         psm([*argv, "--sort", "nope"])
+    # the same table and pictures the parent run holds, written here; the CSV as logged
+    assert psm([*argv, "--pictures", str(tmp_path / "pictures")]) == 0
+    assert {p.name for p in (tmp_path / "pictures").iterdir()} == pictures
+    logged = client.download_artifacts(parent.info.run_id, "sweep/trials.csv", str(tmp_path))
+    assert Path(logged).read_text() == (tmp_path / "pictures" / "trials.csv").read_text()
