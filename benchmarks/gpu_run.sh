@@ -33,8 +33,8 @@ SITE=${SITE:-/tmp/psm-site}
 WORK=${WORK:-$(mktemp -d /tmp/psm-gpu-run.XXXXXX)}  # data, checkpoints, MLflow, logs
 CONFIG=${CONFIG:-configs/psm_w48_384x288.yaml}
 # each part's seconds, at most (the ladder's runs share LADDER_S: gpu_train.sh's BUDGET)
-INSTALL_S=${INSTALL_S:-120} LADDER_S=${LADDER_S:-140} TRAIN_S=${TRAIN_S:-150}
-DATA_S=${DATA_S:-70} INFER_S=${INFER_S:-80}
+INSTALL_S=${INSTALL_S:-120} LADDER_S=${LADDER_S:-120} TRAIN_S=${TRAIN_S:-150}
+DATA_S=${DATA_S:-80} INFER_S=${INFER_S:-100}
 MAX_COMPILE_S=${MAX_COMPILE_S:-40}  # a rung whose first step took longer is not trained on
 TRAIN_IMAGES=${TRAIN_IMAGES:-2000} EPOCHS=${EPOCHS:-4} CHUNK=${CHUNK:-480}  # 15 blocks of 32
 SIZE=${SIZE:-384x288} DATA_WORKERS=${DATA_WORKERS:-"1 2 4 8 15"}
