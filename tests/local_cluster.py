@@ -4,6 +4,7 @@ tree, never `ray stop`, which would kill every Ray instance on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -366,6 +367,29 @@ class S3Server:
                 time.sleep(0.3)
         self.client().create_bucket(Bucket=bucket)
         return self
+
+    @contextlib.contextmanager
+    def in_environ(self):
+        """This process's boto3 and pyarrow (and the processes it starts) pointed at the server
+        while the block runs; the environment as it was afterwards."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> None:
+        """Every file under `folder` as `prefix/RELATIVE/PATH` (a COCO root as data.root=s3://)."""
+        client = self.client()
+        for path in folder.rglob("*"):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(folder)}"
+                client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
 
     def client(self):
         import boto3

@@ -25,14 +25,8 @@ TTL = 2.0  # seconds: short, so a dead S3 holder goes stale within the test
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("moto")).start(BUCKET)
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)  # boto3 and pyarrow in this process, and in the holders
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with server.in_environ():  # boto3 and pyarrow in this process, and in the holders
+        yield server
     server.stop()
 
 

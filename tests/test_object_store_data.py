@@ -1,7 +1,6 @@
 """data.root on an object store (moto's S3 server): annotations read through pyarrow, images read
 inside the tasks that decode them, the same skips and messages as a local root."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,9 @@ BUCKET = "coco-data"
 def s3_root(tmp_path_factory, synthetic_root):
     """The session's synthetic COCO root uploaded under s3://coco-data/coco."""
     server = S3Server(tmp_path_factory.mktemp("moto")).start(BUCKET)
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    client = server.client()
-    for path in synthetic_root.rglob("*"):
-        if path.is_file():
-            key = f"coco/{path.relative_to(synthetic_root)}"
-            client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
-    yield f"s3://{BUCKET}/coco"
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with server.in_environ():
+        server.upload(synthetic_root, BUCKET, "coco")
+        yield f"s3://{BUCKET}/coco"
     server.stop()
 
 

@@ -42,10 +42,7 @@ def services(tmp_path_factory):
     try:
         mlflow_server.start()
         s3.start(BUCKET)
-        for path in (work / "data").rglob("*"):  # data.root=s3://...: read by the jobs' tasks
-            if path.is_file():
-                key = f"coco/{path.relative_to(work / 'data')}"
-                s3.client().put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+        s3.upload(work / "data", BUCKET, "coco")  # data.root=s3://...: read by the jobs' tasks
         cluster.extra_env = s3.env  # the nodes' credentials, as an instance profile gives them
         cluster.start()
         yield {"work": work, "cluster": cluster, "mlflow": mlflow_server, "s3": s3}
