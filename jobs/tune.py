@@ -79,7 +79,7 @@ def run_sweep(
 
     if not ray.is_initialized():  # Ray: the cluster in RAY_ADDRESS, or a local one
         ray.init()
-    resources = _wait_for_resources(configs, wait_s)
+    resources = _wait_for_resources(configs, wait_s, trials=max(1, max_concurrent))
     concurrency = _concurrency(configs, resources, max_concurrent)
     trial_info = {"sweep": name, "parent_run_id": parent, "storage": f"{storage}/{name}.trials"}
     trainable = tune.with_resources(  # Ray
@@ -226,16 +226,21 @@ def _wait_for_resources(
     resources: Callable[[], dict[str, float]] = ray.cluster_resources,
     request: Callable[..., None] | None = None,
     poll_s: float = 10.0,
+    trials: int = 1,
 ) -> dict[str, float]:
     """The cluster's resources once one trial fits. An autoscaling cluster starts with no GPU
-    nodes: ask the autoscaler for one trial's bundles and wait up to `wait_s` for them to join."""
+    nodes: ask the autoscaler for the bundles of `trials` trials (the ones to run at once) and
+    wait up to `wait_s` for the first trial's nodes to join; Tune starts the others as theirs
+    come."""
     have = resources()
     fit, cpus, gpus = _trial_fit(configs, have)
     if fit >= 1 or wait_s <= 0:
         return have
     c = max(configs, key=lambda c: c.train.num_workers)
     worker = {"CPU": c.train.cpus_per_worker} | ({"GPU": 1} if gpus else {})
-    bundles = [worker] * c.train.num_workers + [{"CPU": TRIAL_CPUS + c.data.cpus_per_task}]
+    bundles = (
+        [worker] * c.train.num_workers + [{"CPU": TRIAL_CPUS + c.data.cpus_per_task}]
+    ) * trials
     if request is None:
         from ray.autoscaler.sdk import request_resources as request
     request(bundles=bundles)  # Ray: the autoscaler starts nodes for them (no-op on a fixed cluster)
@@ -384,7 +389,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=900.0,
         metavar="SECONDS",
         help="when no trial fits yet (an autoscaling cluster starts without GPU nodes), ask the "
-        "autoscaler for one trial's resources and wait this long for them (default 900)",
+        "autoscaler for the resources of the trials to run at once and wait this long for the "
+        "first one's (default 900)",
     )
     p.set_defaults(func=run)
 

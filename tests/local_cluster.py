@@ -85,6 +85,9 @@ class RayCluster:
     gcs_port: int = 0
     node_dirs: list[str] = field(default_factory=list)
     node_ports: list[int] = field(default_factory=list)  # the `add_node` ids
+    # node types for Ray's fake multi-node provider (`fake_node_types`): the head's autoscaler
+    # starts and removes worker nodes (raylets on this machine) as a cloud provider would
+    autoscaling: dict | None = None
 
     def start(self) -> RayCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +107,15 @@ class RayCluster:
         for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(key, None)
         self.gcs_port, dashboard = free_port(), free_port()
+        autoscaling = []
+        if self.autoscaling is not None:
+            autoscaling = [f"--autoscaling-config={self._write_autoscaling_config()}"]
+            self.env |= {
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                # the provider's nodes on 127.0.0.1, not on the machine's address
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            }
         self.address = f"http://127.0.0.1:{dashboard}"
         # this cluster's State API for its own processes (Ray Train's PlacementGroupCleaner),
         # whatever other Ray runs on the machine (tests/conftest.py: ray_local); and never the
@@ -128,10 +140,61 @@ class RayCluster:
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
             *(f"{k}={v}" for k, v in ports.items()),
+            *autoscaling,
         ]
         subprocess.run(cmd, env=self.env, cwd=REPO, check=True, capture_output=True, timeout=120)
         self._wait_for_job_agent()
         return self
+
+    def _write_autoscaling_config(self) -> Path:
+        """The fake provider's cluster config: `autoscaling`'s worker types beside a head of
+        type `ray.head.default` (the name the provider gives its head: another name makes the
+        autoscaler launch and remove "head" nodes in a loop), no commands, no file mounts."""
+        config = {
+            "cluster_name": "psm-fake",
+            "max_workers": sum(t["max_workers"] for t in self.autoscaling["node_types"].values()),
+            "idle_timeout_minutes": self.autoscaling["idle_timeout_minutes"],
+            "upscaling_speed": 1.0,
+            "provider": {
+                "type": "fake_multinode",
+                "gcs_address": f"127.0.0.1:{self.gcs_port}",
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": self.cpus}, "node_config": {}},
+                **{
+                    name: {"node_config": {}, "min_workers": 0, **t}
+                    for name, t in self.autoscaling["node_types"].items()
+                },
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            **{
+                k: []
+                for k in (
+                    "initialization_commands",
+                    "setup_commands",
+                    "head_setup_commands",
+                    "worker_setup_commands",
+                    "head_start_ray_commands",
+                    "worker_start_ray_commands",
+                )
+            },
+        }
+        path = self.workdir / "autoscaling.yaml"
+        path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+        return path
+
+    def worker_nodes(self) -> list[float]:
+        """The CPUs of every alive worker node (the head left out), from the State API."""
+        nodes = self._api("/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]
+        alive = [n for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"]]
+        return sorted(n["resources_total"].get("CPU", 0.0) for n in alive)
 
     def _wait_for_job_agent(self, timeout: float = 90) -> None:
         # right after `ray start` the job agent may not be up: "No available agent to submit job"
@@ -171,16 +234,20 @@ class RayCluster:
         )
 
     def submit(
-        self, *entrypoint: str, options: tuple[str, ...] = (), wait: bool = True, timeout=600
+        self,
+        *entrypoint: str,
+        options: tuple[str, ...] = (),
+        wait: bool = True,
+        timeout=600,
+        working_dir: bool = True,
     ) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir . [OPTIONS] -- ENTRYPOINT`, waiting for the job to end
-        unless `wait` is False."""
+        unless `wait` is False; without `working_dir`, the code is the nodes' installed copy."""
         flags = [*options, *([] if wait else ["--no-wait"])]
         return self.ray(
             "job",
             "submit",
-            "--working-dir",
-            ".",
+            *(["--working-dir", "."] if working_dir else []),
             *flags,
             "--",
             *entrypoint,
@@ -201,6 +268,17 @@ class RayCluster:
     def logs(self, job_id: str) -> str:
         """What `ray job logs` prints, from the REST API."""
         return self._api(f"/api/jobs/{job_id}/logs")["logs"]
+
+    def diagnose(self, job_id: str, chars: int = 3000) -> str:
+        """What a failed wait on a job shows: its status, its log's tail, and the tails of the
+        cluster's Train controller and Tune trial logs (a trial stuck in start-up says so there)."""
+        lines = [f"job {job_id}: {self.job(job_id)['status']}", self.logs(job_id)[-chars:]]
+        logs = sorted(self.temp_dir.glob("session_latest/logs/*"), key=lambda f: f.stat().st_mtime)
+        wanted = ("controller", "worker-", "python-core-driver")
+        for log in [f for f in logs if any(w in f.name for w in wanted)][-4:]:
+            text = log.read_text(errors="replace")[-chars // 3 :]
+            lines.append(f"--- {log.name} (tail)\n{text}")
+        return "\n".join(lines)
 
     def wait(self, job_id: str, timeout: float = 600) -> str:
         """The job's final status (SUCCEEDED, FAILED, STOPPED)."""

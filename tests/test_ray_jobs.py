@@ -94,10 +94,16 @@ def _recorded_epoch(s3, prefix: str) -> int:
     return max(epochs)
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:
+def _wait_until(predicate, timeout: float, what: str, cluster=None, job: str = "") -> None:
+    """Polls `predicate`; with a cluster and a job, fails at once when the job has ended, and a
+    failure shows what the job and its trials were doing."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        ended = bool(job) and cluster.job(job)["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
+        if ended or time.monotonic() > deadline:
+            why = "the job ended" if ended else f"timed out after {timeout:.0f} s"
+            state = cluster.diagnose(job) if job else ""
+            raise AssertionError(f"{why} waiting for {what}\n{state}")
         time.sleep(0.5)
 
 
@@ -139,12 +145,20 @@ def trained(services):
     # 4.5 min (beside a CPU hog and the demo), while the later epochs are short
     deadline = time.monotonic() + 480
     try:
-        _wait_until(epoch_0_logged, deadline - time.monotonic(), "epoch 0's metrics in MLflow")
+        _wait_until(
+            epoch_0_logged,
+            deadline - time.monotonic(),
+            "epoch 0's metrics in MLflow",
+            cluster,
+            first,
+        )
         server.stop()
         _wait_until(
             epoch_1_held_and_recorded,
             deadline - time.monotonic(),
             "epoch 1's held metrics and checkpoint",
+            cluster,
+            first,
         )
         cluster.ray("job", "stop", first, check=False)
         assert cluster.wait(first) in ("STOPPED", "FAILED")
@@ -366,11 +380,11 @@ def test_a_killed_sweep_job_resumes_without_rerunning_its_finished_trial(service
     )
     first = cluster.job_id(cluster.submit(*sweep, wait=False))
 
-    def one_finished_one_running() -> bool:
+    def one_finished_one_running() -> bool:  # the job's log shows Tune's trial table
         statuses = _tune_statuses(work / "sweeps" / "e2e-sweep")
         return "TERMINATED" in statuses and "RUNNING" in statuses
 
-    _wait_until(one_finished_one_running, 300, "a finished and a running trial")
+    _wait_until(one_finished_one_running, 420, "a finished and a running trial", cluster, first)
     driver = cluster.job(first)["driver_info"]
     os.kill(int(driver["pid"]), signal.SIGKILL)
     assert cluster.wait(first) == "FAILED"

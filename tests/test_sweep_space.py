@@ -167,10 +167,13 @@ def test_a_sweep_waits_for_the_autoscaler_to_add_gpu_nodes():
         resources=lambda: next(seen),
         request=lambda bundles: asked.append(bundles),
         poll_s=0.01,
+        trials=2,
     )
     assert have == {"CPU": 98.0, "GPU": 8.0}
-    # one trial's bundles: 2 GPU workers of 4 CPUs, and its driver + data task; then withdrawn
-    assert asked == [[{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 1.1}], []]
+    # two trials' bundles (max_concurrent_trials 2): each 2 GPU workers of 4 CPUs, and its
+    # driver + data task; then withdrawn
+    trial = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 1.1}]
+    assert asked == [trial + trial, []]
     assert _concurrency([cfg], have, 0) == 4
 
 
