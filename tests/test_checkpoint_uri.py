@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import _save  # a training checkpoint folder
 
 from jobs.checkpoint_uri import load_model
-from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.config import load_config
 from psm_model.hrnet import build_model
 from psm_model.weights import CheckpointError
@@ -15,19 +15,9 @@ from psm_model.weights import CheckpointError
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
-def _checkpoint_folder(path, cfg):
-    """A training checkpoint of a fresh `cfg.model` at `path`; returns the model."""
-    model = build_model(cfg.model)
-    opt = torch.optim.Adam(model.parameters())
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    save_checkpoint(path, model, opt, sched, scaler, TrainState(epoch=1), cfg)
-    return model
-
-
 def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
     cfg = load_config(TINY, ["model.fusion=hrnet"])
-    model = _checkpoint_folder(tmp_path / "ckpt", cfg)
+    model = _save(tmp_path / "ckpt", cfg, epoch=1)
     torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")  # psm
     for uri, fusion in (
         (f"file://{tmp_path}/ckpt", "hrnet"),
