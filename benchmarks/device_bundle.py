@@ -47,7 +47,7 @@ PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{n}_x86_64" for n in range(
 INSTEAD = {"mlflow": ("mlflow-skinny", "sqlalchemy", "alembic", "cryptography")}
 LEFT_OUT = {  # required (by this project or a dependency), imported by no GPU run: not brought
     "optuna": "the TPE searcher of `psm tune` (jobs/tune.py), not run on the GPU machine",
-    "matplotlib": "the sweep's plot of `psm tune` / `psm compare` (jobs/compare.py)",
+    "matplotlib": "the sweep's plot of `psm tune` / `psm compare` (jobs/sweep_pictures.py)",
     "virtualenv": "ray[default]'s: Ray's pip/uv runtime_env plugins import it; no run here asks "
     "for a runtime_env (5.5 MiB with its own needs)",
 }

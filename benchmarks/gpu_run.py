@@ -58,22 +58,15 @@ def train_figures(uri: str, experiment: str, run_name: str, rung: dict | None) -
     """Per epoch, the training job's samples/s, data wait share and data side's samples/s (its
     MLflow metrics: what finished before any timeout); the epochs after the first (start-up,
     cuDNN's autotuning, compilation) against the model-only train step of the same settings."""
-    import mlflow
+    from jobs.tracking import metric_histories, named_run
 
-    from jobs.tracking import RUN_NAME_TAG, literal
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    found = exp and client.search_runs(
-        [exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = {literal(run_name)}"
-    )
-    if not found:  # the job did not start (or not get as far as its MLflow run)
+    run = named_run(uri, experiment, run_name)
+    if run is None:  # the job did not start (or not get as far as its MLflow run)
         return {"error": f"no MLflow run named {run_name} in {uri}"}
-    run = found[0]
     epochs: dict[int, dict] = {}
     for key in TRAIN_METRICS:
-        for m in client.get_metric_history(run.info.run_id, key):
-            epochs.setdefault(m.step, {"epoch": m.step})[key] = m.value
+        for step, value in metric_histories(uri, [run.info.run_id], key)[run.info.run_id]:
+            epochs.setdefault(step, {"epoch": step})[key] = value
     done = [epochs[e] for e in sorted(epochs)]
     steady = done[1:] or done  # one epoch only: it is all there is
     out: dict = {"run_status": run.info.status, "epochs": done, "steady_epochs": len(done) - 1}

@@ -1,6 +1,6 @@
 """`psm bench train-start`: where a short Ray Train run's wall time goes, ours and Ray's.
 
-Runs `jobs.train.run_training` a few times on a local Ray (the first run pays Ray's cold start,
+Runs `jobs.training.run_training` a few times on a local Ray (the first run pays Ray's cold start,
 the later ones what every run of a warm cluster pays) and prints, per run, the driver's phases
 (opening the MLflow run, `TorchTrainer.fit`, closing: held metrics, registration, status) and,
 from Ray Train's controller log, its own phases inside `fit` (controller start, worker actors,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     from ray.train.torch import TorchTrainer
 
     from jobs import tracking
-    from jobs.train import run_training
+    from jobs.training import run_training
     from pipelines.synthetic import make_synthetic
     from psm_model.config import load_config
 

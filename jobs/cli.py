@@ -74,7 +74,7 @@ COMMANDS = {
         "the training runs of an MLflow experiment (or one sweep) side by side",
     ),
     ("job-env",): (
-        "jobs.provenance",
+        "jobs.job_env",
         "a `ray job submit --runtime-env-json` value carrying this checkout's git commit",
     ),
     ("export", "onnx"): (

@@ -17,10 +17,10 @@ from pathlib import Path
 import ray
 
 from jobs import command, tracking
-from jobs.train import run_training
+from jobs.training import run_training
 from pipelines.evaluate import evaluate_model
-from pipelines.synthetic import make_synthetic
-from psm_model.config import Config, load_config
+from pipelines.synthetic import ensure_demo_data
+from psm_model.config import load_config
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import build_model
 
@@ -73,21 +73,6 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
     )
     ray.shutdown()
     return {"untrained": untrained, "trained": trained, **summary}
-
-
-def demo_data_complete(cfg: Config) -> bool:
-    """Each split's annotation file is written last and atomically: both present = complete data
-    (a `psm make-data` killed between the splits leaves only the first)."""
-    root = Path(cfg.data.root)
-    return all((root / a).exists() for a in (cfg.data.train_annotations, cfg.data.val_annotations))
-
-
-def ensure_demo_data(cfg: Config) -> None:
-    """Write the demo's synthetic dataset where a config expects it and it is absent."""
-    root = Path(cfg.data.root)
-    if not demo_data_complete(cfg):
-        print(f"== writing the synthetic COCO dataset to {root}")
-        make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

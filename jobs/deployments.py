@@ -79,7 +79,7 @@ class PoseModel:
     def __init__(self, cfg: Config, checkpoint: str) -> None:
         import torch
 
-        from jobs.evaluate import load_model
+        from jobs.checkpoint_uri import load_model
         from pipelines.malloc import keep_freed_memory
         from pipelines.predict import pose_model
 

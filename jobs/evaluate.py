@@ -10,81 +10,18 @@ ground-truth round trip instead: no model, the whole crop -> heatmap -> decode -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
 import uuid
-from pathlib import Path
 
 from jobs import command, provenance, storage, tracking
+from jobs.checkpoint_uri import load_model
 from pipelines.uris import join, read_bytes
-from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
 from psm_model.evaluation import metrics_table
-from psm_model.hrnet import PoseHRNet, build_model
-from psm_model.weights import (
-    CheckpointError,
-    from_official_checkpoint,
-    load_strict,
-    read_state_dict,
-)
 
 log = logging.getLogger(__name__)
-
-
-def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
-    """A training checkpoint directory (its own config wins), an official HRNet pose .pth, or a
-    state_dict file for `cfg.model`; a local path or a pyarrow URI (the s3:// checkpoints of a
-    cluster's train.storage_path), copied to a temporary folder first; or a registered model,
-    `models:/NAME/VERSION` (its checkpoint folder, no pickle: `jobs/registered_model.py`)."""
-    if checkpoint.startswith("models:/"):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_model(str(tracking.download_model(cfg, checkpoint, tmp)), cfg)
-    if "://" in checkpoint:
-        import tempfile
-
-        import pyarrow as pa
-        import pyarrow.fs as pafs
-
-        from pipelines.uris import filesystem
-
-        shown = redact_secrets(checkpoint)  # a URI may carry key:secret@
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                fs, where = filesystem(checkpoint)
-                local = Path(tmp) / Path(where.rstrip("/")).name
-                kind = fs.get_file_info(where).type
-                if kind == pafs.FileType.NotFound:
-                    raise CheckpointError(f"{shown}: checkpoint not found")
-                if kind == pafs.FileType.Directory:
-                    local.mkdir()
-                pafs.copy_files(
-                    where,
-                    str(local),
-                    source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem(),
-                )
-            except (OSError, pa.ArrowException) as e:  # a bad URI, no access, no network
-                raise CheckpointError(f"{shown}: cannot read: {redact_secrets(str(e))}") from e
-            return load_model(str(local), cfg)
-    path = Path(checkpoint)
-    if path.is_dir():
-        model, ckpt_cfg = load_checkpoint_model(path)
-        return model, dataclasses.replace(cfg, model=ckpt_cfg.model)
-    state, name = read_state_dict(path)
-    # PSM layers and the stride-2 head carry names the official layout never uses
-    if not any(k.startswith("head_") or ".conv.weight" in k for k in state):
-        model = from_official_checkpoint(state)
-        model_cfg = dataclasses.replace(
-            cfg.model, widths=model.widths, fusion="hrnet", heatmap_stride=4
-        )
-        return model, dataclasses.replace(cfg, model=model_cfg)
-    model = build_model(cfg.model)
-    load_strict(model, state, name)
-    return model, cfg
 
 
 def run_eval(

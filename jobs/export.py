@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from jobs import storage
-    from jobs.evaluate import load_model
+    from jobs.checkpoint_uri import load_model
     from pipelines.uris import write_bytes
     from psm_model.export import export_onnx
 

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 
 from jobs import command, provenance, storage, tracking
-from jobs.evaluate import load_model
+from jobs.checkpoint_uri import load_model
 from pipelines import uris
 from pipelines.augment import image_rows
 from pipelines.coco import DataError, load_coco_persons, load_images

@@ -1,7 +1,7 @@
 """What made a run: the code (git commit, dirty flag, a digest of the package's source, library
 versions) and the data (annotation files with a content digest and counts), as MLflow tags and
-dataset inputs (`jobs.tracking` logs them). Plus `psm job-env`, which carries the commit to a
-submitted job.
+dataset inputs (`jobs.tracking` logs them). Plus `job_env`, the runtime env that carries the
+commit to a submitted job (`psm job-env`, `jobs/job_env.py`).
 
 `ray job submit --working-dir .` runs the job in a copy of the folder without `.git` (Ray's
 default excludes), so a job cannot ask git. The submitting side can: `psm job-env` prints the
@@ -11,10 +11,8 @@ without either the run still names its code by the digest of its source files.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -190,38 +188,3 @@ def job_env(runtime_env: dict | None = None) -> dict:
     names = {"commit": COMMIT_ENV, "dirty": DIRTY_ENV, "branch": BRANCH_ENV}
     env["env_vars"] = {**env.get("env_vars", {}), **{names[k]: v for k, v in git.items()}}
     return env
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Prints a runtime env JSON for `ray job submit --runtime-env-json` that carries this "
-        "checkout's git commit and dirty flag to the job (its copy of the working dir has no "
-        ".git), so the job's MLflow runs name the commit they ran. Given a runtime env JSON, "
-        "adds to it."
-    )
-    p.add_argument("runtime_env", nargs="?", default="{}", help="runtime env JSON to add to")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> None:
-    from psm_model.config import ConfigError
-
-    try:
-        given = json.loads(args.runtime_env)
-        assert isinstance(given, dict)
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"psm job-env: {args.runtime_env!r} is not a JSON object") from e
-    if not git_state():
-        raise ConfigError(f"psm job-env: {ROOT} is not a git checkout")
-    print(json.dumps(job_env(given)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.provenance [JSON]` is `psm job-env [JSON]`."""
-    from jobs import command
-
-    return command.job_main("jobs.provenance", "psm job-env", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """What keeps a training run's good work: the non-finite loss guard, the best checkpoint kept beside
 Ray's newest ones, the fallback from a corrupt newest checkpoint, the config check of a resumed
-run, and unique default run names. Used by `jobs.train`; Ray calls are marked `# Ray`.
+run, and unique default run names. Used by `jobs.training`; Ray calls are marked `# Ray`.
 """
 
 from __future__ import annotations

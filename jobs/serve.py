@@ -46,7 +46,7 @@ def prepare(cfg: Config, checkpoint: str) -> tuple[Config, str, dict]:
     checkpoint loads, the detector loads and has a known layout. Local paths made absolute and
     the tracking URI resolved (replicas do not start in this directory). Returns the config, the
     checkpoint as the replicas will read it, and what the service names as its model."""
-    from jobs.evaluate import load_model
+    from jobs.checkpoint_uri import load_model
     from psm_model.checkpoint import checkpoint_config, weights_sha256
 
     if "://" not in checkpoint and not checkpoint.startswith("models:/"):

@@ -1,10 +1,10 @@
 """A sweep's pictures and table, logged to its MLflow parent run and written by `psm compare
---sweep NAME --pictures DIR`, from the same rows (`jobs.compare.comparison`):
+--sweep NAME --pictures DIR`, from the same rows (`jobs.comparison.comparison`):
 
 - `best_ap_heatmap.png`: best val AP over width x sigma (the mission's grid), or over the two
   parameters whose values move the AP most, the value printed in each cell;
 - `val_ap_curves.png`: every trial's val AP per epoch on one axis, ASHA's stops marked;
-- `trials.csv` / `trials.txt`: the comparison table, best AP first (`jobs.compare`).
+- `trials.csv` / `trials.txt`: the comparison table, best AP first (`jobs.comparison`).
 
 Trials are named by the parameters that differ between them (`w48 σ2.5`), here and on the
 console lines of a sweep.

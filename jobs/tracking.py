@@ -1,8 +1,8 @@
 """The one module that talks to MLflow. Training calls it from the driver and from rank 0 only.
 
-MLflow is imported where it is used, not here: every process that unpickles `jobs.train.train_loop`
-(Ray Train's controller, each worker, a Tune trial) imports this module, and `mlflow` costs ~1 s
-of CPU to import that only the driver and rank 0 spend.
+MLflow is imported where it is used, not here: every process that unpickles
+`jobs.training.train_loop` (Ray Train's controller, each worker, a Tune trial) imports this module,
+and `mlflow` costs ~1 s of CPU to import that only the driver and rank 0 spend.
 """
 
 from __future__ import annotations
@@ -420,6 +420,44 @@ def registered_versions(cfg: Config, run_id: str) -> list:
         f"name = {literal(cfg.train.registered_model)} and run_id = {literal(run_id)}"
     )
     return sorted((v.version for v in found), key=int)
+
+
+def train_runs(uri: str, experiment: str, sweep: str | None = None) -> list:
+    """The training runs of `experiment`, or only the trials of the sweep named `sweep` (what
+    `psm compare` lists); LookupError when the experiment or the sweep is not there."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise LookupError(f"{uri}: no MLflow experiment {experiment!r}")
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{KIND_TAG}` = 'train'",
+        output_format="list",
+    )
+    if sweep is None:
+        return runs
+    parents = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`{RUN_NAME_TAG}` = {literal(sweep)}",
+        output_format="list",
+    )
+    if not parents:
+        raise LookupError(f"{uri}: experiment {experiment!r} has no sweep {sweep!r}")
+    ids = {p.info.run_id for p in parents}
+    return [r for r in runs if r.data.tags.get(PARENT_TAG) in ids]
+
+
+def named_run(uri: str, experiment: str, run_name: str):
+    """The run of `experiment` whose run-name tag is `run_name`; None when there is none."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and client.search_runs(
+        [exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = {literal(run_name)}"
+    )
+    return found[0] if found else None
 
 
 def metric_histories(uri: str, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:

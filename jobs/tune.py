@@ -1,7 +1,7 @@
 """`psm tune CONFIG --space SPACE.yaml`: a Ray Tune sweep; every trial is a full Ray Train run.
 
 Each trial is a small Tune function (0.1 CPU) that builds the trial's config and runs
-`jobs.train.run_training` with its own TorchTrainer, named after the trial id (so a resumed sweep
+`jobs.training.run_training` with its own TorchTrainer, named after the trial id (so a resumed sweep
 resumes the trial's training from its last checkpoint) and reporting every epoch to Tune. The
 metric is `val_AP` (validation every epoch), which ASHA stops trials on; trials are ranked by
 `best_AP`. MLflow: the sweep is a parent run, each trial a child run (MLflow's parent tag, plus
@@ -30,10 +30,10 @@ import yaml
 from ray import tune
 
 from jobs import command, provenance, tracking
-from jobs.compare import comparison, format_table, sort_rows, sweep_files
+from jobs.comparison import comparison, format_table, sort_rows, sweep_files
 from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
-from jobs.train import resolve_paths, run_training
+from jobs.training import resolve_paths, run_training
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, check_run_name, parse_config, redact_secrets
 
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> None:
     base = command.load(args)
     space = load_space(args.space, base)
     if base.data.root == DataConfig().root:  # the demo's synthetic data, written if absent
-        from jobs.demo import ensure_demo_data
+        from pipelines.synthetic import ensure_demo_data
 
         ensure_demo_data(base)
     if args.num_samples:

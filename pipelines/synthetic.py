@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from psm_model.coco_keypoints import KEYPOINT_NAMES, SKELETON
+from psm_model.config import Config
 from psm_model.files import write_atomic
 
 PERSON_CATEGORY = {
@@ -303,6 +304,21 @@ def make_synthetic(
             f"{c['visible_keypoints']} visible keypoints"
         )
     return counts
+
+
+def demo_data_complete(cfg: Config) -> bool:
+    """Each split's annotation file is written last and atomically: both present = complete data
+    (a `psm make-data` killed between the splits leaves only the first)."""
+    root = Path(cfg.data.root)
+    return all((root / a).exists() for a in (cfg.data.train_annotations, cfg.data.val_annotations))
+
+
+def ensure_demo_data(cfg: Config) -> None:
+    """Write the demo's synthetic dataset where a config expects it and it is absent."""
+    root = Path(cfg.data.root)
+    if not demo_data_complete(cfg):
+        print(f"== writing the synthetic COCO dataset to {root}")
+        make_synthetic(root, train_images=400, val_images=40, seed=cfg.train.seed)
 
 
 COCO_TRAIN_IMAGES = 118_287  # COCO 2017 train: the size `make_coco_size` repeats a sample up to

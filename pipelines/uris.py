@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from psm_model.config import redact_secrets
@@ -67,6 +68,34 @@ def read_json_at(
     except OSError as e:
         raise error(f"{shown}: cannot read: {redact_secrets(str(e))}") from e
     return parse_json(data, shown, error, drop)
+
+
+def copy_to_local(
+    location: str, folder: str | Path, what: str = "file", error: type[Exception] = OSError
+) -> Path:
+    """The file or folder at a URI copied into the local `folder` under its own name (a cluster's
+    s3:// checkpoints, read by code that takes local paths); `error` names the location, with any
+    key:secret@ masked, when it is absent (`what` not found) or cannot be read (a bad URI, no
+    access, no network)."""
+    shown = redact_secrets(location)
+    try:
+        fs, where = filesystem(location)
+        local = Path(folder) / Path(where.rstrip("/")).name
+        kind = fs.get_file_info(where).type
+        if kind == pafs.FileType.Directory:
+            local.mkdir()
+        if kind != pafs.FileType.NotFound:
+            pafs.copy_files(
+                where,
+                str(local),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+    except (OSError, pa.ArrowException) as e:
+        raise error(f"{shown}: cannot read: {redact_secrets(str(e))}") from e
+    if kind == pafs.FileType.NotFound:
+        raise error(f"{shown}: {what} not found")
+    return local
 
 
 def write_bytes(path: str, data: bytes) -> None:

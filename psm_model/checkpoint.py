@@ -8,7 +8,10 @@
 
 `save_model` writes the first two (the best model training logs to MLflow), `save_checkpoint` all
 of them (Ray's checkpoints, the run folder's best_checkpoint). `load_checkpoint_model` reads the
-model of either (eval, infer, export, tune's registration); `load_checkpoint` resumes training.
+model of either (tune's registration, the registered model's code); `load_model` reads any local
+checkpoint a command is given (such a folder, a kept-best folder, a registry copy, an official HRNet
+.pth or a state_dict file: eval, infer, serve, export, through `jobs/checkpoints.py`, which first
+fetches a URI or a registered model to a local folder); `load_checkpoint` resumes training.
 
 Everything is read back with `torch.load(weights_only=True)`. Each file is written atomically
 (`psm_model.files`); a checkpoint whose bytes changed since (a bad disk, a copy cut short) or
@@ -25,7 +28,7 @@ import logging
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +36,12 @@ import torch
 from psm_model.config import Config, ConfigError, load_config, redact_secrets
 from psm_model.files import sha256, write_atomic
 from psm_model.hrnet import PoseHRNet, build_model
-from psm_model.weights import CheckpointError, read_state_dict
+from psm_model.weights import (
+    CheckpointError,
+    from_official_checkpoint,
+    load_strict,
+    read_state_dict,
+)
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
@@ -183,6 +191,26 @@ def load_checkpoint_model(directory: str | Path) -> tuple[PoseHRNet, Config]:
     return model, cfg
 
 
+def load_model(path: str | Path, cfg: Config) -> tuple[PoseHRNet, Config]:
+    """The model of any local checkpoint and `cfg` with its model config: a checkpoint folder
+    (training's, `save_model`'s, a kept-best folder, a registry copy: its own config.yaml wins), an
+    official HRNet pose .pth (its widths, HRNet fusion, stride 4), or a state_dict file of
+    `cfg.model`."""
+    path = Path(path)
+    if path.is_dir():
+        model, own = load_checkpoint_model(path)
+        return model, replace(cfg, model=own.model)
+    state, name = read_state_dict(path)
+    # PSM layers and the stride-2 head carry names the official layout never uses
+    if not any(k.startswith("head_") or ".conv.weight" in k for k in state):
+        model = from_official_checkpoint(state)
+        official = replace(cfg.model, widths=model.widths, fusion="hrnet", heatmap_stride=4)
+        return model, replace(cfg, model=official)
+    model = build_model(cfg.model)
+    load_strict(model, state, name)
+    return model, cfg
+
+
 def _load_weights(d: Path, model: torch.nn.Module) -> None:
     weights, name = read_state_dict(d / "model.pt")
     try:
@@ -248,4 +276,5 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def checkpoint_config(directory: str | Path) -> Config:
-    return load_config(Path(directory) / "config.yaml")
+    """The config a checkpoint folder (or a kept-best folder's current one) was written with."""
+    return load_config(current(directory) / "config.yaml")

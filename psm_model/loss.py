@@ -2,7 +2,7 @@
 
 `train_step` takes a batch of `pipelines.augment` columns to an optimiser update: crops normalised
 and targets rendered on the device (`psm_model.codec`), the model's heatmaps (`psm_model.hrnet`),
-the loss. Plain PyTorch: the Ray Train loop (`jobs.train`) and the train-step benchmark
+the loss. Plain PyTorch: the Ray Train loop (`jobs.training`) and the train-step benchmark
 (`psm bench train`, `psm bench model`) run this same function.
 """
 

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_reference import official_state_dict
 
 from psm_model.checkpoint import (
     TrainState,
+    checkpoint_config,
     load_checkpoint,
     load_checkpoint_model,
     load_first_good,
+    load_model,
     save_checkpoint,
     save_model,
 )
@@ -136,3 +139,51 @@ def test_one_format_the_model_part_alone_loads_as_any_checkpoint_does(tmp_path, 
     (tmp_path / "best" / "model.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="model.pt: sha256 differs"):
         load_checkpoint_model(tmp_path / "best")
+
+
+def _equal(model, expected) -> bool:
+    loaded = model.state_dict()  # once, not per key
+    return all(torch.equal(v, loaded[k]) for k, v in expected.items())
+
+
+def test_the_best_checkpoint_training_logs_to_mlflow_loads_as_a_checkpoint(tmp_path):
+    # the MLflow artifact `best_checkpoint` holds the model and config only (no optimiser, no
+    # train state); `psm eval/infer/export --checkpoint` and tune's registration read it
+    cfg = load_config(TINY, ["model.fusion=hrnet"])
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        next(model.parameters()).fill_(0.5)
+    (tmp_path / "best").mkdir()
+    torch.save(model.state_dict(), tmp_path / "best" / "model.pt")
+    (tmp_path / "best" / "config.yaml").write_text(cfg.to_yaml())
+    loaded, got = load_model(str(tmp_path / "best"), load_config(TINY))
+    assert got.model.fusion == "hrnet"
+    assert _equal(loaded, model.state_dict())
+
+
+def test_load_model_reads_every_local_kind(tmp_path, cfg):
+    given = load_config(TINY, ["model.fusion=hrnet"])  # what the command line says
+    trained = _save(tmp_path / "train" / "gen-0003-0123abcd", cfg, 3)
+    # a kept-best folder: the generation its CURRENT names (run_safety.keep_best)
+    (tmp_path / "train" / "CURRENT").write_text("gen-0003-0123abcd")
+    for folder in ("train/gen-0003-0123abcd", "train"):
+        model, got = load_model(tmp_path / folder, given)
+        assert got.model == cfg.model and got.data == given.data  # the folder's model config
+        assert _equal(model, trained.state_dict())
+    assert checkpoint_config(tmp_path / "train") == cfg
+    # a state_dict file: the given model config
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    model, got = load_model(tmp_path / "weights.pt", cfg)
+    assert got == cfg and _equal(model, trained.state_dict())
+    # an official HRNet pose .pth: its widths, HRNet fusion, stride 4
+    official = official_state_dict((8, 16, 32, 64))
+    torch.save(official, tmp_path / "pose_hrnet_w8.pth")
+    model, got = load_model(tmp_path / "pose_hrnet_w8.pth", load_config(TINY))
+    assert (got.model.widths, got.model.fusion, got.model.heatmap_stride) == (
+        (8, 16, 32, 64),
+        "hrnet",
+        4,
+    )
+    assert model.widths == (8, 16, 32, 64)
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        load_model(tmp_path / "missing.pt", cfg)

@@ -128,4 +128,6 @@ def test_help_imports_no_job_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     loaded = out.stdout
     assert "'jobs.cli'" in loaded
-    assert not any(f"'{m}'" in loaded for m in ("ray", "torch", "jobs.train", "mlflow"))
+    assert not any(
+        f"'{m}'" in loaded for m in ("ray", "torch", "jobs.train", "jobs.training", "mlflow")
+    )

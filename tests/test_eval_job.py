@@ -15,13 +15,11 @@ from official_reference import official_state_dict
 
 from jobs import tracking
 from jobs.cli import main
-from jobs.evaluate import load_model
 from pipelines.evaluate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.config import load_config
 from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
-from psm_model.weights import CheckpointError
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -74,25 +72,6 @@ def test_eval_a_checkpoint_folder_uses_its_own_model_config(
     args = ["eval", TINY, *_args(synthetic_root, tmp_path), "--checkpoint", str(tmp_path / "ckpt")]
     assert main(args) == 0
     assert _last_run(tmp_path)["params.model.fusion"] == "hrnet"
-
-
-def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
-    cfg = load_config(TINY, ["model.fusion=hrnet"])
-    model = _checkpoint_folder(tmp_path / "ckpt", cfg)
-    torch.save(build_model(load_config(TINY).model).state_dict(), tmp_path / "model.pt")  # psm
-    for uri, fusion in (
-        (f"file://{tmp_path}/ckpt", "hrnet"),
-        (f"file://{tmp_path}/model.pt", "psm"),
-    ):
-        # a folder brings its own model config (hrnet); a weights file takes the given one
-        loaded, got = load_model(uri, load_config(TINY, [f"model.fusion={fusion}"]))
-        assert got.model.fusion == fusion
-        if fusion == "hrnet":
-            weights = loaded.state_dict()  # once, not per key
-            for k, v in model.state_dict().items():
-                assert torch.equal(weights[k], v), k
-    with pytest.raises(CheckpointError, match="missing: checkpoint not found"):
-        load_model(f"file://{tmp_path}/missing", cfg)
 
 
 def test_eval_an_official_hrnet_checkpoint(ray_local, synthetic_root, tmp_path):
@@ -220,20 +199,3 @@ def test_eval_with_the_pose_model_on_onnx_runtime_scores_as_pytorch(
     onnx_ids, _, onnx_scores = _poses(tmp_path / "onnxruntime.json")
     assert onnx_ids == torch_ids
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
-
-
-def test_the_best_checkpoint_training_logs_to_mlflow_loads_as_a_checkpoint(tmp_path):
-    # the MLflow artifact `best_checkpoint` holds the model and config only (no optimiser, no
-    # train state); `psm eval/infer/export --checkpoint` and tune's registration read it
-    cfg = load_config(TINY, ["model.fusion=hrnet"])
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        next(model.parameters()).fill_(0.5)
-    (tmp_path / "best").mkdir()
-    torch.save(model.state_dict(), tmp_path / "best" / "model.pt")
-    (tmp_path / "best" / "config.yaml").write_text(cfg.to_yaml())
-    loaded, got = load_model(str(tmp_path / "best"), load_config(TINY))
-    assert got.model.fusion == "hrnet"
-    weights = loaded.state_dict()  # once, not per key
-    for k, v in model.state_dict().items():
-        assert torch.equal(weights[k], v), k

@@ -96,7 +96,7 @@ def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
 def test_a_start_that_fails_on_its_data_leaves_nothing_that_refuses_the_corrected_one(tmp_path):
     """Before: the wrong data.root's config was saved first, and the retry with the right root
     was refused as a changed config."""
-    from jobs.train import run_training
+    from jobs.training import run_training
     from pipelines.coco import DataError
 
     wrong = _cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")

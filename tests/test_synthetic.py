@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from jobs.demo import demo_data_complete
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
 from pipelines.synthetic import (
     KEYPOINT_NAMES,
     LIMBS,
     PERSON_CATEGORY,
+    demo_data_complete,
     make_synthetic,
     make_synthetic_coco,
 )

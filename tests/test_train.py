@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from jobs import provenance
-from jobs.evaluate import load_model
-from jobs.train import run_training
+from jobs.checkpoint_uri import load_model
+from jobs.training import run_training
 from pipelines.coco import load_split
 from psm_model.checkpoint import load_checkpoint
 from psm_model.config import ConfigError, load_config

@@ -8,7 +8,7 @@ import pytest
 from test_train import STILL, TINY  # the same still, small training
 
 from jobs.cli import main as psm
-from jobs.compare import comparison
+from jobs.comparison import comparison
 from jobs.sweep_space import parse_space
 from jobs.tune import run_sweep
 from psm_model.config import load_config

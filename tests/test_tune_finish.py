@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from jobs import tracking
-from jobs.compare import comparison
+from jobs.comparison import comparison
 from jobs.sweep_space import parse_space
 from jobs.tune import _finish, run_sweep
 from psm_model.checkpoint import save_model
