@@ -27,27 +27,27 @@ import logging
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from jobs import command, provenance, storage, tracking
 from jobs.checkpoint_uri import load_model
 from pipelines import uris
-from pipelines.augment import image_rows
-from pipelines.coco import DataError, load_coco_persons, load_images
-from pipelines.detect import detector_session, load_detector
+from pipelines.coco import DataError, load_images
 from psm_model.checkpoint import weights_sha256
-from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
+from psm_model.config import Config, flag_overrides, redact_secrets
 from psm_model.decode import flip_shift
 from psm_model.evaluation import (
     check_submission,
-    coco_box_eval,
     coco_eval,
     load_gt,
     metrics_table,
 )
+
+if TYPE_CHECKING:  # imported where used: `psm infer --help` loads no Ray
+    from pipelines.box_sources import BoxSource, Tally
 
 log = logging.getLogger(__name__)
 
@@ -60,57 +60,21 @@ def _under_root(cfg: Config, path: str) -> str:
     )
 
 
-def _read(location: str, key: str) -> bytes:
-    try:
-        return uris.read_bytes(location)
-    except OSError as e:  # FileNotFoundError included
-        raise DataError(
-            f"{key}: {redact_secrets(location)}: cannot read: {redact_secrets(str(e))}"
-        ) from e
+def _image_list(cfg: Config) -> tuple[str, str]:
+    """infer.images and infer.image_info under data.root (unless absolute); the folder checked."""
+    images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
+    fs, where = uris.filesystem(images)
+    if fs.get_file_info(where).type != pafs.FileType.Directory:
+        raise DataError(f"{redact_secrets(images)}: infer.images: not a folder")
+    return images, info
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _box_source(cfg: Config, detector_sha: str) -> dict:
-    """What the boxes are (manifest and MLflow params): the file and its sha256, the detector
-    model, its sha256 and every threshold, or the annotations."""
-    if cfg.infer.boxes == "file":
-        data = _read(cfg.infer.detections, "infer.detections (--dets)")
-        return {
-            "boxes": "file",
-            "detections": cfg.infer.detections,
-            "detections_sha256": _sha256(data),
-            "box_score_threshold": cfg.eval.box_score_threshold,
-        }
-    if cfg.infer.boxes == "detector":
-        return {
-            "boxes": "detector",
-            "detector_sha256": detector_sha,
-            **tracking_flat("detector", cfg.to_dict()["infer"]["detector"]),
-        }
-    return {"boxes": "gt", "gt": cfg.infer.image_info}
-
-
-def _datasets(cfg: Config, info: str, images: str, records: list, boxes: dict) -> list[dict]:
-    """The image list and the boxes (the detections file or the detector model, by digest)."""
-    out = [provenance.annotation_dataset(info, images, records, "inference")]
-    if boxes["boxes"] == "file":
-        digest = boxes["detections_sha256"]
-        out.append(provenance.file_dataset(cfg.infer.detections, "boxes", digest))
-    elif boxes["boxes"] == "detector":
-        digest = boxes["detector_sha256"]
-        out.append(provenance.file_dataset(cfg.infer.detector.model, "boxes", digest))
-    return out
-
-
-def tracking_flat(prefix: str, values: dict) -> dict:
-    return {f"{prefix}.{k}": v for k, v in values.items()}
-
-
 def _manifest(
-    cfg: Config, weights: dict, rows: list[dict], images: str, info: str, boxes: dict
+    cfg: Config, weights: dict, rows: list[dict], images: str, info: str, source: BoxSource
 ) -> dict:
     """What the parts of one output are the results of: a resume with any of it changed is
     refused (mixing two models' or two detectors' poses in one file would go unnoticed)."""
@@ -133,155 +97,178 @@ def _manifest(
         "images": redact_secrets(images),
         "image_info": redact_secrets(info),
         "image_ids_sha256": _sha256(ids.encode()),
-        **{k: v for k, v in boxes.items() if k not in ("detections", "detector.model")},
+        **source.manifest(),
         "part_images": cfg.infer.part_images,
     }
+
+
+def _weights(checkpoint: str, cfg: Config) -> tuple[dict, Config]:
+    """The checkpoint's weights (CPU tensors; the model is not kept) and cfg with the
+    checkpoint's model config."""
+    model, cfg = load_model(checkpoint, cfg)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg
+
+
+def _start_run(
+    cfg: Config,
+    checkpoint: str,
+    source: BoxSource,
+    resumed: bool,
+    info: str,
+    images: str,
+    records: list,
+) -> str:
+    """One MLflow run per output file: a resumed job carries on the run it started. Its params
+    (the box source's included) and dataset inputs (the image list and the boxes, by digest)."""
+    fs, where = uris.filesystem(cfg.infer.output)
+    stem = PurePosixPath(where).stem
+    name = f"infer-{stem}-{_sha256(f'{fs.type_name}:{where}'.encode())[:8]}"
+    run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
+    if not resumed:  # a resumed job keeps the params it started with (MLflow refuses changes)
+        params = {
+            "infer.checkpoint": checkpoint,
+            **tracking_flat("infer.box_source", source.params()),
+        }
+        params["infer.flip_shift"] = (
+            flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
+        )
+        tracking.log_params(cfg, run_id, params)
+    datasets = [provenance.annotation_dataset(info, images, records, "inference")]
+    datasets += [provenance.file_dataset(at, "boxes", sha) for at, sha in source.inputs()]
+    tracking.log_datasets(cfg, run_id, datasets)
+    return run_id
+
+
+def tracking_flat(prefix: str, values: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
 
 
 def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     """Writes cfg.infer.output and returns the job's metrics (with COCO AP when scorable)."""
     import ray
 
-    from pipelines.evaluate import detection_rows, draw_results
+    from pipelines.box_sources import Tally, box_source
     from pipelines.inference import PartStore, infer_parts, split_parts
-    from pipelines.uris import filesystem, write_bytes
 
-    if cfg.infer.boxes == "file" and not cfg.infer.detections:
-        raise ConfigError(
-            "infer.detections: required with infer.boxes=file: the person detector's boxes in "
-            "COCO results format (e.g. the HRNet release's "
-            "COCO_test-dev2017_detections_AP_H_609_person.json), or set infer.boxes=detector"
-        )
+    source = box_source(cfg)  # the one place infer.boxes is read
     storage.require_output_file(cfg.infer.output, "infer.output (--output)")
     storage.require_persistent_tracking(tracking.tracking_uri(cfg))
-    images, info = _under_root(cfg, cfg.infer.images), _under_root(cfg, cfg.infer.image_info)
-    fs, where = uris.filesystem(images)
-    if fs.get_file_info(where).type != pafs.FileType.Directory:
-        raise DataError(f"{redact_secrets(images)}: infer.images: not a folder")
-    detector, detector_sha = None, ""
-    if cfg.infer.boxes == "detector":  # read and checked before any work: a clear error first
-        data, detector_sha = load_detector(cfg.infer.detector.model)
-        detector_session(data, cfg.infer.detector.model)  # DetectorError: unknown layout
-        detector = (data, cfg.infer.detector.model)
+    images, info = _image_list(cfg)
+    source.check()  # the detector read and loaded before any work: a clear error first
     records, image_skips = load_images(images, info)
-    model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    del model
-    if cfg.infer.boxes == "file":
-        rows = detection_rows(records, cfg.infer.detections, cfg)
-    elif cfg.infer.boxes == "gt":
-        gt_records, _ = load_coco_persons(
-            images, info, cfg.model.input_size, cfg.data.box_padding, False
-        )
-        rows = image_rows(sorted(gt_records, key=lambda r: r.image_id))
-    else:  # the detector stage makes each row's boxes
-        rows = [{"image_id": r.image_id, "path": r.path} for r in records]
+    weights, cfg = _weights(checkpoint, cfg)  # the checkpoint's own model config wins
+    rows = source.rows(records, images, info, cfg)
     parts = split_parts(rows, cfg.infer.part_images)
     output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
-    box_source = _box_source(cfg, detector_sha)
-    store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info, box_source))
+    store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info, source))
     done = store.done(len(parts))
     todo = sorted(set(range(len(parts))) - set(done))
     if done:
         log.info("%s: %d of %d parts done already; resuming", store.folder, len(done), len(parts))
-
-    # one MLflow run per output file: a resumed job carries on the run it started
-    fs, where = filesystem(output)
-    stem = PurePosixPath(where).stem
-    name = f"infer-{stem}-{_sha256(f'{fs.type_name}:{where}'.encode())[:8]}"
-    run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
-    if not done:  # a resumed job keeps the params it started with (MLflow refuses changes)
-        params = {"infer.checkpoint": checkpoint, **tracking_flat("infer.box_source", box_source)}
-        params["infer.flip_shift"] = (
-            flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
-        )
-        tracking.log_params(cfg, run_id, params)
-    tracking.log_datasets(cfg, run_id, _datasets(cfg, info, images, records, box_source))
+    run_id = _start_run(cfg, checkpoint, source, bool(done), info, images, records)
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
             ray.init()
         started = time.perf_counter()
         with tracking.system_metrics(cfg, run_id):
-            sent = infer_parts(parts, todo, cfg, weights, store, detector)
+            sent = infer_parts(parts, todo, cfg, weights, store, source)
         seconds = time.perf_counter() - started
-        written = [store.read(k) for k in range(len(parts))]
-        results = [r for part in written for r in part["results"]]
-        no_person = sum(p.get("no_person", 0) for p in written)
-        skips: Counter = Counter()
-        for part in written:
-            skips.update(part["skipped"])
-        accounted = {"no_person": no_person, **skips}
-        if not detector:
-            accounted["no_boxes"] = sum(len(r["ann_ids"]) == 0 for r in rows)
-        # a submission that checks itself: nothing is written as final unless it passes
-        sizes = {r.image_id: (r.width, r.height) for r in records}
-        check_submission(results, sizes, accounted, output)
-        data = json.dumps(results).encode()
-        write_bytes(output, data)
-        posed = sum(p["persons"] for p in written)
+        tally = Tally.of([store.read(k) for k in range(len(parts))])
+        data = _submit(output, tally, records, rows, source)
         metrics = {
-            "images": float(len(rows)),
-            "images_with_boxes": float(
-                len(rows) - no_person - sum(sum(p["skipped"].values()) for p in written)
-                if detector
-                else sum(len(r["ann_ids"]) > 0 for r in rows)
-            ),
-            "images_no_person": float(no_person),
-            "boxes": float(posed if detector else sum(len(r["ann_ids"]) for r in rows)),
-            "poses": float(len(results)),
-            "skipped_images": float(sum(sum(p["skipped"].values()) for p in written)),
-            "skipped_image_entries": float(sum(image_skips.values())),
+            **_counts(source, rows, tally, image_skips),
             "parts_resumed": float(len(done)),
             "seconds": seconds,
             "images_per_s": sum(len(parts[k]) for k in todo) / max(seconds, 1e-9),
             "images_with_boxes_sent": float(sent),
+            **_scores(info, source, tally),
         }
-        boxes_file = ""
-        if detector:  # the boxes the job used, for a later run (infer.boxes=file) or a tool
-            boxes = [b for part in written for b in part["boxes"]]
-            boxes_file = cfg.infer.boxes_output or _beside(output, "_person_boxes.json")
-            write_bytes(boxes_file, json.dumps(boxes).encode())
-        info_data = uris.read_json_at(info, DataError)
-        if isinstance(info_data, dict) and "annotations" in info_data:  # score it too
-            gt = load_gt(redact_secrets(info), info_data)
-            metrics.update(coco_eval(gt, results))
-            if detector:
-                metrics.update(coco_box_eval(gt, boxes))
-        tracking.log_metrics(cfg, run_id, metrics, step=0)
-        with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files
-            local = Path(tmp) / PurePosixPath(where).name
-            local.write_bytes(data)
-            tracking.log_artifact(cfg, run_id, local, "results")
-        if cfg.eval.visualize:
-            draw_results(
-                records[: cfg.eval.visualize],
-                results,
-                cfg,
-                tracking.save_pose_drawings(cfg, run_id),
-            )
+        _log(cfg, run_id, metrics, data, records, tally.results)
     except BaseException:
         tracking.end_run(cfg, run_id, "FAILED")
         raise
     finally:
         store.release()  # the next job on this output may start
     tracking.end_run(cfg, run_id)
-    source = {"file": cfg.infer.detections, "detector": cfg.infer.detector.model}
+    _report(cfg, run_id, metrics, rows, info, source, tally)
+    return metrics
+
+
+def _report(
+    cfg: Config,
+    run_id: str,
+    metrics: dict,
+    rows: list[dict],
+    info: str,
+    source: BoxSource,
+    tally: Tally,
+) -> None:
+    """The job's summary on stdout: what was posed with which boxes, AP, the MLflow run."""
     print(
-        f"{output}: {len(results)} poses for {len(rows)} images ({info}) with the boxes of "
-        f"{source.get(cfg.infer.boxes, 'the annotations')}; "
-        f"{int(metrics['skipped_images'])} images skipped"
-        + (f", {no_person} without a person; boxes in {boxes_file}" if detector else "")
+        f"{cfg.infer.output}: {len(tally.results)} poses for {len(rows)} images ({info}) with the "
+        f"boxes of {source.label}; {int(metrics['skipped_images'])} images skipped"
+        + source.summary_tail(tally)
     )
     if "AP" in metrics:
         print(metrics_table(metrics))
     print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
-    return metrics
 
 
-def _beside(output: str, suffix: str) -> str:
-    """OUTPUT's folder, its stem + suffix (a local path or a URI)."""
-    stem, dot, ext = output.rpartition(".")
-    return f"{stem if dot and '/' not in ext else output}{suffix}"
+def _submit(output: str, tally: Tally, records: list, rows: list[dict], source: BoxSource) -> bytes:
+    """The results file, written only once it passes the submission check (a submission that
+    checks itself: nothing is written as final unless it passes), and the source's boxes file."""
+    accounted = {"no_person": tally.no_person, **tally.skipped, **source.without_boxes(rows)}
+    sizes = {r.image_id: (r.width, r.height) for r in records}
+    check_submission(tally.results, sizes, accounted, output)
+    data = json.dumps(tally.results).encode()
+    uris.write_bytes(output, data)
+    source.write_boxes(tally)
+    return data
+
+
+def _counts(source: BoxSource, rows: list[dict], tally: Tally, image_skips: dict) -> dict:
+    """Where every image of the list went: boxes, poses, skips."""
+    with_boxes, boxes = source.box_counts(rows, tally)
+    return {
+        "images": float(len(rows)),
+        "images_with_boxes": float(with_boxes),
+        "images_no_person": float(tally.no_person),
+        "boxes": float(boxes),
+        "poses": float(len(tally.results)),
+        "skipped_images": float(sum(tally.skipped.values())),
+        "skipped_image_entries": float(sum(image_skips.values())),
+    }
+
+
+def _scores(info: str, source: BoxSource, tally: Tally) -> dict[str, float]:
+    """COCO AP of the poses (and of the detector's boxes) when the image list is an annotation
+    file; none for a test-dev image list."""
+    info_data = uris.read_json_at(info, DataError)
+    if not (isinstance(info_data, dict) and "annotations" in info_data):
+        return {}
+    gt = load_gt(redact_secrets(info), info_data)
+    return {**coco_eval(gt, tally.results), **source.box_metrics(gt, tally)}
+
+
+def _log(
+    cfg: Config, run_id: str, metrics: dict, data: bytes, records: list, results: list[dict]
+) -> None:
+    """The metrics, the results file and a few images drawn with their poses, to MLflow."""
+    from pipelines.evaluate import draw_results
+
+    tracking.log_metrics(cfg, run_id, metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files
+        _, where = uris.filesystem(cfg.infer.output)
+        local = Path(tmp) / PurePosixPath(where).name
+        local.write_bytes(data)
+        tracking.log_artifact(cfg, run_id, local, "results")
+    if cfg.eval.visualize:
+        draw_results(
+            records[: cfg.eval.visualize],
+            results,
+            cfg,
+            tracking.save_pose_drawings(cfg, run_id),
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
-"""Batch inference (`psm infer`): image rows with their detector boxes -> poses on the Ray Data
-actors of `pose_predictions` -> COCO keypoint results, written in parts so that a killed job
-resumes where it stopped.
+"""Batch inference (`psm infer`): image rows -> poses on the Ray Data actors of the job's box
+source (`pipelines.box_sources`: the boxes of a file or the annotations, or the detector stage)
+-> COCO keypoint results, written in parts so that a killed job resumes where it stopped.
 
 The images are cut, in id order, into parts of infer.part_images. A part is final as soon as every
 box of its images has come back from the actors (rescoring and OKS-NMS work per image and need
@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 import torch
 
 from pipelines.augment import NO_PERSON
+from pipelines.box_sources import BoxSource
 from pipelines.coco import DataError
-from pipelines.datasets import detected_pose_predictions, pose_predictions
 from pipelines.evaluate import pose_results
 from pipelines.leases import Lease
 from pipelines.uris import filesystem, write_bytes
@@ -145,17 +145,15 @@ def split_parts(rows: Sequence[dict], part_images: int) -> list[list[dict]]:
 class _Part:
     """One part while its poses come back: the boxes still due per image, the poses so far.
 
-    With `detected` (infer.boxes=detector) the box counts are unknown until the image's first
-    row arrives (its `image_boxes`); every image then gives rows, "no_person" ones included."""
+    An image's boxes due are its box source's (`due`): None with the detector stage, whose box
+    counts are unknown until the image's first row arrives (its `image_boxes`); every image then
+    gives rows, "no_person" ones included. An image with no box due is not waited for."""
 
-    def __init__(self, rows: list[dict], detected: bool = False) -> None:
+    def __init__(self, rows: list[dict], source: BoxSource) -> None:
         self.image_ids = [int(r["image_id"]) for r in rows]
-        self.detected = detected
-        self.due: dict[int, int | None] = (
-            {i: None for i in self.image_ids}
-            if detected
-            else {int(r["image_id"]): len(r["ann_ids"]) for r in rows if len(r["ann_ids"])}
-        )
+        self.source = source
+        due = {int(r["image_id"]): source.due(r) for r in rows}
+        self.due: dict[int, int | None] = {i: n for i, n in due.items() if n != 0}
         self.poses: list[dict[str, np.ndarray]] = []
         self.skipped: Counter = Counter()
         self.no_person = 0
@@ -178,36 +176,17 @@ class _Part:
                 del self.due[image_id]
 
     def finish(self, cfg: Config) -> dict:
-        """The part file: its image ids, skips by reason and final results (rescored, OKS-NMS)."""
+        """The part file: its image ids, skips by reason and final results (rescored, OKS-NMS),
+        and what its box source adds (the detector's boxes)."""
         persons = sum(int((p["skip"] == "").sum()) for p in self.poses)
         results = pose_results(self.poses, cfg)
-        part = {
+        return {
             "image_ids": self.image_ids,
             "persons": persons,
             "skipped": dict(self.skipped),
             "results": results,
+            **self.source.part_boxes(self.poses, self.no_person),
         }
-        if self.detected:  # the boxes the job used, COCO results format, and who had none
-            part["no_person"] = self.no_person
-            part["boxes"] = detector_boxes(self.poses)
-        return part
-
-
-def detector_boxes(poses: Sequence[dict[str, np.ndarray]]) -> list[dict]:
-    """The detector's boxes behind pose rows, in COCO results format (what infer.boxes=file
-    reads), in image id then score order."""
-    out = []
-    for batch in poses:
-        for i in np.flatnonzero(batch["skip"] == ""):
-            out.append(
-                {
-                    "image_id": int(batch["image_id"][i]),
-                    "category_id": 1,
-                    "bbox": [round(float(v), 2) for v in batch["box"][i]],
-                    "score": round(float(batch["score"][i]), 5),
-                }
-            )
-    return sorted(out, key=lambda b: (b["image_id"], -b["score"], b["bbox"]))
 
 
 def infer_parts(
@@ -216,22 +195,21 @@ def infer_parts(
     cfg: Config,
     weights: dict[str, torch.Tensor],
     store: PartStore,
-    detector: tuple[bytes, str] | None = None,
+    source: BoxSource,
 ) -> int:
     """Poses for the parts `todo` (indices into `parts`), each written to `store` once complete.
 
-    One Ray Data graph over all their images (a single actor pool, model loaded once per actor);
-    images without boxes never enter it. With `detector` (the .onnx bytes and their name), the
-    boxes come from it inside the same graph and every image enters. Returns the number of
-    images sent to the actors.
+    One Ray Data graph over all their images (the box source's: a single actor pool, model
+    loaded once per actor); images with no box due never enter it (with the detector stage,
+    every image enters). Returns the number of images sent to the actors.
     """
     open_parts: dict[int, _Part] = {}
     part_of: dict[int, int] = {}
     rows_with_boxes: list[dict] = []
     for k in todo:
-        open_parts[k] = _Part(parts[k], detected=detector is not None)
+        open_parts[k] = _Part(parts[k], source)
         for row in parts[k]:
-            if detector is not None or len(row["ann_ids"]):
+            if int(row["image_id"]) in open_parts[k].due:
                 part_of[int(row["image_id"])] = k
                 rows_with_boxes.append(row)
     started, written = time.perf_counter(), 0
@@ -247,12 +225,7 @@ def infer_parts(
         close(k)
     if rows_with_boxes:
         # Ray call: one streaming graph; only pose rows come back to this driver
-        if detector is not None:
-            poses = detected_pose_predictions(
-                rows_with_boxes, cfg, weights, cfg.infer.pose_runtime, *detector
-            )
-        else:
-            poses = pose_predictions(rows_with_boxes, cfg, weights, cfg.infer.pose_runtime)
+        poses = source.predictions(rows_with_boxes, cfg, weights)
         batches = poses.iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             owner = np.array([part_of[int(i)] for i in batch["image_id"]])

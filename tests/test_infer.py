@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from jobs.cli import main
+from pipelines.box_sources import AnnotationBoxes, DetectorBoxes
 from pipelines.coco import DataError, load_images
 from pipelines.inference import PartStore, _Part, split_parts
-from psm_model.config import load_config
+from psm_model.config import DetectorConfig, load_config
 from psm_model.evaluation import EvalError, check_submission, validate_results
 from psm_model.hrnet import build_model
 
@@ -75,7 +76,7 @@ def _poses(image_ids, skips):
 
 def test_a_part_is_complete_when_every_box_or_a_skip_came_back():
     cfg = load_config(TINY)
-    part = _Part([_row(1, 2), _row(2, 0), _row(3, 1), _row(4, 3)])
+    part = _Part([_row(1, 2), _row(2, 0), _row(3, 1), _row(4, 3)], AnnotationBoxes("info.json"))
     assert part.due == {1: 2, 3: 1, 4: 3}  # image 2 has no box: nothing to wait for
     batch = _poses([1, 3, 4], ["", "", "corrupt_image"])  # image 4 failed to decode
     part.add(batch, np.arange(3))
@@ -83,11 +84,37 @@ def test_a_part_is_complete_when_every_box_or_a_skip_came_back():
     part.add(_poses([1], [""]), np.arange(1))
     assert not part.due
     out = part.finish(cfg)
+    assert list(out) == ["image_ids", "persons", "skipped", "results"]  # the boxes are the input's
     assert out["image_ids"] == [1, 2, 3, 4] and out["persons"] == 3
     assert out["skipped"] == {"corrupt_image": 1}
     # images 1 (two identical poses: OKS-NMS keeps one) and 3
     assert sorted(r["image_id"] for r in out["results"]) == [1, 3]
     assert split_parts([_row(i, 1) for i in range(5)], 2)[2] == [_row(4, 1)]
+
+
+def test_a_detector_part_learns_its_box_counts_from_the_rows_and_keeps_the_boxes():
+    cfg = load_config(TINY)
+    source = DetectorBoxes(DetectorConfig(model="d.onnx"), {}, "boxes.json")
+    part = _Part([{"image_id": i, "path": f"{i}.jpg"} for i in (1, 2, 3)], source)
+    assert part.due == {1: None, 2: None, 3: None}  # every image is waited for
+    batch = _poses([1, 2, 3], ["", "no_person", "corrupt_image"])
+    batch["box"] = np.array([[10, 20, 30, 40.123], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    batch["image_boxes"] = np.array([2, 0, 0])  # image 1: two boxes, this row the first
+    part.add(batch, np.arange(3))
+    assert part.due == {1: 1} and part.no_person == 1
+    last = _poses([1], [""])
+    last["score"], last["box"] = np.array([0.95], np.float32), np.array([[1, 2, 3, 4]], np.float32)
+    last["image_boxes"] = np.array([2])
+    part.add(last, np.arange(1))
+    assert not part.due
+    out = part.finish(cfg)
+    assert list(out) == ["image_ids", "persons", "skipped", "results", "no_person", "boxes"]
+    assert out["persons"] == 2 and out["no_person"] == 1
+    assert out["skipped"] == {"corrupt_image": 1}
+    assert out["boxes"] == [  # by score, rounded as a detections file
+        {"image_id": 1, "category_id": 1, "bbox": [10.0, 20.0, 30.0, 40.12], "score": 1.0},
+        {"image_id": 1, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.95},
+    ]
 
 
 @pytest.mark.parametrize("uri", [False, True])
