@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from pipelines.augment import draw_augmentation, half_body_box
-from pipelines.coco import NUM_JOINTS, ImageRecord
+from pipelines.coco import NUM_JOINTS, ImageRecord, PersonRecord
 from psm_model.codec import IMAGENET_MEAN, IMAGENET_STD
 from psm_model.config import Config
 from psm_model.geometry import flip_keypoints
@@ -59,7 +59,7 @@ def _official_affine(center, scale, rot_deg: float, size_hw: tuple[int, int]) ->
     return cv2.getAffineTransform(src, dst)
 
 
-def _official_target(
+def official_target(
     joints: np.ndarray, vis: np.ndarray, size_hw: tuple[int, int], sigma: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The official `generate_target` (gaussian): per joint, a (6 sigma + 1)^2 patch pasted."""
@@ -97,6 +97,42 @@ _MEAN = np.array(IMAGENET_MEAN, np.float32)
 _STD = np.array(IMAGENET_STD, np.float32)
 
 
+def official_geometry(
+    person: PersonRecord,
+    image_width: int,
+    rng: np.random.Generator,
+    cfg: Config,
+    size_hw: tuple[int, int],
+) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray]:
+    """The official `__getitem__`'s geometry for one person, with our draws from `rng`:
+    (affine matrix (2, 3), flipped, joints (J, 2) in crop pixels, visibility (J,) float32).
+
+    As official: half body, scale, rotation, then the flip of image, joints and centre (the
+    caller mirrors the image); `fliplr_joints` zeroes unlabelled joints, which are never moved;
+    no visibility is dropped for joints outside the crop.
+    """
+    out_h, out_w = size_hw
+    joints = person.keypoints.astype(np.float64)
+    vis = (joints[:, 2] > 0).astype(np.float32)
+    c, s = person.center.astype(np.float64), person.scale.astype(np.float64)
+    aug = draw_augmentation(rng, cfg.data)
+    if aug.half_body and vis.sum() > cfg.data.half_body_min_joints:
+        box = half_body_box(joints, rng, aspect=out_w / out_h)
+        if box is not None:
+            c, s = box[0].astype(np.float64), box[1].astype(np.float64)
+    s = s * aug.scale_factor
+    if aug.flip:  # official: data_numpy[:, ::-1, :], fliplr_joints, mirrored centre
+        joints = flip_keypoints(joints, image_width)
+        vis = (joints[:, 2] > 0).astype(np.float32)  # swapped with its joint
+        joints[vis == 0, :2] = 0.0
+        c = np.array([image_width - 1 - c[0], c[1]])
+    trans = _official_affine(c, s, aug.rotation_deg, size_hw)
+    for j in range(len(joints)):  # official affine_transform, one joint at a time
+        if vis[j] > 0.0:
+            joints[j, 0:2] = np.dot(trans, np.array([*joints[j, 0:2], 1.0]))
+    return trans, aug.flip, joints[:, :2], vis
+
+
 def time_official(records: Sequence[ImageRecord], cfg: Config, size: tuple[int, int]) -> dict:
     """One pass of the official loader's per-person work (module docstring), timed by stage."""
     sigma = official_sigma(size)
@@ -111,31 +147,17 @@ def time_official(records: Sequence[ImageRecord], cfg: Config, size: tuple[int, 
             image = cv2.imread(rec.path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
             t["decode"] += clock() - t0
-            joints = p.keypoints.astype(np.float64)
-            vis = (joints[:, 2] > 0).astype(np.float32)
-            c, s = p.center.astype(np.float64), p.scale.astype(np.float64)
-            aug = draw_augmentation(rng, cfg.data)
-            if aug.half_body and vis.sum() > cfg.data.half_body_min_joints:
-                box = half_body_box(joints, rng, aspect=out_w / out_h)
-                if box is not None:
-                    c, s = box[0].astype(np.float64), box[1].astype(np.float64)
-            s = s * aug.scale_factor
-            if aug.flip:  # official: data_numpy[:, ::-1, :], fliplr_joints, mirrored centre
+            trans, flipped, joints, vis = official_geometry(p, image.shape[1], rng, cfg, size)
+            if flipped:
                 image = image[:, ::-1, :]
-                joints = flip_keypoints(joints, image.shape[1])
-                c = np.array([image.shape[1] - 1 - c[0], c[1]])
-            trans = _official_affine(c, s, aug.rotation_deg, size)
             t0 = clock()
             crop = cv2.warpAffine(image, trans, (out_w, out_h), flags=cv2.INTER_LINEAR)
             t["warp"] += clock() - t0
-            for j in range(len(joints)):  # official affine_transform, one joint at a time
-                if vis[j] > 0.0:
-                    joints[j, 0:2] = np.dot(trans, np.array([*joints[j, 0:2], 1.0]))
             t0 = clock()
             x = np.ascontiguousarray(crop.transpose(2, 0, 1)).astype(np.float32) / 255.0
             x = (x - _MEAN[:, None, None]) / _STD[:, None, None]  # ToTensor + Normalize
             t1 = clock()
-            _official_target(joints, vis, size, sigma)
+            official_target(joints, vis, size, sigma)
             t["heatmaps"] += clock() - t1
             t["to_float"] += t1 - t0
             crops += 1

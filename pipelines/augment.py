@@ -8,8 +8,9 @@ and `eval_batch` over blocks of image rows.
 2. `train_batch`: each image decoded once (`pipelines.images.decode_image`); then, per person,
    `make_training_sample` with a generator of its own (`SampleRngs`, keyed by seed, epoch, image
    id and annotation id): the draws (`draw_augmentation`), the half-body box, scale, rotation and
-   flip in the official order, one warpAffine straight into the batch array, the joints mapped,
-   swapped on a flip and unlabelled outside the crop.
+   flip in the official order, one warpAffine straight into the batch array, the joints mapped
+   and swapped on a flip (as official, one outside the crop stays labelled: the codec gives it
+   weight 1 while its Gaussian window reaches the heatmap).
 3. The batch columns (SAMPLE_COLUMNS): the uint8 crop plus keypoints in crop pixels, visibility,
    ids, centre/scale and box score, about 0.33 MB a sample at 384x288 through the object store.
    Normalisation and heatmap targets are made batched in torch, in the train step.
@@ -49,8 +50,8 @@ NO_PERSON = "no_person"  # the skip reason of an image the detector found nobody
 # The one place that names the sample columns (and their per-row shapes / dtypes).
 SAMPLE_COLUMNS = {
     "image": "uint8 (H, W, 3) RGB crop",
-    "keypoints": f"float32 ({NUM_JOINTS}, 2) x, y in crop pixels (0 where not visible)",
-    "visible": f"uint8 ({NUM_JOINTS},) 1 = labelled and inside the crop",
+    "keypoints": f"float32 ({NUM_JOINTS}, 2) x, y in crop pixels, maybe outside it (0 if v = 0)",
+    "visible": f"uint8 ({NUM_JOINTS},) 1 = labelled, inside the crop or not",
     "image_id": "int64",
     "ann_id": "int64 (annotation id, or the detection's index in its image)",
     "center": "float32 (2,) crop centre in image pixels",
@@ -203,8 +204,9 @@ def make_training_sample(
     Order as official: half body, scale, rotation, flip; then one warpAffine. The flip is the
     official "mirror the image, mirror the centre, crop" folded into the matrix (crop(mirror(x)))
     so the image is never copied. `augmentation` replaces the drawn one (tests, visualisation);
-    the half-body choice still comes from `rng`. Joints that are invisible (v = 0) or land outside
-    the crop get visible = 0 and coordinates (0, 0). `out` receives the crop (see `warp_crop`).
+    the half-body choice still comes from `rng`. Unlabelled joints (v = 0) get visible = 0 and
+    coordinates (0, 0); labelled ones stay visible wherever they land, as official (no crop test
+    in `__getitem__`): `HeatmapCodec.encode` weighs them. `out` receives the crop (`warp_crop`).
     """
     kpts = np.asarray(person_keypoints, dtype=np.float64)
     aug = draw_augmentation(rng, cfg_data) if augmentation is None else augmentation
@@ -235,8 +237,6 @@ def make_training_sample(
     if aug.flip:  # the mirror is in the matrix; the joint names still have to swap sides
         perm = _FLIP_PERM if len(kpts) == len(_FLIP_PERM) else flip_permutation(len(kpts))
         xy, visible = xy[perm], visible[perm]
-    inside = (xy[:, 0] >= 0) & (xy[:, 0] < out_w) & (xy[:, 1] >= 0) & (xy[:, 1] < out_h)
-    visible &= inside
     xy[~visible] = 0.0
     return crop, xy.astype(np.float32), visible.view(np.uint8)
 

@@ -163,7 +163,7 @@ def oracle_eval(
         visible = keypoints[..., 2] > 0
         if gt_in_crop_only:
             x, y = crop_xy[..., 0], crop_xy[..., 1]
-            outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)  # as the training crop's test
+            outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)
             n = _drop_joints_outside_crops(coco, [p[5] for p in persons], outside)
             log.info("%s: %d labelled joints outside their crop left out of COCOeval", ann_file, n)
         coords, maxvals, batch = [], [], cfg.eval.batch_size

@@ -6,7 +6,7 @@ decoding and the flip test (`psm_model.decode`); `sigma` is in HEATMAP pixels (H
 vectorised over batch and joints.
 
 Pixel convention, shared by encoder, decoder and flip test: heatmap pixel u <-> input-crop pixel
-u * stride (the target peak sits at floor(x / stride + 0.5)), input pixel centres at integers.
+u * stride (the target peak sits at int(x / stride + 0.5)), input pixel centres at integers.
 """
 
 from __future__ import annotations
@@ -34,24 +34,25 @@ def render_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian heatmaps (B, J, h, w) float32 and joint weights (B, J) float32.
 
-    keypoints (B, J, 2) are (x, y) in input-crop pixels; visible (B, J) is > 0 for labelled joints.
-    As official: the peak sits on the integer heatmap pixel floor(x / stride + 0.5) and equals 1
-    exactly; exp(-d^2 / (2 sigma^2)) is cut to the square window |dx|, |dy| <= 3 sigma; a joint
-    gets weight 0 (and an all-zero map) when invisible or when its window misses the map entirely.
+    keypoints (B, J, 2): (x, y) in input-crop pixels, inside the crop or not; visible (B, J) > 0
+    for labelled joints. As official (`generate_target`): peak 1 on the heatmap pixel
+    mu = int(x / stride + 0.5) (int() truncates toward zero), exp(-d^2 / (2 sigma^2)) cut to the
+    window |dx|, |dy| <= 3 sigma and kept where it falls on the map. Weight 0 (all-zero map) only
+    for unlabelled joints or where mu - 3 sigma >= w (h) or mu + 3 sigma + 1 < 0, the official
+    exclusive bound: a window ending at column (row) -1 keeps weight 1 and an all-zero map.
     """
     h, w = heatmap_size_hw
     radius = math.floor(3 * sigma)  # official tmp_size = 3 sigma (an integer for sigma 2 or 3)
     vis = visible > 0
     # invisible joints may carry any coordinates (0, NaN): park them before the integer cast
     xy = torch.where(vis[..., None], keypoints.float(), torch.zeros((), device=keypoints.device))
-    mu = torch.floor(xy / stride + 0.5).long()  # (B, J, 2) integer centres in heatmap pixels
+    mu = torch.trunc(xy / stride + 0.5).long()  # (B, J, 2) heatmap pixels; trunc as int()
     mu_x, mu_y = mu[..., 0], mu[..., 1]
 
-    # window [mu - r, mu + r] (inclusive) must share at least one pixel with [0, w) x [0, h)
-    overlaps = (
-        (mu_x - radius < w) & (mu_x + radius >= 0) & (mu_y - radius < h) & (mu_y + radius >= 0)
-    )
-    weights = (vis & overlaps).float()  # (B, J)
+    # official: weight 0 iff ul >= size or br < 0, with ul = mu - r and br = mu + r + 1
+    in_bounds = (mu_x - radius < w) & (mu_x + radius + 1 >= 0)
+    in_bounds &= (mu_y - radius < h) & (mu_y + radius + 1 >= 0)
+    weights = (vis & in_bounds).float()  # (B, J)
 
     # exp(-(dx^2 + dy^2) / 2s^2) = exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2): render two 1-D profiles
     # and take their outer product; integer offsets keep the peak at exactly 1
