@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from jobs import console, provenance, run_safety, storage, tracking
 from pipelines.augment import ImageTable, count_skips
 from pipelines.coco import load_split
-from pipelines.datasets import FeedStats, iter_chunked, train_crops
+from pipelines.datasets import FeedStats, iter_chunked, keep_data_actors_here, train_crops
 from pipelines.leases import Lease, check_held
 from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
@@ -336,6 +336,7 @@ def _train(
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()
     storage.warn_if_node_local(cfg.train.mlflow_uri, sum(n["Alive"] for n in ray.nodes()))
+    keep_data_actors_here()  # not on the workers' nodes, which the autoscaler could not remove
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(  # Ray
         train_loop,

@@ -34,6 +34,7 @@ from jobs.comparison import comparison, format_table, sort_rows, sweep_files
 from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.training import resolve_paths, run_training
+from pipelines.datasets import keep_data_actors_here
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, check_run_name, parse_config, redact_secrets
 
@@ -79,6 +80,7 @@ def run_sweep(
 
     if not ray.is_initialized():  # Ray: the cluster in RAY_ADDRESS, or a local one
         ray.init()
+    keep_data_actors_here()  # on this driver's node, not the trials' (their nodes may go)
     resources = _wait_for_resources(configs, wait_s, trials=max(1, max_concurrent))
     concurrency = _concurrency(configs, resources, max_concurrent)
     trial_info = {"sweep": name, "parent_run_id": parent, "storage": f"{storage}/{name}.trials"}

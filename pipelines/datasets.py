@@ -45,6 +45,20 @@ def _dataset(rows: Sequence[dict], num_blocks: int | None, batch_images: int) ->
     return ray.data.from_items(list(rows), override_num_blocks=blocks)
 
 
+def keep_data_actors_here() -> None:
+    """Ray Data's stats and autoscaling-coordinator actors are detached: they live for the
+    cluster's lifetime on the node of the cluster's first Ray Data run. Run a one-row graph here,
+    on the job's driver (the head), so that they are made here and not inside a training worker:
+    the autoscaler never removes a node that holds an actor, so a GPU node would stay up idle
+    for good (seen with Ray's fake multi-node provider: tests/test_autoscaling.py). Once they
+    exist, this is a task of a row (~1 s)."""
+    ray.data.range(1).map_batches(_same).materialize()  # Ray
+
+
+def _same(batch: dict) -> dict:
+    return batch
+
+
 def model_actors(size: int) -> ActorPoolStrategy:
     """A fixed pool of `size` actors that call the model in their main thread.
 

@@ -19,6 +19,7 @@ LONGEST_FIRST = {
     "test_node_loss.py": 250,
     "test_tune.py": 150,
     "test_infer.py": 150,
+    "test_autoscaling.py": 130,
     "test_gpu_run.py": 150,
     "test_eval_job.py": 60,
     "test_serve.py": 60,
