@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -323,18 +322,24 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
 
 def _deliver_held_metrics(base: Config, grid) -> None:
     """Rank 0 sends an epoch's metrics after reporting its checkpoint; Tune may stop a trial in
-    between. What it had not sent is in the train state of the trial's last checkpoint."""
-    import pyarrow.fs as pafs
+    between. What it had not sent is in the train state of the trial's last checkpoint, read
+    past its checksum check (a corrupt one delivers nothing, and says so)."""
+    from pipelines.uris import copy_to_local
+    from psm_model.checkpoint import read_train_state
+    from psm_model.weights import CheckpointError
 
-    storage = base.train.storage_path
-    fs = pafs.FileSystem.from_uri(storage)[0] if "://" in storage else pafs.LocalFileSystem()
     for result in grid:
         path = (result.metrics or {}).get("checkpoint_path")  # set by TuneReportCallback
         if not path:
             continue
-        with fs.open_input_stream(f"{path}/train_state.json") as f:
-            state = json.loads(f.read())
-        tracking.deliver(base, state["mlflow_run_id"], state.get("held_metrics", []))
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = copy_to_local(path, tmp, "checkpoint", CheckpointError)
+                state = read_train_state(local)
+            except CheckpointError as e:
+                log.warning("held metrics not delivered: %s", e)
+                continue
+        tracking.deliver(base, state.mlflow_run_id, state.held_metrics)
 
 
 def _register_best(base: Config, run_id: str) -> str:

@@ -174,6 +174,17 @@ def load_checkpoint(
     _load_weights(d, model)
     if optimizer is not None:
         _load_training_pieces(d / "optimizer.pt", optimizer, scheduler, scaler)
+    return _train_state(d)
+
+
+def read_train_state(directory: str | Path) -> TrainState:
+    """The train state alone, checked against checksums.json like the rest."""
+    d = current(directory)
+    verify_checkpoint(d)
+    return _train_state(d)
+
+
+def _train_state(d: Path) -> TrainState:
     try:
         return TrainState(**json.loads((d / "train_state.json").read_text()))
     except (OSError, ValueError, TypeError) as e:

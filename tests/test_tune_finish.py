@@ -75,3 +75,36 @@ def test_names_reach_mlflow_filters_as_literals_never_as_filter_text(tmp_path):
     assert tracking.literal("it's") == '"it\'s"' and tracking.literal("plain") == "'plain'"
     with pytest.raises(ConfigError, match=r"sweep name .*'\.\./up' must be one folder"):
         run_sweep(base, parse_space(SPACE, base), "../up")
+
+
+def test_held_metrics_are_sent_from_a_verified_checkpoint_and_a_corrupt_one_is_skipped(
+    tmp_path, caplog
+):
+    """What a stopped trial's rank 0 had not sent is in its last checkpoint's train state; a
+    checkpoint whose train state fails its checksum sends nothing and says so."""
+    import torch
+
+    from jobs.tune import _deliver_held_metrics
+    from psm_model.checkpoint import TrainState, save_checkpoint
+
+    base = load_config(TINY, [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    model = build_model(base.model)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    grid, runs = [], {}
+    for name in ("good", "corrupt"):
+        run_id = runs[name] = tracking.start_or_resume_run(base, name)
+        held = [{"step": 1, "time_ms": 1_000, "metrics": {"val_AP": 0.25}}]
+        state = TrainState(epoch=2, mlflow_run_id=run_id, held_metrics=held)
+        folder = save_checkpoint(
+            tmp_path / name, model, opt, sched, torch.amp.GradScaler("cpu"), state, base
+        )
+        grid.append(type("Result", (), {"metrics": {"checkpoint_path": str(folder)}})())
+    train_state = tmp_path / "corrupt" / "train_state.json"
+    train_state.write_text(train_state.read_text().replace("0.25", "0.99"))
+    _deliver_held_metrics(base, grid)
+    client = mlflow.MlflowClient(base.train.mlflow_uri)
+    sent = client.get_metric_history(runs["good"], "val_AP")
+    assert [(m.step, m.value, m.timestamp) for m in sent] == [(1, 0.25, 1_000)]
+    assert client.get_metric_history(runs["corrupt"], "val_AP") == []
+    assert "held metrics not delivered" in caplog.text and "sha256 differs" in caplog.text
