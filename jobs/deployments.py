@@ -82,6 +82,7 @@ class PoseModel:
         from jobs.checkpoint_uri import load_model
         from pipelines.malloc import keep_freed_memory
         from pipelines.predict import pose_model
+        from psm_model.codec import HeatmapCodec
 
         keep_freed_memory()  # no page faults for each batch's activations
         torch.set_num_threads(max(1, int(cfg.serve.pose.cpus)))
@@ -93,6 +94,7 @@ class PoseModel:
             state = onnx_pose_model(cfg, state)
         self.model, self.device = pose_model(cfg, state, cfg.infer.pose_runtime)
         self.cfg = cfg
+        self.codec = HeatmapCodec.from_config(cfg)
         _batching(self.__call__, cfg.serve.pose)
         # the first forward pass is slow (allocations, kernels): not a request's
         h, w = cfg.model.input_size
@@ -105,7 +107,11 @@ class PoseModel:
         n = len(batch["skip"])
         chunks = [
             predict_poses(
-                self.model, {k: v[i : i + size] for k, v in batch.items()}, self.cfg, self.device
+                self.model,
+                {k: v[i : i + size] for k, v in batch.items()},
+                self.cfg,
+                self.device,
+                self.codec,
             )
             for i in range(0, n, size)
         ]

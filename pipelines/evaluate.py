@@ -260,7 +260,8 @@ def evaluate_model(
         cfg.eval.batch_size,
     )
     try:
-        poses = (predict_poses(model, batch, cfg, device) for batch in batches)
+        codec = HeatmapCodec.from_config(cfg)
+        poses = (predict_poses(model, batch, cfg, device, codec) for batch in batches)
         return _score(poses, records, cfg, results_file, save_drawings)
     finally:
         model.train(was_training)

@@ -42,33 +42,41 @@ _OPTIONAL = ("box", "image_boxes")
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module | OnnxPoseModel, images: np.ndarray, cfg: Config, device
+    model: torch.nn.Module | OnnxPoseModel,
+    images: np.ndarray,
+    cfg: Config,
+    device,
+    codec: HeatmapCodec | None = None,
 ) -> torch.Tensor:
     """uint8 crops (B, H, W, 3) -> heatmaps (B, J, h, w), flip-averaged when eval.flip_test."""
     x = normalize_images(torch.from_numpy(images).to(device), cfg.data.channels_last)
     heatmaps = model(x).float()
     if cfg.eval.flip_test:
-        codec = HeatmapCodec.from_config(cfg)
+        codec = codec or HeatmapCodec.from_config(cfg)
         heatmaps = codec.flip_average(heatmaps, model(x.flip(-1)).float())
     return heatmaps
 
 
 def predict_poses(
-    model: torch.nn.Module | OnnxPoseModel, batch: dict[str, np.ndarray], cfg: Config, device
+    model: torch.nn.Module | OnnxPoseModel,
+    batch: dict[str, np.ndarray],
+    cfg: Config,
+    device,
+    codec: HeatmapCodec | None = None,
 ) -> dict[str, np.ndarray]:
     """A numpy batch of eval crops (pipelines.augment.SAMPLE_COLUMNS) -> its poses (POSE_COLUMNS).
 
     Flip test, eval.decode ("quarter" or "dark") and the map back to the image. Skip rows (an
     image that gave no crop) stay, with zero poses, so the caller can count them; the model
-    never sees them.
+    never sees them. `codec`: the caller's, built once (else built here, once per batch).
     """
     keep = batch["skip"] == ""
     n, joints = len(keep), cfg.model.num_joints
     coords = np.zeros((n, joints, 2), np.float64)
     maxvals = np.zeros((n, joints, 1), np.float32)
     if keep.any():
-        heatmaps = predict(model, batch["image"][keep], cfg, device)
-        codec = HeatmapCodec.from_config(cfg)
+        codec = codec or HeatmapCodec.from_config(cfg)
+        heatmaps = predict(model, batch["image"][keep], cfg, device, codec)
         coords[keep], maxvals[keep] = codec.decode(
             heatmaps, batch["center"][keep], batch["scale"][keep], cfg.eval.decode
         )
@@ -108,7 +116,8 @@ class PosePredictor:
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
         keep_freed_memory()  # no page faults for each batch's activations
         self.cfg = cfg
+        self.codec = HeatmapCodec.from_config(cfg)
         self.model, self.device = pose_model(cfg, state, runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return predict_poses(self.model, batch, self.cfg, self.device)
+        return predict_poses(self.model, batch, self.cfg, self.device, self.codec)
