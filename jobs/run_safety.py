@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from pipelines.uris import filesystem, write_bytes
+from psm_model import config
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
-from psm_model.config import Config, ConfigError, parse_config, redact_secrets
+from psm_model.config import Config, ConfigError, keys_tagged, parse_config, redact_secrets
 from psm_model.errors import PsmError
 from psm_model.files import write_atomic
 
@@ -29,25 +30,8 @@ log = logging.getLogger(__name__)
 
 BEST = "best_checkpoint"  # in the run folder, beside Ray's checkpoint_* folders
 RUN_CONFIG = "psm_config.yaml"  # in the run folder: the config a resumed run must match
-# keys that change where or how fast a run trains, or how it reacts to failures, but not what it
-# trains: a resumed run may change them freely
-FREE_ON_RESUME = frozenset(
-    {
-        "train.max_failures",
-        "train.keep_checkpoints",
-        "train.cpus_per_worker",
-        "data.cpus_per_task",
-        "train.mlflow_uri",
-        "train.registered_model",
-        "train.nonfinite_loss",
-        "train.max_skipped_steps",
-        "train.resume_changes",
-        "eval.workers",
-        "eval.cpus_per_worker",
-        "eval.batch_size",
-        "eval.visualize",
-    }
-)
+# what a resumed run may change freely: the fields tagged so in psm_model/config.py
+FREE_ON_RESUME = keys_tagged(config.FREE_ON_RESUME)
 
 
 class NonFiniteLossError(PsmError, RuntimeError):

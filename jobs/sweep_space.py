@@ -26,19 +26,13 @@ from typing import Any, Literal
 
 import yaml
 
-from psm_model.config import Config, ConfigError, parse_config, yaml_mapping
+from psm_model import config
+from psm_model.config import Config, ConfigError, keys_tagged, parse_config, yaml_mapping
 
 SEARCHERS = ("grid", "random", "optuna")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-# set per trial by the sweep itself: a space that sets them would break resume or the MLflow tree
-SWEEP_OWNED = (
-    "train.name",
-    "train.storage_path",
-    "train.mlflow_uri",
-    "train.experiment",
-    "train.registered_model",
-    "train.val_every",
-)
+# set per trial by the sweep itself: the fields tagged so in psm_model/config.py
+SWEEP_OWNED = tuple(sorted(keys_tagged(config.SWEEP_OWNED)))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,29 @@ log = logging.getLogger(__name__)
 # (psm_model.export) on ONNX Runtime
 PoseRuntime = Literal["torch", "onnxruntime"]
 
+# What the jobs ask of a key, said on the field itself (`tagged`, read back by `keys_tagged`):
+# FREE_ON_RESUME: changes where or how fast a run trains, or how it reacts to failures, not what
+#   it trains: a resumed run may change it freely (jobs/run_safety.py: check_resume_config)
+# SWEEP_OWNED: set per trial by the sweep itself: a search space that set it would break resume
+#   or the MLflow tree (jobs/sweep_space.py)
+FREE_ON_RESUME = "free_on_resume"
+SWEEP_OWNED = "sweep_owned"
+
+
+def tagged(default: Any, *tags: str) -> Any:
+    return field(default=default, metadata={tag: True for tag in tags})
+
+
+def keys_tagged(tag: str) -> frozenset[str]:
+    """Every `section.key` whose field carries `tag`."""
+    cfg = Config()
+    return frozenset(
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if f.metadata.get(tag)
+    )
+
 
 class ConfigError(PsmError, ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
@@ -122,7 +145,8 @@ class DataConfig:
     half_body_min_joints: int = 8
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
     # the Ray Data pipeline of training, evaluation and inference alike
-    cpus_per_task: float = 1.0  # CPUs each Ray Data decode/augment/crop task reserves
+    # CPUs each Ray Data decode/augment/crop task reserves
+    cpus_per_task: float = tagged(1.0, FREE_ON_RESUME)
     chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
     channels_last: bool = False  # batches (and the model) in channels-last memory format
 
@@ -162,24 +186,32 @@ class TrainConfig:
     sync_bn: bool = False
     num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # CPUs each training worker reserves
+    cpus_per_worker: float = tagged(1.0, FREE_ON_RESUME)  # CPUs each training worker reserves
     images_per_epoch: int = 0  # train images drawn (anew) each epoch; 0 = all (quick sweeps)
     seed: int = 0
-    val_every: int = 10  # validate (COCO AP) every K epochs and after the last one; 0 = never
-    storage_path: str = "runs"  # checkpoints: a local folder or a pyarrow URI (s3://...)
-    name: str = ""  # run name; an existing name resumes that run. Empty: a new timestamped name
-    keep_checkpoints: int = 2  # the newest ones; the best by val AP is kept besides them
-    max_failures: int = 2  # worker failures Ray Train recovers from (restart from checkpoint)
-    mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "psm-pose"
-    registered_model: str = "psm_model"  # MLflow model registry name of the final model
+    # validate (COCO AP) every K epochs and after the last one; 0 = never
+    val_every: int = tagged(10, SWEEP_OWNED)
+    # checkpoints: a local folder or a pyarrow URI (s3://...)
+    storage_path: str = tagged("runs", SWEEP_OWNED)
+    # run name; an existing name resumes that run. Empty: a new timestamped name
+    name: str = tagged("", SWEEP_OWNED)
+    # the newest ones; the best by val AP is kept besides them
+    keep_checkpoints: int = tagged(2, FREE_ON_RESUME)
+    # worker failures Ray Train recovers from (restart from checkpoint)
+    max_failures: int = tagged(2, FREE_ON_RESUME)
+    # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_uri: str = tagged("", FREE_ON_RESUME, SWEEP_OWNED)
+    experiment: str = tagged("psm-pose", SWEEP_OWNED)
+    # MLflow model registry name of the final model
+    registered_model: str = tagged("psm_model", FREE_ON_RESUME, SWEEP_OWNED)
     # a NaN or infinite loss: "stop" fails the run naming epoch and step (its checkpoints stay
     # good), "skip" drops that step's update, up to max_skipped_steps in the whole run
-    nonfinite_loss: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 10
-    # keys (section.key) a resumed run may change from the config it was started with; any other
-    # difference is refused, naming the keys (jobs/run_safety.py)
-    resume_changes: tuple[str, ...] = ()
+    nonfinite_loss: Literal["stop", "skip"] = tagged("stop", FREE_ON_RESUME)
+    max_skipped_steps: int = tagged(10, FREE_ON_RESUME)
+    # keys (section.key) a resumed run may change from the config it was started with, besides
+    # the FREE_ON_RESUME ones; any other difference is refused, naming the keys
+    # (jobs/run_safety.py)
+    resume_changes: tuple[str, ...] = tagged((), FREE_ON_RESUME)
 
     def __post_init__(self) -> None:
         _finite_floats(self)
@@ -201,13 +233,15 @@ class EvalConfig:
     keypoint_score_threshold: float = 0.2  # keypoints above this enter the pose score
     oks_nms_threshold: float = 0.9
     box_score_threshold: float = 0.0
-    batch_size: int = 32
+    batch_size: int = tagged(32, FREE_ON_RESUME)
     detections: str = ""  # person boxes (COCO results format) for validation; empty: GT boxes
-    visualize: int = 4  # val images drawn with predicted poses and logged to MLflow
+    # val images drawn with predicted poses and logged to MLflow
+    visualize: int = tagged(4, FREE_ON_RESUME)
     # `psm eval --checkpoint`: the model runs on this many Ray Data actors (one GPU each on a GPU
     # cluster). Validation inside training runs in its rank-0 worker instead.
-    workers: int = 1
-    cpus_per_worker: float = 1.0  # CPUs each actor reserves (crop tasks: data.cpus_per_task)
+    workers: int = tagged(1, FREE_ON_RESUME)
+    # CPUs each actor reserves (crop tasks: data.cpus_per_task)
+    cpus_per_worker: float = tagged(1.0, FREE_ON_RESUME)
     pose_runtime: PoseRuntime = "torch"  # `psm eval --checkpoint`: the pose model's runtime
 
     def __post_init__(self) -> None:

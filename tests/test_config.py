@@ -220,3 +220,35 @@ def test_cli_flags_are_aliases_of_one_key_per_job():
         "out #1.json",
     )
     assert load_config(None, flag_overrides("eval", dets="a.json")).eval.detections == "a.json"
+
+
+def test_what_the_jobs_ask_of_a_key_is_said_on_its_field():
+    """Which keys a resumed run may change and which a sweep sets per trial are tags on the
+    fields (`tagged`), read back by `keys_tagged`; these are the lists they replaced."""
+    from psm_model.config import FREE_ON_RESUME, SWEEP_OWNED, keys_tagged
+
+    assert keys_tagged(FREE_ON_RESUME) == {
+        "train.max_failures",
+        "train.keep_checkpoints",
+        "train.cpus_per_worker",
+        "data.cpus_per_task",
+        "train.mlflow_uri",
+        "train.registered_model",
+        "train.nonfinite_loss",
+        "train.max_skipped_steps",
+        "train.resume_changes",
+        "eval.workers",
+        "eval.cpus_per_worker",
+        "eval.batch_size",
+        "eval.visualize",
+    }
+    assert keys_tagged(SWEEP_OWNED) == {
+        "train.name",
+        "train.storage_path",
+        "train.mlflow_uri",
+        "train.experiment",
+        "train.registered_model",
+        "train.val_every",
+    }
+    cfg = Config()  # a tag changes nothing else: the defaults are the plain values
+    assert (cfg.train.max_failures, cfg.train.name, cfg.eval.visualize) == (2, "", 4)
