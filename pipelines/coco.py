@@ -40,7 +40,7 @@ import numpy as np
 
 from pipelines.uris import join, read_json_at
 from psm_model.coco_keypoints import NUM_JOINTS, PERSON_CATEGORY_ID
-from psm_model.config import Config, redact_secrets
+from psm_model.config import Config, DataConfig, redact_secrets
 from psm_model.errors import PsmError
 from psm_model.evaluation import json_int
 from psm_model.geometry import boxes_to_centers_scales
@@ -122,7 +122,7 @@ def load_coco_persons(
     images_dir: str | os.PathLike,
     annotation_file: str | os.PathLike,
     input_size_hw: tuple[int, int],
-    padding: float = 1.25,
+    padding: float = DataConfig.box_padding,
     for_training: bool = True,
 ) -> tuple[list[ImageRecord], SkipCounts]:
     """Images with their selected persons (module docstring) and the skips by reason."""

@@ -42,15 +42,16 @@ def box_problem(box: Sequence[float], image_size: tuple[int, int] | None = None)
 
 
 def box_to_center_scale(
-    box: np.ndarray | tuple[float, float, float, float], aspect: float, padding: float = 1.25
+    box: np.ndarray | tuple[float, float, float, float], aspect: float, padding: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """COCO xywh box -> (centre, scale): grown to `aspect` (= width / height), times `padding`."""
+    """COCO xywh box -> (centre, scale): grown to `aspect` (= width / height), times `padding`
+    (data.box_padding)."""
     centers, scales = boxes_to_centers_scales(np.asarray([box], np.float64), aspect, padding)
     return centers[0], scales[0]
 
 
 def boxes_to_centers_scales(
-    boxes: np.ndarray, aspect: float, padding: float = 1.25
+    boxes: np.ndarray, aspect: float, padding: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """`box_to_center_scale` of (N, 4) xywh boxes at once: (N, 2) float32 centres and scales."""
     x, y, w, h = np.asarray(boxes, np.float64).reshape(-1, 4).T

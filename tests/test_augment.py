@@ -215,7 +215,7 @@ def test_same_seed_same_sample_other_seed_differs():
     image = cv2.GaussianBlur(
         np.random.default_rng(8).integers(0, 256, (240, 320, 3), np.uint8), (5, 5), 0
     )
-    center, scale = box_to_center_scale((100, 40, 80, 160), aspect=192 / 256)
+    center, scale = box_to_center_scale((100, 40, 80, 160), aspect=192 / 256, padding=1.25)
 
     def sample(seed):
         rng = np.random.default_rng([seed, 3, 42, 7])  # (seed, epoch, image id, annotation id)
@@ -233,7 +233,7 @@ def test_crops_warp_into_a_given_batch_row():
     image = cv2.GaussianBlur(
         np.random.default_rng(9).integers(0, 256, (240, 320, 3), np.uint8), (5, 5), 0
     )
-    center, scale = box_to_center_scale((100, 40, 80, 160), aspect=192 / 256)
+    center, scale = box_to_center_scale((100, 40, 80, 160), aspect=192 / 256, padding=1.25)
     batch = np.zeros((3, *SIZE_HW, 3), np.uint8)
     kw = dict(cfg_data=DataConfig(), input_size_hw=SIZE_HW)
     crop, xy, vis = make_training_sample(
