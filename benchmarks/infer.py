@@ -4,7 +4,7 @@ same crops, the pose model on ONNX Runtime against PyTorch eager, and what a det
 spends per image (decode; decode, detection and crops). One run, the same images: figures for
 docs/benchmarks.md. The pose model runs on the GPU when there is one, as in the jobs.
 
-The images are plain-background people (pipelines.toy_detector) at COCO size, the detector the
+The images are plain-background people (benchmarks.toy_detector) at COCO size, the detector the
 ONNX model the tests build (the box around the figure), the pose model the config's with random
 weights (speed does not depend on the weights).
 """
@@ -27,13 +27,13 @@ import torch
 from benchmarks.data import _local_ray
 from benchmarks.model import machine
 from benchmarks.profile import describe
+from benchmarks.toy_detector import export_toy_detector, write_plain_people
 from jobs import command, storage
 from pipelines.detect import box_row, detect_and_crop, detector_session
 from pipelines.images import decode_image
 from pipelines.malloc import keep_freed_memory
 from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
-from pipelines.toy_detector import export_toy_detector, write_plain_people
 from pipelines.uris import write_bytes
 from psm_model.config import Config, DetectorConfig
 from psm_model.export import export_onnx

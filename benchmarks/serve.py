@@ -5,7 +5,7 @@ model alone on the same crops (`psm bench infer`'s pose-alone rate: one process,
 replica's threads). With `--kill`, the pose replica is SIGKILLed under load: every request must
 end within serve.request_timeout_s as 200 or 503, and the replica come back.
 
-The images are plain-background people (pipelines.toy_detector, one person each), the detector
+The images are plain-background people (benchmarks.toy_detector, one person each), the detector
 the tests' ONNX model, the pose model the config's with random weights (speed does not depend on
 them), saved as a checkpoint folder.
 """
@@ -223,8 +223,8 @@ def bench_serve(
 ) -> dict:
     import ray
 
+    from benchmarks.toy_detector import export_toy_detector, write_plain_people
     from jobs.serve import APP_NAME, serve_app
-    from pipelines.toy_detector import export_toy_detector, write_plain_people
     from psm_model.checkpoint import save_model
     from psm_model.hrnet import build_model
 

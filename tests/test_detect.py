@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.toy_detector import export_toy_detector, plain_image
 from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.detect import (
     DetectorError,
@@ -22,7 +23,6 @@ from pipelines.detect import (
     nms,
 )
 from pipelines.images import decode_image
-from pipelines.toy_detector import export_toy_detector, plain_image
 from psm_model.config import load_config
 
 SIZE = (160, 160)  # the test detectors' input (height, width)

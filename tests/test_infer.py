@@ -278,7 +278,7 @@ def test_infer_with_the_detector_stage_resumes_and_reports_box_ap(
     ONNX detector whose boxes are the figures'): the boxes file holds the drawn boxes, box AP is
     reported, the empty image is counted; a killed job resumes to the same file; the boxes file
     read back with infer.boxes=file and the pose model on ONNX Runtime give the same AP."""
-    from pipelines.toy_detector import export_toy_detector, write_plain_people
+    from benchmarks.toy_detector import export_toy_detector, write_plain_people
 
     drawn = write_plain_people(tmp_path / "data", images=5, seed=1)
     (tmp_path / "det.onnx").write_bytes(export_toy_detector("raw", (160, 160)))

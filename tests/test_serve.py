@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.toy_detector import export_toy_detector, plain_image, write_plain_people
 from pipelines import serving
 from pipelines.detect import detect_people, detector_session
 from pipelines.evaluate import pose_results
 from pipelines.predict import predict_poses
-from pipelines.toy_detector import export_toy_detector, plain_image, write_plain_people
 from psm_model.coco_keypoints import SKELETON
 from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model

@@ -1,7 +1,8 @@
 """A person "detector" whose boxes are a known function of the image, exported to ONNX in either
 output layout `pipelines.detect` reads: the box around the pixels that differ from a plain
-background. For tests, `psm bench infer` and trying the detector stage without a real model (none
-can be downloaded here); a real detector is exported from mmdeploy / rtmlib / ultralytics (README).
+background. A test double, with the benchmarks: for tests, `psm bench infer`/`serve` and trying
+the detector stage without a real model (none can be downloaded here); a real detector is
+exported from mmdeploy / rtmlib / ultralytics (README).
 
 Besides the true box it emits decoys that the job's post-processing must remove: a copy shifted by
 `shift` pixels at a lower score (NMS at the configured IoU), a box at score 0.05 (the score
@@ -125,6 +126,7 @@ def write_plain_people(
     import cv2
 
     from pipelines.synthetic import PERSON_CATEGORY
+    from psm_model.files import write_atomic
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -157,5 +159,5 @@ def write_plain_people(
         entries.append({"id": i + 1, "file_name": name, "width": w, "height": h})
         boxes.append(box)
     data = {"images": entries, "annotations": anns, "categories": [PERSON_CATEGORY]}
-    (root / "annotations.json").write_text(json.dumps(data))
+    write_atomic(root / "annotations.json", json.dumps(data))
     return boxes
