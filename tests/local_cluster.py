@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_outside_the_ephemeral_range() -> int:
+    """A free port that no `bind(("", 0))` can be given (below the kernel's ephemeral range, above
+    Ray's worker ports 10002-19999): for a server stopped and restarted on the same port, which
+    another process's port-0 bind could otherwise take while it is away."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low <= 20_000:  # no such range on this machine
+        return free_port()
+    rng = secrets.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(20_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{low}")
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -359,9 +379,9 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90) -> MlflowServer:
+    def start(self, timeout: float = 180) -> MlflowServer:  # its start took > 90 s at load 30
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
+        self.port = self.port or port_outside_the_ephemeral_range()  # `outage` frees it
         cmd = [
             str(BIN / "mlflow"),
             "server",
@@ -386,14 +406,33 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                # MLflow's own answer: another server on a reused port (Ray's metrics endpoint
+                # answers every path with 200) must not pass for it
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and r.read().strip() == b"OK":
                         return self
             except OSError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not start; see {self.workdir}/server.log")
             time.sleep(0.5)
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The server away (stopped: connections refused) and back on the same port and store.
+        The port is out of the range port-0 binds are given and held meanwhile by a bound socket
+        that does not listen: an ephemeral one, freed, was taken by another test process's Ray
+        for its metrics endpoint, which answers every path, and the jobs' MLflow calls went
+        there (CI, session 12)."""
+        self.stop()
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", self.port))  # OSError: taken in the moment it was free
+        try:
+            yield
+        finally:
+            holder.close()
+            self.start()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -111,9 +111,10 @@ def _wait_until(predicate, timeout: float, what: str, cluster=None, job: str = "
 def trained(services):
     """`python -m jobs.train` as a Ray job, 3 epochs of the demo model on 2 gloo workers with
     its checkpoints on S3 (moto's server): the module's one training, whose checkpoints the eval
-    and infer jobs read. Its tracking server is stopped once epoch 0's metrics are in, so epoch
-    1's are held; once epoch 1's checkpoint is recorded, the job is stopped, the server comes
-    back (same port and store), and the same command resumes the run from S3 to its end."""
+    and infer jobs read. Its tracking server is stopped once epoch 0's metrics are in (its port
+    held), so epoch 1's are held; once epoch 1's checkpoint is recorded, the job is stopped, the
+    server comes back (same port and store), and the same command resumes the run from S3 to its
+    end."""
     cluster, server, s3 = services["cluster"], services["mlflow"], services["s3"]
     prefix = "runs/e2e-train/"
     # the client's own retries (minutes by default) off: the run's held metrics do the retrying;
@@ -144,15 +145,10 @@ def trained(services):
     # one budget for both waits: on a loaded machine the job's start and epoch 0 alone took
     # 4.5 min (beside a CPU hog and the demo), while the later epochs are short
     deadline = time.monotonic() + 480
-    try:
-        _wait_until(
-            epoch_0_logged,
-            deadline - time.monotonic(),
-            "epoch 0's metrics in MLflow",
-            cluster,
-            first,
-        )
-        server.stop()
+    _wait_until(
+        epoch_0_logged, deadline - time.monotonic(), "epoch 0's metrics in MLflow", cluster, first
+    )
+    with server.outage():  # back on the same port and store, also when a wait fails
         _wait_until(
             epoch_1_held_and_recorded,
             deadline - time.monotonic(),
@@ -162,8 +158,6 @@ def trained(services):
         )
         cluster.ray("job", "stop", first, check=False)
         assert cluster.wait(first) in ("STOPPED", "FAILED")
-    finally:
-        server.start()  # the same port and store: the module's other tests need it
     resumed = cluster.submit(*train, options=options)
     _succeeded(resumed)
     return {"prefix": prefix, "jobs": [first, cluster.job_id(resumed)]}
