@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,11 @@ class SweepSpace:
 
     def swept_keys(self) -> list[str]:
         return [p.key for p in self.params]
+
+    def num_trials(self) -> int:
+        """Tune's count: num_samples times every grid combination (a searcher's samples when
+        there is no grid)."""
+        return self.num_samples * math.prod(len(p.values) for p in self.params if p.kind == "grid")
 
 
 def load_space(path: str | Path, base: Config) -> SweepSpace:

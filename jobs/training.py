@@ -298,19 +298,20 @@ def run_training(
     mlflow_tags: dict[str, str] | None = None,
     register: bool = True,
     label: str = "",
+    in_sweep: bool = False,
 ) -> dict:
     """Start (or resume, when `train.name` exists) a training run; returns the final metrics.
 
     A Tune trial passes its report callback, the tags that nest its MLflow run under the sweep's,
-    `register=False` (the sweep registers its best trial's model) and the `label` its epoch
-    lines start with (its params).
+    `register=False` (the sweep registers its best trial's model), the `label` its epoch
+    lines start with (its params) and `in_sweep` (its driver is a trial's actor, on any node).
     """
     name = cfg.train.name or run_safety.default_run_name(cfg)
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     # one job per run folder: a second start of the same name is refused while this one lives
     with Lease(run_safety.run_folder(cfg), f"training run {name}") as lease:
-        return _train(cfg, lease.token, callbacks, mlflow_tags, register, label)
+        return _train(cfg, lease.token, callbacks, mlflow_tags, register, label, in_sweep)
 
 
 def _train(
@@ -320,6 +321,7 @@ def _train(
     mlflow_tags: dict | None,
     register: bool,
     label: str,
+    in_sweep: bool,
 ) -> dict:
     name, storage_path = cfg.train.name, cfg.train.storage_path
     run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
@@ -336,7 +338,8 @@ def _train(
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()
     storage.warn_if_node_local(cfg.train.mlflow_uri, sum(n["Alive"] for n in ray.nodes()))
-    keep_data_actors_here()  # not on the workers' nodes, which the autoscaler could not remove
+    if not in_sweep:  # the sweep's driver did (jobs/tune.py); a trial's actor may be anywhere
+        keep_data_actors_here()  # not on the workers' nodes, which the autoscaler can't remove
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(  # Ray
         train_loop,

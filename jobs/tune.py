@@ -36,6 +36,7 @@ from jobs.training import resolve_paths, run_training
 from pipelines.datasets import keep_data_actors_here
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, check_run_name, parse_config, redact_secrets
+from psm_model.errors import PsmError
 
 log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune
@@ -109,7 +110,23 @@ def run_sweep(
         )
     log.info("sweep %s: up to %d trials at once, MLflow parent run %s", name, concurrency, parent)
     grid = tuner.fit()
+    _check_complete(grid, space, name)
     return _finish(base, space, name, parent, grid)
+
+
+class SweepInterrupted(PsmError, RuntimeError):
+    """Tune returned before every trial ended (Ctrl-C, SIGTERM): nothing is final yet."""
+
+
+def _check_complete(grid, space: SweepSpace, name: str) -> None:
+    """An interrupted sweep ends here, its runs as they are: `_finish` would take its unfinished
+    trials for ASHA's stops, tag and close them so, and register a best of half-trained ones."""
+    ended = grid.num_terminated + grid.num_errors
+    if ended < space.num_trials():
+        raise SweepInterrupted(
+            f"sweep {name}: interrupted with {ended} of {space.num_trials()} trials ended; "
+            "nothing registered. Continue it with the same command and --resume"
+        )
 
 
 def _check_same_inputs(base: Config, space: SweepSpace, name: str, parent: str) -> None:
@@ -148,6 +165,7 @@ def _trial(params: dict, *, base_yaml: str, space: SweepSpace, info: dict) -> No
         },
         register=False,
         label=trial_label({k: params[k] for k in space.swept_keys() if k in params}),
+        in_sweep=True,
     )
 
 

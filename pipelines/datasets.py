@@ -51,8 +51,9 @@ def keep_data_actors_here() -> None:
     on the job's driver (the head), so that they are made here and not inside a training worker:
     the autoscaler never removes a node that holds an actor, so a GPU node would stay up idle
     for good (seen with Ray's fake multi-node provider: tests/test_autoscaling.py). Once they
-    exist, this is a task of a row (~1 s)."""
-    ray.data.range(1).map_batches(_same).materialize()  # Ray
+    exist, this is a task of a row (~1 s), which asks for no CPU: on a cluster whose CPUs are
+    all taken it would otherwise wait for one."""
+    ray.data.from_items([{"x": 0}]).map_batches(_same, num_cpus=0).materialize()  # Ray
 
 
 def _same(batch: dict) -> dict:

@@ -108,3 +108,22 @@ def test_held_metrics_are_sent_from_a_verified_checkpoint_and_a_corrupt_one_is_s
     assert [(m.step, m.value, m.timestamp) for m in sent] == [(1, 0.25, 1_000)]
     assert client.get_metric_history(runs["corrupt"], "val_AP") == []
     assert "held metrics not delivered" in caplog.text and "sha256 differs" in caplog.text
+
+
+def test_an_interrupted_sweep_ends_before_its_trials_are_taken_for_stopped_ones(tmp_path):
+    """Tune returns from a Ctrl-C with trials unfinished: the sweep stops there (nothing tagged
+    stopped early, nothing registered) and says how to continue."""
+    from jobs.tune import SweepInterrupted, _check_complete
+
+    base = load_config(TINY, [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    space = parse_space(
+        "searcher: random\nnum_samples: 2\nparams:\n  train.lr: {grid: [1.0e-3, 2.0e-3]}\n"
+        "  data.sigma: {choice: [2.0, 3.0]}\n",
+        base,
+    )
+    assert space.num_trials() == 4  # num_samples x the grid; a choice is drawn per trial
+    interrupted = type("Grid", (), {"num_terminated": 2, "num_errors": 1})()
+    with pytest.raises(SweepInterrupted, match="3 of 4 trials ended.*--resume"):
+        _check_complete(interrupted, space, "s")
+    done = type("Grid", (), {"num_terminated": 3, "num_errors": 1})()  # ASHA's stops included
+    _check_complete(done, space, "s")
