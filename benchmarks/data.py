@@ -17,6 +17,11 @@ worker count, after a warm-up epoch. In-process figures are CPU time of the one 
 (`time.thread_time`: what one core needs, whatever else the shared machine runs; wall-clock rates
 are printed alongside); the three paths run `repeats` interleaved passes and the fastest pass of
 each is kept. The load average is printed with the figures.
+
+A URI root (`--coco-root s3://BUCKET/coco`) is read as training reads it: the annotations through
+`pipelines.uris`, each image inside the Ray Data task that decodes it. Only the Ray Data part runs
+there: the official-style loader opens local files, and one thread's CPU time would leave out the
+S3 client's own I/O threads.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.fs as pafs
 
 import pipelines.augment as augment_module
 from benchmarks.official_loader import clock, official_nbytes, official_sigma, time_official
@@ -42,8 +48,8 @@ from jobs import command, storage
 from pipelines.augment import BATCH_IMAGES, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
-from pipelines.uris import write_bytes
-from psm_model.config import Config, load_config
+from pipelines.uris import filesystem, join, write_bytes
+from psm_model.config import Config, load_config, redact_secrets
 from psm_model.geometry import affine_matrix
 
 SIZES: tuple[tuple[int, int], ...] = ((384, 288), (256, 192))  # (height, width)
@@ -293,40 +299,30 @@ def bench_data(
     """Crops/s per core, bytes per sample and the time breakdown on one COCO-style split (module
     docstring); prints markdown tables and returns the figures (also written to `json_out`).
 
-    `sizes` are (height, width) crops; in-process passes run `repeats` times (fastest kept); the Ray
-    part runs a warm-up and `epochs` timed epochs per worker count (none if `workers` is empty).
+    `sizes` are (height, width) crops; in-process passes run `repeats` times (fastest kept), on a
+    local root only; the Ray part runs a warm-up and `epochs` timed epochs per worker count (none
+    if `workers` is empty).
     """
-    label = label or str(images_dir)
-    result: dict = {"dataset": label, "machine": machine_line(), "sizes": {}}
+    label = label or redact_secrets(str(images_dir))
+    in_process = "://" not in str(images_dir)
+    result: dict = {"dataset": label, "machine": machine_line(), "in_process": in_process}
+    result["sizes"] = {}
     print(f"### {label}\n\nmachine: {result['machine']}\n")
+    if not in_process:
+        print(
+            "(a URI root: in-process passes skipped, as the official-style loader reads local "
+            "files and one thread's CPU time leaves out the S3 client's threads; Ray Data reads "
+            "each image in the task that decodes it, as training does)\n"
+        )
     # loaded per size: the person boxes are grown to the crop aspect
     for size in sizes:
         records, skips = load_coco_persons(images_dir, annotations, size, cfg.data.box_padding)
         rows = image_rows(records)
         persons = sum(len(r.persons) for r in records)
-        mats = limit_matrices(rows, size)
-        passes: dict[str, list[dict]] = {"ours": [], "limit": [], "official": []}
-        with _cv2_threads(1):
-            for _ in range(repeats):  # interleaved, so that a busy spell hits every path alike
-                p, ours_bytes = time_ours(rows, cfg, size)
-                passes["ours"].append(p)
-                passes["limit"].append(time_limit(rows, mats, cfg, size))
-                passes["official"].append(time_official(records, cfg, size))
-        ours = _summary(_best(passes["ours"]))
-        limit = _summary(_best(passes["limit"]))
-        official = _summary(_best(passes["official"]), extra=("to_float", "heatmaps"))
-        off_bytes = official_nbytes(size)
-        entry = {
-            "images": len(records),
-            "persons": persons,
-            "skipped": dict(skips),
-            "ours": {**ours, "bytes_per_sample": ours_bytes},
-            "limit": limit,
-            "official": {**official, "bytes_per_sample": off_bytes, "sigma": official_sigma(size)},
-            "ours_vs_limit": ours["crops_per_s"] / limit["crops_per_s"],
-            "ours_vs_official": ours["crops_per_s"] / official["crops_per_s"],
-        }
-        _print_in_process(size, entry)
+        entry = {"images": len(records), "persons": persons, "skipped": dict(skips)}
+        if in_process:
+            entry.update(_in_process(records, rows, cfg, size, repeats))
+            _print_in_process(size, entry)
         if workers:
             with _local_ray(max(workers)):
                 entry["ray"] = time_ray(rows, cfg, size, workers, epochs, ray_min_samples)
@@ -335,6 +331,31 @@ def bench_data(
     if json_out:
         write_bytes(json_out, json.dumps(result, indent=1).encode())
     return result
+
+
+def _in_process(
+    records: Sequence, rows: Sequence[dict], cfg: Config, size: tuple[int, int], repeats: int
+) -> dict:
+    """The three in-process paths, `repeats` interleaved passes, the fastest of each kept."""
+    mats = limit_matrices(rows, size)
+    passes: dict[str, list[dict]] = {"ours": [], "limit": [], "official": []}
+    with _cv2_threads(1):
+        for _ in range(repeats):  # interleaved, so that a busy spell hits every path alike
+            p, ours_bytes = time_ours(rows, cfg, size)
+            passes["ours"].append(p)
+            passes["limit"].append(time_limit(rows, mats, cfg, size))
+            passes["official"].append(time_official(records, cfg, size))
+    ours = _summary(_best(passes["ours"]))
+    limit = _summary(_best(passes["limit"]))
+    official = _summary(_best(passes["official"]), extra=("to_float", "heatmaps"))
+    off_bytes = official_nbytes(size)
+    return {
+        "ours": {**ours, "bytes_per_sample": ours_bytes},
+        "limit": limit,
+        "official": {**official, "bytes_per_sample": off_bytes, "sigma": official_sigma(size)},
+        "ours_vs_limit": ours["crops_per_s"] / limit["crops_per_s"],
+        "ours_vs_official": ours["crops_per_s"] / official["crops_per_s"],
+    }
 
 
 def _print_in_process(size: tuple[int, int], e: dict) -> None:
@@ -374,7 +395,9 @@ def _print_in_process(size: tuple[int, int], e: dict) -> None:
 
 
 def _print_ray(size: tuple[int, int], e: dict) -> None:
-    one_core, limit = e["ours"]["crops_per_s"], e["limit"]["crops_per_s"]
+    """The Ray Data table; its columns against the in-process figures read "-" without them."""
+    one_core = e["ours"]["crops_per_s"] if "ours" in e else math.nan
+    limit = e["limit"]["crops_per_s"] if "limit" in e else math.nan
     print(f"**{_size_label(size)}**, Ray Data `train_crops`, iter_batches({RAY_BATCH})\n")
     print(
         "| workers | images | samples | s | samples/s | per core | vs 1 core in-process "
@@ -385,16 +408,24 @@ def _print_ray(size: tuple[int, int], e: dict) -> None:
         cpu = r["worker_cpu_ms_per_sample"]
         print(
             f"| {r['workers']} | {r['images']} | {r['samples']} | {r['seconds']:.2f} "
-            f"| {r['samples_per_s']:.0f} | {r['per_core']:.0f} | {r['per_core'] / one_core:.0%} "
-            f"| {r['per_core'] / limit:.0%} | {'-' if cpu is None else f'{cpu:.2f}'} "
-            f"| {'-' if cpu is None else f'{1e3 / cpu / limit:.0%}'} | {r['bytes_per_sample']:,} |"
+            f"| {r['samples_per_s']:.0f} | {r['per_core']:.0f} | {_pct(r['per_core'], one_core)} "
+            f"| {_pct(r['per_core'], limit)} | {'-' if cpu is None else f'{cpu:.2f}'} "
+            f"| {'-' if cpu is None else _pct(1e3 / cpu, limit)} | {r['bytes_per_sample']:,} |"
         )
+    against = (
+        f", vs {e['ours']['ms_per_crop']:.2f} ms in-process; per worker CPU-s: samples per "
+        f"CPU-second of the tasks, vs the limit's {limit:.0f} crops/s"
+        if "ours" in e
+        else " (no in-process run to compare with)"
+    )
     print(
         "\nWall clock, after a warm-up epoch; the image rows are repeated to reach the samples "
-        "shown. Worker CPU: the crops tasks' CPU time (Ray Data stats) per sample, vs "
-        f"{e['ours']['ms_per_crop']:.2f} ms in-process; per worker CPU-s: samples per CPU-second "
-        f"of the tasks, vs the limit's {limit:.0f} crops/s.\n"
+        f"shown. Worker CPU: the crops tasks' CPU time (Ray Data stats) per sample{against}.\n"
     )
+
+
+def _pct(value: float, reference: float) -> str:
+    return "-" if math.isnan(reference) else f"{value / reference:.0%}"
 
 
 def run_bench_data(
@@ -409,8 +440,9 @@ def run_bench_data(
     json_out: str | None = None,
     ray_min_samples: int = RAY_MIN_SAMPLES,
 ) -> dict:
-    """`psm bench data`: the real COCO split under `coco_root` (skipped if absent) and a synthetic
-    one of `synthetic` train images written to a temporary folder (skipped if 0)."""
+    """`psm bench data`: the real COCO split under `coco_root`, a folder or a URI (skipped if
+    absent), and a synthetic one of `synthetic` train images written to a temporary folder
+    (skipped if 0)."""
     results: dict = {"machine": machine_line(), "datasets": []}
     kwargs = {"workers": workers, "epochs": epochs, "sizes": sizes, "repeats": repeats}
     kwargs["ray_min_samples"] = ray_min_samples
@@ -429,12 +461,13 @@ def _run_datasets(
     cfg: Config, coco_root: str | os.PathLike | None, synthetic: int, results: dict, kwargs: dict
 ) -> None:
     if coco_root:
-        root = Path(coco_root)
-        images, ann = root / cfg.data.train_images, root / cfg.data.train_annotations
-        if ann.is_file() and images.is_dir():
-            results["datasets"].append(bench_data(cfg, images, ann, label=str(images), **kwargs))
+        root = str(coco_root)
+        images, ann = join(root, cfg.data.train_images), join(root, cfg.data.train_annotations)
+        if _split_present(images, ann):
+            results["datasets"].append(bench_data(cfg, images, ann, **kwargs))
         else:
-            print(f"(no COCO train split at {root}: {ann} or {images} missing; skipped)\n")
+            shown = redact_secrets(f"{root}: {ann} or {images}")
+            print(f"(no COCO train split at {shown} missing; skipped)\n")
     if synthetic > 0:
         from pipelines.synthetic import write_split
 
@@ -454,6 +487,15 @@ def _run_datasets(
             )
 
 
+def _split_present(images: str, annotations: str) -> bool:
+    """A local image folder and annotation file, or (a URI root) the annotation object: a store
+    has no folders to check, and a missing image is a counted skip anyway."""
+    if "://" not in annotations:
+        return Path(annotations).is_file() and Path(images).is_dir()
+    fs, where = filesystem(annotations)  # no access to the bucket: its OSError, before any run
+    return fs.get_file_info(where).type == pafs.FileType.File
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "On one core in-process: our train_batch path (decode each image once, "
@@ -466,8 +508,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coco-root",
         default=None,
-        help="COCO-style root with data.train_images and data.train_annotations "
-        "(default: data.root; skipped if absent)",
+        help="COCO-style root with data.train_images and data.train_annotations, a folder or "
+        "a URI such as s3://BUCKET/coco (Ray Data part only) (default: data.root; skipped if "
+        "absent)",
     )
     p.add_argument(
         "--synthetic",

@@ -1,14 +1,17 @@
-"""`psm bench data`, in-process part only (the Ray graph is covered by the pipeline tests)."""
+"""`psm bench data`: the in-process part on local files (the Ray graph is covered by the pipeline
+tests), and the Ray Data part on an s3:// root (moto's S3 server)."""
 
 import json
+import re
 
 import numpy as np
 
-from benchmarks.data import bench_data, sample_nbytes
+from benchmarks.data import bench_data, run_bench_data, sample_nbytes
 from benchmarks.official_loader import official_nbytes
-from pipelines.coco import NUM_JOINTS
+from pipelines.coco import NUM_JOINTS, load_coco_persons
 from pipelines.synthetic import write_split
 from psm_model.config import load_config
+from tests.local_cluster import S3Server
 
 
 def test_in_process_bench_on_synthetic_images(tmp_path, capsys):
@@ -44,3 +47,51 @@ def test_in_process_bench_on_synthetic_images(tmp_path, capsys):
 def test_sample_nbytes_counts_strings_by_length():
     row = {"image": np.zeros((2, 3, 3), np.uint8), "score": 1.0, "skip": "corrupt_image"}
     assert sample_nbytes(row) == 18 + 8 + len("corrupt_image")
+
+
+def test_ray_part_reads_an_s3_root_with_one_head_and_one_get_per_image(
+    ray_local, synthetic_root, tmp_path, capsys
+):
+    server = S3Server(tmp_path / "moto").start("coco-data")
+    try:
+        server.upload(synthetic_root, "coco-data", "coco")
+        # endpoint and keys in the URI: the session's Ray workers started without the server's env
+        root = (
+            f"s3://psm-e2e:{server.secret}@coco-data/coco"
+            f"?endpoint_override=127.0.0.1:{server.port}&scheme=http&region=us-east-1"
+        )
+        res = run_bench_data(
+            load_config(None),
+            root,
+            0,
+            workers=[1],
+            sizes=[(64, 32)],
+            json_out=str(tmp_path / "bench.json"),
+            ray_min_samples=1,
+        )
+        absent = run_bench_data(load_config(None), root.replace("/coco?", "/none?"), 0, workers=[])
+    finally:
+        server.stop()
+    (data,) = res["datasets"]
+    assert data["dataset"].startswith("s3://***@coco-data/coco/train2017?")
+    assert not data["in_process"]
+    e = data["sizes"]["64x32"]
+    assert "ours" not in e
+    # the split as read from disk
+    train = synthetic_root / "annotations" / "person_keypoints_train2017.json"
+    records, skips = load_coco_persons(synthetic_root / "train2017", train, (64, 32))
+    assert (e["images"], e["skipped"]) == (len(records), dict(skips))
+    assert e["persons"] == sum(len(r.persons) for r in records)
+    (ray,) = e["ray"]
+    assert ray["workers"] == 1 and ray["images"] == e["images"] > 0
+    assert ray["samples"] == e["persons"] and ray["samples_per_s"] > 0
+    # the warm-up epoch and the timed one each read every image once: a HEAD (its size, checked
+    # before the body) and a GET, as docs/operations.md prices them
+    log = (tmp_path / "moto" / "moto.log").read_text()
+    for method in ("HEAD", "GET"):
+        reads = re.findall(rf"{method} /coco-data/coco/train2017/\S+\.jpg", log)
+        assert len(reads) == 2 * e["images"], method
+    assert absent["datasets"] == []
+    out = capsys.readouterr().out
+    assert "in-process passes skipped" in out and "| 1 | " in out and "no COCO train split" in out
+    assert server.secret not in out + (tmp_path / "bench.json").read_text()
