@@ -126,16 +126,31 @@ class RayCluster:
         }
         for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(key, None)
-        self.gcs_port, dashboard = free_port(), free_port()
-        autoscaling = []
         if self.autoscaling is not None:
-            autoscaling = [f"--autoscaling-config={self._write_autoscaling_config()}"]
             self.env |= {
                 "RAY_FAKE_CLUSTER": "1",
                 "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 # the provider's nodes on 127.0.0.1, not on the machine's address
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             }
+        # a port picked free may be taken before Ray binds it (the other test process starts
+        # its services at the same moment): then again, with other ports
+        for _ in range(3):
+            done = self._ray_start()
+            if done.returncode == 0:
+                break
+            kill_tree([str(self.temp_dir)])  # what the failed start left running
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="psmray-", dir="/tmp"))
+        else:
+            raise RuntimeError(
+                f"ray start failed 3 times: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        self._wait_for_job_agent()
+        return self
+
+    def _ray_start(self) -> subprocess.CompletedProcess:
+        self.gcs_port, dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{dashboard}"
         # this cluster's State API for its own processes (Ray Train's PlacementGroupCleaner),
         # whatever other Ray runs on the machine (tests/conftest.py: ray_local); and never the
@@ -150,6 +165,9 @@ class RayCluster:
             "--metrics-export-port": free_port(),
             "--ray-client-server-port": free_port(),
         }
+        autoscaling = []
+        if self.autoscaling is not None:
+            autoscaling = [f"--autoscaling-config={self._write_autoscaling_config()}"]
         cmd = [
             str(BIN / "ray"),
             "start",
@@ -162,9 +180,9 @@ class RayCluster:
             *(f"{k}={v}" for k, v in ports.items()),
             *autoscaling,
         ]
-        subprocess.run(cmd, env=self.env, cwd=REPO, check=True, capture_output=True, timeout=120)
-        self._wait_for_job_agent()
-        return self
+        return subprocess.run(
+            cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
 
     def _write_autoscaling_config(self) -> Path:
         """The fake provider's cluster config: `autoscaling`'s worker types beside a head of
