@@ -121,10 +121,10 @@ class SweepInterrupted(PsmError, RuntimeError):
 def _check_complete(grid, space: SweepSpace, name: str) -> None:
     """An interrupted sweep ends here, its runs as they are: `_finish` would take its unfinished
     trials for ASHA's stops, tag and close them so, and register a best of half-trained ones."""
-    ended = grid.num_terminated + grid.num_errors
-    if ended < space.num_trials():
+    ended, trials = grid.num_terminated + grid.num_errors, space.num_trials()
+    if ended < trials:
         raise SweepInterrupted(
-            f"sweep {name}: interrupted with {ended} of {space.num_trials()} trials ended; "
+            f"sweep {name}: interrupted with {ended} of {trials} trials ended; "
             "nothing registered. Continue it with the same command and --resume"
         )
 

@@ -105,7 +105,7 @@ class RayCluster:
     gcs_port: int = 0
     node_dirs: list[str] = field(default_factory=list)
     node_ports: list[int] = field(default_factory=list)  # the `add_node` ids
-    # node types for Ray's fake multi-node provider (`fake_node_types`): the head's autoscaler
+    # {idle_timeout_minutes, node_types} for Ray's fake multi-node provider: the head's autoscaler
     # starts and removes worker nodes (raylets on this machine) as a cloud provider would
     autoscaling: dict | None = None
 
