@@ -175,8 +175,7 @@ def model_description(cfg, run_id: str, run_name: str, metrics: dict) -> str:
         f"Recipe: {t.epochs} epochs, batch {t.batch_size} x {t.num_workers} workers, Adam lr "
         f"{t.lr:g} (x{t.lr_factor:g} at {list(t.lr_steps)}), sigma {cfg.data.sigma:g} heatmap "
         f"px, amp {t.amp}, seed {t.seed}.\n"
-        f"Trained by MLflow run {run_id} ({run_name}), {code}.\n"
-        "Load: psm eval CONFIG --checkpoint models:/NAME/VERSION, or mlflow.pyfunc.load_model."
+        f"Trained by MLflow run {run_id} ({run_name}), {code}."
     )
 
 

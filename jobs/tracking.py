@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,8 +52,18 @@ def resolve_uri(uri: str = "") -> str:
 def _mlflow(cfg: Config):
     import mlflow
 
+    _quiet()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     return mlflow
+
+
+def _quiet() -> None:
+    """MLflow's console noise that asks nothing of the user: a progress bar per artifact download
+    (a checkpoint's few files in milliseconds; MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings
+    it back) and, each time the registered model's code loads, a hint to type `predict`, whose
+    signature is given explicitly (`register_model`)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", r".*Add type hints to the `predict` method", UserWarning)
 
 
 def _experiment(mlflow, cfg: Config):
@@ -341,9 +352,13 @@ def register_model(cfg: Config, run_id: str, model, description: str = "") -> st
             pip_requirements=model_requirements(),
         )
     version = mlflow.register_model(info.model_uri, cfg.train.registered_model)
-    if description:
+    if description:  # the version's own URI: known only now
+        uri = f"models:/{cfg.train.registered_model}/{version.version}"
+        load = f"\nLoad: psm eval CONFIG --checkpoint {uri}, or mlflow.pyfunc.load_model({uri!r})."
         mlflow.MlflowClient().update_model_version(
-            cfg.train.registered_model, version.version, description=redact_secrets(description)
+            cfg.train.registered_model,
+            version.version,
+            description=redact_secrets(description + load),
         )
     log.info("registered %s version %s", cfg.train.registered_model, version.version)
     return version.version

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune
 METRIC = "val_AP"  # reported every epoch: what ASHA and the searchers optimise
 RANK_METRIC = "best_AP"  # best so far: what the sweep ranks trials by
+CONCURRENCY = "sweep.max_concurrent"  # the parent's param: trials at once asked (0: all that fit)
 
 
 def run_sweep(
@@ -71,8 +72,9 @@ def run_sweep(
     parent = tracking.start_or_resume_run(base, name, kind="sweep")
     if resume:
         _check_same_inputs(base, space, name, parent)
+        _check_same_concurrency(base, name, parent, max_concurrent)
     else:
-        tracking.log_params(base, parent, _sweep_params(space))
+        tracking.log_params(base, parent, {**_sweep_params(space), CONCURRENCY: max_concurrent})
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "space.yaml").write_text(space.text)
             (Path(d) / "base_config.yaml").write_text(redact_secrets(base.to_yaml()))
@@ -108,7 +110,8 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(storage_path=storage, name=name),
         )
-    log.info("sweep %s: up to %d trials at once, MLflow parent run %s", name, concurrency, parent)
+    if not resume:  # a resumed sweep runs as many at once as it started with (Tune keeps it)
+        log.info("sweep %s: up to %d trials at once, parent run %s", name, concurrency, parent)
     grid = tuner.fit()
     _check_complete(grid, space, name)
     return _finish(base, space, name, parent, grid)
@@ -143,6 +146,19 @@ def _check_same_inputs(base: Config, space: SweepSpace, name: str, parent: str) 
     if changed:
         raise ConfigError(
             f"--resume: sweep {name!r} started with other config values: {'; '.join(changed)}"
+        )
+
+
+def _check_same_concurrency(base: Config, name: str, parent: str, requested: int) -> None:
+    """Tune restores a sweep with the concurrency it started with, whatever is asked now: a
+    different --max-concurrent on --resume is refused, not silently ignored."""
+    started = tracking.get_run(base, parent).data.params.get(CONCURRENCY)
+    if started is not None and int(started) != requested:
+        was = f"up to {started}" if int(started) else "as many trials as fit"
+        raise ConfigError(
+            f"--resume: sweep {name!r} started with --max-concurrent {started} ({was} at once) "
+            f"and Tune resumes it so; {requested} cannot apply. Resume without --max-concurrent, "
+            "or start a new sweep (--name)"
         )
 
 
@@ -406,7 +422,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-concurrent",
         type=int,
         default=0,
-        help="trials at once (default: the space's value, else as many as the cluster holds)",
+        help="trials at once (default: the space's value, else as many as the cluster holds); "
+        "a resumed sweep keeps what it started with",
     )
     p.add_argument(
         "--wait-resources",

@@ -154,6 +154,7 @@ def test_the_run_names_its_code_data_machine_and_model(straight, tmp_path):
     version = client.get_latest_versions(cfg.train.registered_model)[0]
     assert run.info.run_id in version.description and "not validated" in version.description
     uri = f"models:/{cfg.train.registered_model}/{version.version}"
+    assert f"--checkpoint {uri}," in version.description  # how to load this very version
     signature = mlflow.models.get_model_info(uri).signature
     assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 96, 64)
     assert signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 17, 48, 32)

@@ -74,6 +74,7 @@ def test_sweep_nests_trials_in_mlflow_stops_early_and_registers_the_best(
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["psm.kind"] == "sweep"
     assert parent.data.params["sweep.train.lr"] == "grid [0.005, 1e-07]"
+    assert parent.data.params["sweep.max_concurrent"] == "1"  # what a --resume must keep
     assert parent.data.params["sweep.data.sigma"] == "choice [2.0, 3.0]"
     pictures = {"trials.csv", "trials.txt", "best_ap_heatmap.png", "val_ap_curves.png"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {

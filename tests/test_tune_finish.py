@@ -127,3 +127,17 @@ def test_an_interrupted_sweep_ends_before_its_trials_are_taken_for_stopped_ones(
         _check_complete(interrupted, space, "s")
     done = type("Grid", (), {"num_terminated": 3, "num_errors": 1})()  # ASHA's stops included
     _check_complete(done, space, "s")
+
+
+def test_a_resume_asking_for_another_concurrency_is_refused_not_ignored(tmp_path):
+    """Tune restores a sweep with the max_concurrent_trials it started with: `--resume
+    --max-concurrent N` with another N would be silently ignored, so it is refused."""
+    from jobs.tune import CONCURRENCY, _check_same_concurrency
+
+    base = load_config(TINY, [f"train.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    parent = tracking.start_or_resume_run(base, "sweep1", kind="sweep")
+    _check_same_concurrency(base, "sweep1", parent, 1)  # a sweep from before the param: no check
+    tracking.log_params(base, parent, {CONCURRENCY: 2})
+    _check_same_concurrency(base, "sweep1", parent, 2)
+    with pytest.raises(ConfigError, match=r"started with --max-concurrent 2 \(up to 2 at once\)"):
+        _check_same_concurrency(base, "sweep1", parent, 1)
