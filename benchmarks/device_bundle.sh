@@ -6,7 +6,7 @@
 #   PY=.venv/bin/python bash benchmarks/device_bundle.sh check .device_bundle   # proof, offline
 #   bash benchmarks/device_bundle.sh install .device_bundle /tmp/psm-site   # on the GPU machine
 #
-# A build takes about a minute; the first one also xz-packs Ray (~2 CPU-minutes, then cached in
+# A build takes about a minute; the first one also xz-packs Ray (~20 CPU-seconds, then cached in
 # ~/.cache/psm-pose). .device_bundle/ is git-ignored: the device tool takes it along with
 # `carry: [".device_bundle"]`.
 set -euo pipefail

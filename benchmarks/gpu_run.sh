@@ -40,6 +40,8 @@ TRAIN_IMAGES=${TRAIN_IMAGES:-2000} EPOCHS=${EPOCHS:-4} CHUNK=${CHUNK:-480}  # 15
 SIZE=${SIZE:-384x288} DATA_WORKERS=${DATA_WORKERS:-"1 2 4 8 15"}
 DATA_MIN_SAMPLES=${DATA_MIN_SAMPLES:-6000}
 INFER_IMAGES=${INFER_IMAGES:-400} DETECTORS=${DETECTORS:-8}
+RUNTIMES=${RUNTIMES:-torch}  # ONNX Runtime has no GPU provider here; a CPU dry run takes both
+INFER_ARGS=${INFER_ARGS:-}  # more arguments of the infer part: options, config overrides (words)
 mkdir -p "$WORK/logs"
 echo "gpu_run: OUTDIR $OUTDIR, work $WORK, budget ${BUDGET}s, $(date +%T)"
 
@@ -109,10 +111,11 @@ part data "$DATA_S" "$PY" -m jobs.cli bench data "$CONFIG" data.train_images=val
     --synthetic 0 --sizes "$SIZE" --workers $DATA_WORKERS --repeats 1 \
     --min-samples "$DATA_MIN_SAMPLES" --json "$OUTDIR/data.json"
 
-# 4. the infer and eval graphs against the pose model alone (PyTorch: ONNX Runtime has no GPU
-# provider here)
+# 4. the infer and eval graphs against the pose model alone, per runtime in RUNTIMES
+# shellcheck disable=SC2086  # RUNTIMES and INFER_ARGS are words
 part infer "$INFER_S" "$PY" -m jobs.cli bench infer "$CONFIG" --images "$INFER_IMAGES" \
-    --runtimes torch --repeats 2 infer.detector.workers="$DETECTORS" --json "$OUTDIR/infer.json"
+    --runtimes $RUNTIMES --repeats 2 infer.detector.workers="$DETECTORS" $INFER_ARGS \
+    --json "$OUTDIR/infer.json"
 
 timeout 10 "$PY" -m benchmarks.gpu_run summary "$OUTDIR" | tee "$OUTDIR/summary.md"
 tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" logs

@@ -1,9 +1,9 @@
 """Autoscaling as on cluster.yaml's cluster, on this machine: a head without CPUs for tasks, whose
 autoscaler (Ray's fake multi-node provider) starts worker nodes of cluster.yaml's types, each a
 raylet on 127.0.0.1, for pending work, and removes them once idle. A submitted training job
-brings up the nodes it needs and finishes; its nodes go after the idle timeout; a sweep of two
-concurrent trials asks the autoscaler for both (`request_resources`) and runs them on the nodes
-that come.
+brings up the nodes it needs and finishes; a sweep of two concurrent trials, submitted beside
+it, asks the autoscaler for both (`request_resources`) and runs them on the nodes that come;
+the nodes go after the idle timeout.
 
 The jobs are submitted without `--working-dir`: the provider's nodes share the head's session
 folder (one machine), so a node removed while idle takes its copy of a job's working dir with
@@ -32,7 +32,7 @@ CONFIG = "configs/demo.yaml"
 # training workers go to (no GPU here: a bigger CPU node); min_workers 0, as there
 NODE_TYPES = {
     "cpu_worker": {"resources": {"CPU": 1}, "max_workers": 2},
-    "gpu_worker": {"resources": {"CPU": 2}, "max_workers": 2},
+    "gpu_worker": {"resources": {"CPU": 2}, "max_workers": 3},  # a training job + 2 trials
 }
 IDLE_TIMEOUT_S = 12
 
@@ -65,17 +65,18 @@ def _common(work: Path) -> list[str]:
     ]
 
 
-def _run(head: RayCluster, job: str, timeout: float) -> list[float]:
-    """Waits for the job to end, SUCCEEDED; returns the worker nodes' CPUs seen on the way."""
+def _run(head: RayCluster, jobs: list[str], timeout: float) -> list[float]:
+    """Waits for the jobs to end, SUCCEEDED; returns the worker nodes' CPUs seen on the way."""
     seen: list[float] = []
     deadline = time.monotonic() + timeout
-    while (status := head.job(job)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, f"job still {status} after {timeout} s\n" + (
-            head.diagnose(job)
+    while running := [j for j in jobs if head.job(j)["status"] in ("PENDING", "RUNNING")]:
+        assert time.monotonic() < deadline, f"jobs still running after {timeout} s\n" + "\n".join(
+            head.diagnose(j) for j in running
         )
         seen.append(sum(head.worker_nodes()))
         time.sleep(1)
-    assert status == "SUCCEEDED", head.diagnose(job)
+    for job in jobs:
+        assert head.job(job)["status"] == "SUCCEEDED", head.diagnose(job)
     return seen
 
 
@@ -97,36 +98,26 @@ def test_the_node_types_are_cluster_yamls():
     assert all(types[name].get("min_workers", 0) == 0 for name in NODE_TYPES)
 
 
-def test_a_training_job_brings_up_its_nodes_which_go_once_idle(cluster):
-    head, work = cluster["head"], cluster["work"]
-    assert head.worker_nodes() == []  # min_workers 0: the head alone
-    job = head.job_id(
-        head.submit(
-            "python",
-            "-m",
-            "jobs.train",
-            CONFIG,
-            *_common(work),
-            "train.name=autoscaled",
-            "train.num_workers=1",
-            "train.cpus_per_worker=2",  # more than the head has: a gpu_worker node's
-            wait=False,
-            working_dir=False,
-        )
-    )
-    seen = _run(head, job, 480)
-    assert max(seen) >= 2, seen  # the training worker's node, which was not there
-    (saved,) = (work / "runs" / "autoscaled").glob("checkpoint_*/train_state.json")
-    assert json.loads(saved.read_text())["epoch"] == 1
-    # idle_timeout_minutes: the nodes go once idle (the autoscaler looks every second)
-    assert _wait_for_no_workers(head, IDLE_TIMEOUT_S + 60) <= IDLE_TIMEOUT_S + 60
-
-
-def test_a_sweep_asks_for_its_concurrent_trials_and_runs_them_on_the_new_nodes(cluster):
+def test_a_training_job_and_a_sweep_bring_up_their_nodes_which_go_once_idle(cluster):
+    """Both submitted at once to a cluster of a head alone (one autoscaling run serves both):
+    the training job's worker needs a gpu_worker node, the sweep asks for its two concurrent
+    trials' nodes; both finish, then every node goes after the idle timeout."""
     import mlflow
 
     head, work = cluster["head"], cluster["work"]
-    _wait_for_no_workers(head, IDLE_TIMEOUT_S + 60)  # standalone: no node left from before
+    assert head.worker_nodes() == []  # min_workers 0: the head alone
+    train = head.submit(
+        "python",
+        "-m",
+        "jobs.train",
+        CONFIG,
+        *_common(work),
+        "train.name=autoscaled",
+        "train.num_workers=1",
+        "train.cpus_per_worker=2",  # more than the head has: a gpu_worker node's
+        wait=False,
+        working_dir=False,
+    )
     space = work / "space.yaml"
     space.write_text(
         "searcher: grid\n"
@@ -139,17 +130,21 @@ def test_a_sweep_asks_for_its_concurrent_trials_and_runs_them_on_the_new_nodes(c
         "  data.sigma: {grid: [1.5, 2.5]}\n"
     )
     argv = ["python", "-m", "jobs.tune", CONFIG, "--space", str(space), "--name", "scaled"]
-    submitted = head.submit(
+    sweep = head.submit(
         *argv, *_common(work), "--wait-resources", "300", wait=False, working_dir=False
     )
-    job = head.job_id(submitted)
-    seen = _run(head, job, 540)
-    logs = head.logs(job)
+    train, sweep = head.job_id(train), head.job_id(sweep)
+    seen = _run(head, [train, sweep], 540)
+    # the training worker's node and the trials' nodes, none of which was there
+    assert max(seen) >= 4, seen
+    (saved,) = (work / "runs" / "autoscaled").glob("checkpoint_*/train_state.json")
+    assert json.loads(saved.read_text())["epoch"] == 1
+
+    logs = head.logs(sweep)
     # the head's 1 CPU holds no trial: the sweep asked for two trials' bundles, each of
     # 0.1 + 1 + 0.4 CPUs
     assert "a trial needs 1.5 CPUs, 0 GPUs: waiting up to 300 s for nodes" in logs, logs[-3000:]
     assert "up to 2 trials at once" in logs
-    assert max(seen) >= 2, seen  # the second trial's CPUs too
     client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("psm-demo")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`psm.kind` = 'sweep'")
@@ -160,3 +155,6 @@ def test_a_sweep_asks_for_its_concurrent_trials_and_runs_them_on_the_new_nodes(c
     assert all(t.info.status == "FINISHED" for t in trials)
     first, second = sorted(trials, key=lambda t: t.info.start_time)
     assert second.info.start_time < first.info.end_time  # the two ran at once
+
+    # idle_timeout_minutes: the nodes go once idle (the autoscaler looks every second)
+    assert _wait_for_no_workers(head, IDLE_TIMEOUT_S + 60) <= IDLE_TIMEOUT_S + 60

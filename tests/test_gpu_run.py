@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import gpu_run
 from benchmarks.train_start import LEAN_ENV
+from tests.local_cluster import QUIET_RAY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "psm W8 128x96 stride 2"  # describe() of configs/tiny.yaml's model
@@ -78,12 +79,15 @@ def _gpu_run(out: Path, work: Path, **env: str) -> subprocess.CompletedProcess:
         "SIZE": "128x96",
         "DATA_WORKERS": "1",
         "DATA_MIN_SAMPLES": "16",
-        "INFER_IMAGES": "8",
+        # both runtimes; 40 small images: 2 blocks of 32, so the rates once running are figures
+        "INFER_IMAGES": "40",
         "DETECTORS": "1",
+        "RUNTIMES": "torch onnxruntime",
+        "INFER_ARGS": "--size 120x160 eval.batch_size=4",
     }
     return subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_run.sh"), str(out)],
-        env=os.environ | LEAN_ENV | tiny | env,
+        env=os.environ | LEAN_ENV | QUIET_RAY_ENV | tiny | env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -129,10 +133,25 @@ def test_a_dry_run_of_the_whole_script_gives_every_parts_figures(tmp_path):
     )
     (size,) = read("data")["datasets"][0]["sizes"].values()
     assert [r["workers"] for r in size["ray"]] == [1] and size["ray"][0]["samples_per_s"] > 0
+    # `psm bench infer` (what issue 15's goal is measured with): its figures agree
     infer = read("infer")
-    assert infer["runtimes"] == ["torch"] and infer["pose_device"] == "cpu"
-    assert infer["job_torch_persons_s"] > 0 and infer["boxes_job_torch_persons_s"] > 0
+    assert infer["runtimes"] == ["torch", "onnxruntime"] and infer["pose_device"] == "cpu"
+    assert infer["persons"] >= 24  # one figure per image, plus the decoys the detector keeps
+    for runtime in infer["runtimes"]:
+        for graph in ("job", "boxes_job"):  # detector + pose (psm infer), given boxes (psm eval)
+            job = infer[f"{graph}_{runtime}_persons_s"]
+            running = infer[f"{graph}_{runtime}_running_persons_s"]
+            assert 0 < job and 0 < running and infer[f"{graph}_{runtime}_start_s"] > 0
+            assert infer[f"{graph}_over_pose_only_{runtime}"] == pytest.approx(
+                job / infer[f"pose_only_{runtime}_persons_s"]
+            )
+        # the goal's reference is the faster of the two pose-alone measures
+        before = infer[f"pose_only_{runtime}_before_persons_s"]
+        after = infer[f"pose_only_{runtime}_after_persons_s"]
+        assert infer[f"pose_only_{runtime}_persons_s"] == max(before, after) > 0
     assert "| train | data_wait_frac |" in (out / "summary.md").read_text()
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = {Path(name).name for name in tar.getnames()}
-    assert {"ladder.log", "train.log", "data.log", "infer.log", "make_data.log"} <= logs
+        assert {"ladder.log", "train.log", "data.log", "infer.log", "make_data.log"} <= logs
+        (infer_log,) = [m for m in tar.getmembers() if m.name.endswith("infer.log")]
+        assert b"boxes job onnxruntime" in tar.extractfile(infer_log).read()  # the table
