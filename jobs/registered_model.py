@@ -24,8 +24,9 @@ class PoseModel(mlflow.pyfunc.PythonModel):
         self.model, _ = load_checkpoint_model(context.artifacts[CHECKPOINT])
         self.model.eval()
 
-    # no type hints on predict: MLflow 3 would read a schema from them; the signature is given
-    def predict(self, context, model_input, params=None):
+    # np.ndarray: a type hint MLflow reads no schema from (the signature is given); without one
+    # it warns on every load that a hint is missing
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         crops = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.inference_mode():
             return self.model(crops).numpy()

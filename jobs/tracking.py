@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,12 +57,10 @@ def _mlflow(cfg: Config):
 
 
 def _quiet() -> None:
-    """MLflow's console noise that asks nothing of the user: a progress bar per artifact download
-    (a checkpoint's few files in milliseconds; MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings
-    it back) and, each time the registered model's code loads, a hint to type `predict`, whose
-    signature is given explicitly (`register_model`)."""
+    """No progress bar per artifact download (a checkpoint's few files in milliseconds, on the
+    console of every eval, infer and serve): MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings it
+    back."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", r".*Add type hints to the `predict` method", UserWarning)
 
 
 def _experiment(mlflow, cfg: Config):
