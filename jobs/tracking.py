@@ -8,6 +8,7 @@ and `mlflow` costs ~1 s of CPU to import that only the driver and rank 0 spend.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -52,8 +53,28 @@ def _mlflow(cfg: Config):
     import mlflow
 
     _quiet()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    _create_store_once(mlflow, uri)
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+@functools.cache
+def _create_store_once(mlflow, uri: str) -> None:
+    """A new sqlite store is made (its tables created and migrated) by one process at a time: two
+    jobs starting at once on one file both ran the migrations, and the second failed on "table
+    scorers already exists". The lock is the database file's own (BSD flock: sqlite locks with
+    fcntl, which it does not see)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db, "ab") as f:  # an empty file is a new, empty sqlite database
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or migrates
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _quiet() -> None:

@@ -54,8 +54,10 @@ def run_sweep(
     max_concurrent: int = 0,
     wait_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Run (or `resume`) the sweep `name`; returns the best trial and the comparison rows."""
+    """Run (or `resume`) the sweep `name`; returns the best trial and the comparison rows.
+    `max_concurrent` 0: the space's max_concurrent_trials, else as many as fit."""
     check_run_name(name, "sweep name (--name, default: the space file's stem)")
+    max_concurrent = max_concurrent or space.max_concurrent_trials
     base = resolve_paths(base)
     storage = base.train.storage_path
     experiment_path = f"{storage}/{name}"
@@ -455,7 +457,7 @@ def run(args: argparse.Namespace) -> None:
         space,
         name,
         resume=args.resume,
-        max_concurrent=args.max_concurrent or space.max_concurrent_trials,
+        max_concurrent=args.max_concurrent,
         wait_s=args.wait_resources,
     )
     print(summary.pop("table"))

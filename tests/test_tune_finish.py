@@ -141,3 +141,25 @@ def test_a_resume_asking_for_another_concurrency_is_refused_not_ignored(tmp_path
     _check_same_concurrency(base, "sweep1", parent, 2)
     with pytest.raises(ConfigError, match=r"started with --max-concurrent 2 \(up to 2 at once\)"):
         _check_same_concurrency(base, "sweep1", parent, 1)
+
+
+def test_jobs_starting_at_once_on_a_new_sqlite_store_all_get_it(tmp_path):
+    """Two jobs submitted together to a fresh sqlite store (the autoscaling test's training job
+    and sweep) both created its tables; the second failed on "table scorers already exists"."""
+    import subprocess
+    import sys
+
+    start = (
+        "import sys; from jobs import tracking; from psm_model.config import load_config; "
+        f"cfg = load_config({str(TINY)!r}, ['train.mlflow_uri=' + sys.argv[1]]); "
+        "print(tracking.start_or_resume_run(cfg, sys.argv[2]))"
+    )
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", start, uri, f"run{i}"], stdout=subprocess.PIPE)
+        for i in range(3)
+    ]
+    assert [job.wait(timeout=120) for job in jobs] == [0, 0, 0]
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(load_config(TINY).train.experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 3
