@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.augment import draw_augmentation, half_body_box
 from pipelines.coco import NUM_JOINTS, ImageRecord, PersonRecord
-from psm_model.codec import IMAGENET_MEAN, IMAGENET_STD
+from psm_model.hrnet import IMAGENET_MEAN, IMAGENET_STD
 from psm_model.config import Config
 from psm_model.geometry import flip_keypoints
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from psm_model.codec import HeatmapCodec
 from psm_model.compiling import CompileScope, compile_model
 from psm_model.config import Config, DataConfig, ModelConfig, TrainConfig
 from psm_model.hrnet import build_model
@@ -111,7 +110,6 @@ def train_step_throughput(
     train = TrainConfig(amp=amp, compile=compile, compile_mode=compile_mode, fused_optimizer=fused)
     opt = adam(model, train)
     run_cfg = Config(model=cfg, train=train, data=DataConfig(channels_last=channels_last))
-    codec = HeatmapCodec.from_config(run_cfg)
     h, w = cfg.input_size
     images = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device)
     xy = torch.rand(batch, cfg.num_joints, 2, device=device) * torch.tensor([w, h], device=device)
@@ -119,7 +117,7 @@ def train_step_throughput(
     scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
 
     def step() -> None:
-        train_step(step_model, samples, codec, run_cfg, opt, scaler, torch.device(device))
+        train_step(step_model, samples, run_cfg, opt, scaler, torch.device(device))
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()

@@ -34,7 +34,6 @@ from pipelines.datasets import FeedStats, iter_chunked, keep_data_actors_here, t
 from pipelines.leases import Lease, check_held
 from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
-from psm_model.codec import HeatmapCodec
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config, parse_config, redact_secrets
 from psm_model.hrnet import build_model
@@ -161,7 +160,6 @@ def _train_epoch(
     (filled by the batches' maker) gets the seconds spent waiting for a batch and computing."""
     cfg, state, device, world = run.cfg, run.state, run.device, run.world
     t0 = time.perf_counter()
-    codec = HeatmapCodec.from_config(cfg)
     run.model.train()
     loss_sum, samples, skips = 0.0, 0, Counter()
     while True:
@@ -175,9 +173,7 @@ def _train_epoch(
             batch = {k: v[keep] for k, v in batch.items()}
         _set_warmup_lr(run.optimizer, cfg, state.step, run.warmup_steps, run.scheduler)
         t_step = time.perf_counter()
-        loss = train_step(
-            run.step_model, batch, codec, cfg, run.optimizer, run.scaler, device, world
-        )
+        loss = train_step(run.step_model, batch, cfg, run.optimizer, run.scaler, device, world)
         feed.compute_s += time.perf_counter() - t_step
         if loss is None:  # not finite on some rank: no rank updated
             run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping

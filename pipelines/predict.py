@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from pipelines.malloc import keep_freed_memory
-from psm_model.codec import HeatmapCodec, normalize_images
+from psm_model.codec import HeatmapCodec
 from psm_model.config import Config, PoseRuntime
-from psm_model.hrnet import build_model
+from psm_model.hrnet import build_model, normalize_images
 from psm_model.weights import load_strict
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-INPUT_NAME = "images"  # (batch, 3, H, W) float32, normalised as psm_model.codec.normalize_images
+INPUT_NAME = "images"  # (batch, 3, H, W) float32, normalised as psm_model.hrnet.normalize_images
 OUTPUT_NAME = "heatmaps"  # (batch, joints, H / stride, W / stride)
 OPSET = 17
 

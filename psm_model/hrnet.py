@@ -1,6 +1,7 @@
 """HRNet pose network with two switches: upward fusion (`hrnet` | `psm`) and heatmap stride (4 | 2).
 
-Order: blocks -> Pixel Shuffle pieces -> exchange module -> network -> builder.
+Order: blocks -> Pixel Shuffle pieces -> exchange module -> network -> builder -> the input it takes
+(`normalize_images`).
 
 With fusion="hrnet", heatmap_stride=4 the module tree and state_dict keys are those of the official
 pose_hrnet.py (conv1, layer1, transition1, stage2.0.branches.0.0.conv1, stage2.0.fuse_layers.0.1.0,
@@ -252,4 +253,27 @@ def build_model(cfg: ModelConfig) -> PoseHRNet:
     `cfg.pretrained` with `psm_model.weights.load_pretrained`)."""
     return PoseHRNet(
         cfg.branch_widths, cfg.fusion, cfg.heatmap_stride, cfg.num_joints, cfg.final_conv_kernel
+    )
+
+
+# ImageNet statistics of RGB images in [0, 1], as the official torchvision Normalize
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 RGB (B, H, W, 3) -> float32 (B, 3, H, W), ImageNet-normalised as the official loader.
+
+    Run it on the device the batch will be used on: moving uint8 is 4x cheaper than float32.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}"
+        )
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    # a permuted NHWC tensor already has channels_last strides, which elementwise ops keep
+    x = (images.permute(0, 3, 1, 2).float() - mean) / std
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )

@@ -1,23 +1,69 @@
-"""The last hop of a sample: JointsMSE as HRNet defines it, and the one train step.
+"""The last hop of a sample: Gaussian targets and JointsMSE as HRNet defines them, and the one
+train step.
 
 `train_step` takes a batch of `pipelines.augment` columns to an optimiser update: crops normalised
-and targets rendered on the device (`psm_model.codec`), the model's heatmaps (`psm_model.hrnet`),
-the loss. Plain PyTorch: the Ray Train loop (`jobs.training`) and the train-step benchmark
+(`psm_model.hrnet.normalize_images`) and targets rendered (`render_targets`) on the device, the
+model's heatmaps, the loss. Target semantics are the official HRNet's
+(`JointsDataset.generate_target`), vectorised over batch and joints; `sigma` is in heatmap pixels
+and heatmap pixel u sits on input-crop pixel u * stride. Plain PyTorch: the Ray Train loop (`jobs.training`) and the train-step benchmark
 (`psm bench train`, `psm bench model`) run this same function.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from psm_model.codec import HeatmapCodec, normalize_images
 from psm_model.config import Config, TrainConfig
+from psm_model.hrnet import normalize_images
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp -> autocast dtype
+
+
+def render_targets(
+    keypoints: torch.Tensor,
+    visible: torch.Tensor,
+    heatmap_size_hw: tuple[int, int],
+    stride: int,
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian heatmaps (B, J, h, w) float32 and joint weights (B, J) float32.
+
+    keypoints (B, J, 2): (x, y) in input-crop pixels, inside the crop or not; visible (B, J) > 0
+    for labelled joints. As official (`generate_target`): peak 1 on the heatmap pixel
+    mu = int(x / stride + 0.5) (int() truncates toward zero), exp(-d^2 / (2 sigma^2)) cut to the
+    window |dx|, |dy| <= 3 sigma and kept where it falls on the map. Weight 0 (all-zero map) only
+    for unlabelled joints or where mu - 3 sigma >= w (h) or mu + 3 sigma + 1 < 0, the official
+    exclusive bound: a window ending at column (row) -1 keeps weight 1 and an all-zero map.
+    """
+    h, w = heatmap_size_hw
+    radius = math.floor(3 * sigma)  # official tmp_size = 3 sigma (an integer for sigma 2 or 3)
+    vis = visible > 0
+    # invisible joints may carry any coordinates (0, NaN): park them before the integer cast
+    xy = torch.where(vis[..., None], keypoints.float(), torch.zeros((), device=keypoints.device))
+    mu = torch.trunc(xy / stride + 0.5).long()  # (B, J, 2) heatmap pixels; trunc as int()
+    mu_x, mu_y = mu[..., 0], mu[..., 1]
+
+    # official: weight 0 iff ul >= size or br < 0, with ul = mu - r and br = mu + r + 1
+    in_bounds = (mu_x - radius < w) & (mu_x + radius + 1 >= 0)
+    in_bounds &= (mu_y - radius < h) & (mu_y + radius + 1 >= 0)
+    weights = (vis & in_bounds).float()  # (B, J)
+
+    # exp(-(dx^2 + dy^2) / 2s^2) = exp(-dx^2 / 2s^2) * exp(-dy^2 / 2s^2): render two 1-D profiles
+    # and take their outer product; integer offsets keep the peak at exactly 1
+    xs = torch.arange(w, device=keypoints.device)
+    ys = torch.arange(h, device=keypoints.device)
+    dx = xs - mu_x[..., None]  # (B, J, w)
+    dy = ys - mu_y[..., None]  # (B, J, h)
+    gx = torch.exp(-(dx.float() ** 2) / (2 * sigma**2)) * (dx.abs() <= radius)
+    gy = torch.exp(-(dy.float() ** 2) / (2 * sigma**2)) * (dy.abs() <= radius)
+    gy = gy * weights[..., None]  # zero maps for weight-0 joints, as official
+    heatmaps = gy[..., :, None] * gx[..., None, :]  # (B, J, h, w)
+    return heatmaps, weights
 
 
 def joints_mse_loss(
@@ -40,7 +86,6 @@ def joints_mse_loss(
 def train_step(
     model: torch.nn.Module,
     batch: Mapping[str, np.ndarray | torch.Tensor],
-    codec: HeatmapCodec,
     cfg: Config,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -48,7 +93,8 @@ def train_step(
     world: int = 1,
 ) -> float | None:
     """One update on `batch` ("image" uint8 (B, H, W, 3), "keypoints" (B, J, 2) in crop pixels,
-    "visible" (B, J)) under cfg.train's amp, ohkm_topk and grad_clip and cfg.data.channels_last.
+    "visible" (B, J)), targets of cfg.model's heatmap size and stride and cfg.data.sigma, under
+    cfg.train's amp, ohkm_topk and grad_clip and cfg.data.channels_last.
 
     Returns the loss, or None, with no update, if it is not finite on any of the `world` ranks.
     """
@@ -56,9 +102,12 @@ def train_step(
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
     images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
     x = normalize_images(images, cfg.data.channels_last)  # on the device: uint8 moves 4x cheaper
-    target, weight = codec.encode(
+    target, weight = render_targets(
         torch.as_tensor(batch["keypoints"]).to(device),
         torch.as_tensor(batch["visible"]).to(device),
+        cfg.model.heatmap_size,
+        cfg.model.heatmap_stride,
+        cfg.data.sigma,
     )
     dtype = AMP_DTYPES.get(cfg.train.amp)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -9,7 +9,6 @@ import torch
 
 from jobs import run_safety
 from psm_model.checkpoint import TrainState, load_checkpoint
-from psm_model.codec import HeatmapCodec
 from psm_model.config import ConfigError, load_config
 from psm_model.hrnet import build_model
 from psm_model.loss import train_step
@@ -33,8 +32,7 @@ def _batch(cfg, rng):
 def _step(cfg, model, batch):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    codec = HeatmapCodec.from_config(cfg)
-    return train_step(model, batch, codec, cfg, optimizer, scaler, torch.device("cpu"))
+    return train_step(model, batch, cfg, optimizer, scaler, torch.device("cpu"))
 
 
 def test_a_nan_loss_updates_nothing_and_stops_naming_epoch_and_step(tmp_path):
