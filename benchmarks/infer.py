@@ -29,10 +29,9 @@ from benchmarks.model import machine
 from benchmarks.profile import describe
 from benchmarks.toy_detector import export_toy_detector, write_plain_people
 from jobs import command, storage
+from pipelines.actors import OnnxPoseModel, keep_freed_memory
 from pipelines.detect import box_row, detect_and_crop, detector_session
 from pipelines.images import decode_image
-from pipelines.malloc import keep_freed_memory
-from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
 from pipelines.uris import write_bytes
 from psm_model.config import Config, DetectorConfig
@@ -78,7 +77,7 @@ def bench_infer(
     repeats: int = 3,
     runtimes: tuple[str, ...] = RUNTIMES,
 ) -> dict:
-    from pipelines.datasets import detected_pose_predictions, pose_predictions
+    from pipelines.predict import detected_pose_predictions, pose_predictions
 
     det = dataclasses.replace(
         cfg.infer.detector, input_size=DETECTOR_SIZE, pad_value=20.0, model="toy-raw.onnx"

@@ -17,9 +17,9 @@ import numpy as np
 
 from pipelines.augment import draw_augmentation, half_body_box
 from pipelines.coco import NUM_JOINTS, ImageRecord, PersonRecord
-from psm_model.hrnet import IMAGENET_MEAN, IMAGENET_STD
 from psm_model.config import Config
 from psm_model.geometry import flip_keypoints
+from psm_model.hrnet import IMAGENET_MEAN, IMAGENET_STD
 
 OFFICIAL_STRIDE = 4  # the official HRNet heatmaps: 96x72 at 384x288, 64x48 at 256x192
 # CPU time of this thread, as the rest of the bench (benchmarks.data)

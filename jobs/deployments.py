@@ -47,8 +47,8 @@ class Detector:
     def __init__(self, cfg: Config) -> None:
         import cv2
 
+        from pipelines.actors import keep_freed_memory
         from pipelines.detect import detector_session, load_detector
-        from pipelines.malloc import keep_freed_memory
 
         keep_freed_memory()
         cv2.setNumThreads(1)  # as the infer job's detector actors
@@ -80,7 +80,7 @@ class PoseModel:
         import torch
 
         from jobs.checkpoint_uri import load_model
-        from pipelines.malloc import keep_freed_memory
+        from pipelines.actors import keep_freed_memory
         from pipelines.predict import pose_model
         from psm_model.codec import HeatmapCodec
 
@@ -89,7 +89,7 @@ class PoseModel:
         model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if cfg.infer.pose_runtime == "onnxruntime":
-            from pipelines.datasets import onnx_pose_model
+            from pipelines.predict import onnx_pose_model
 
             state = onnx_pose_model(cfg, state)
         self.model, self.device = pose_model(cfg, state, cfg.infer.pose_runtime)

@@ -20,10 +20,10 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from pipelines.actors import keep_freed_memory
 from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.coco import DataError
 from pipelines.images import ImageError, decode_image
-from pipelines.malloc import keep_freed_memory
 from psm_model.config import Config, DetectorConfig
 from psm_model.geometry import box_to_center_scale
 
@@ -195,7 +195,7 @@ def load_detector(uri: str) -> tuple[bytes, str]:
 
 def detector_session(model: bytes, source: str, threads: int = 1):
     """An ONNX Runtime session of a detector and its output layout (DetectorError if unknown)."""
-    from pipelines.onnx_runtime import make_session
+    from pipelines.actors import make_session
 
     try:
         session = make_session(model, source, threads)

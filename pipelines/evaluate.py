@@ -29,10 +29,10 @@ from pycocotools.coco import COCO
 
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
-from pipelines.datasets import eval_crops, iter_chunked, pose_predictions
+from pipelines.datasets import eval_crops, iter_chunked
 from pipelines.detect import box_row
 from pipelines.images import ImageError, decode_image
-from pipelines.predict import predict_poses
+from pipelines.predict import pose_predictions, predict_poses
 from pipelines.uris import join, read_json_at, write_bytes
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
 from psm_model.codec import HeatmapCodec

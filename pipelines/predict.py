@@ -1,26 +1,34 @@
-"""A model on a batch of crops -> poses in image pixels: the per-batch step of every evaluation.
+"""A model on a batch of crops -> poses in image pixels, in process and on Ray Data actor pools.
 
-`predict_poses` is the one function both evaluation paths call on each batch of crops: in process
-(`pipelines.evaluate.evaluate_model`, validation inside training) and on Ray Data actors
-(`PosePredictor`, `psm eval --checkpoint`). Heatmaps never leave it: a pose row is 17 x 3 numbers
-plus ids, centre, scale and box score, where one person's stride-2 heatmaps at 384x288 are 1.9 MB.
+`predict_poses` is the one function every evaluation calls on each batch of crops: in process
+(`pipelines.evaluate.evaluate_model`, validation inside training; Serve's pose replica) and on
+Ray Data actors (`PosePredictor`). Heatmaps never leave it: a pose row is 17 x 3 numbers plus
+ids, centre, scale and box score, where one person's stride-2 heatmaps at 384x288 are 1.9 MB.
+
+The graphs that run it on actors: `pose_predictions` (crops of given boxes -> poses: `psm eval`,
+`psm infer` from a file or the annotations) and `detected_pose_predictions` (image rows ->
+detector actors -> pose actors: `psm infer` with infer.boxes=detector).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Sequence
 
 import numpy as np
+import ray
 import torch
 
-from pipelines.malloc import keep_freed_memory
+from pipelines.actors import OnnxPoseModel, keep_freed_memory, model_actors
+from pipelines.datasets import eval_crops, image_dataset
+from pipelines.detect import Detector
 from psm_model.codec import HeatmapCodec
 from psm_model.config import Config, PoseRuntime
+from psm_model.export import export_onnx
 from psm_model.hrnet import build_model, normalize_images
 from psm_model.weights import load_strict
 
-if TYPE_CHECKING:
-    from pipelines.onnx_runtime import OnnxPoseModel
+log = logging.getLogger(__name__)
 
 # The one place that names the pose columns (per-row shapes / dtypes): what predict_poses returns.
 POSE_COLUMNS = {
@@ -92,8 +100,6 @@ def pose_model(
     that reserved a GPU sees it (Ray sets CUDA_VISIBLE_DEVICES) and runs the model there."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if runtime == "onnxruntime":
-        from pipelines.onnx_runtime import OnnxPoseModel
-
         threads = max(1, int(cfg.eval.cpus_per_worker))
         return OnnxPoseModel(state, "pose model (ONNX)", threads), device
     model = build_model(cfg.model)
@@ -102,7 +108,7 @@ def pose_model(
 
 
 class PosePredictor:
-    """Ray Data callable class (see `pipelines.datasets.pose_predictions`): builds the model once
+    """Ray Data callable class (see `pose_predictions`): builds the model once
     per actor, then maps batches of crops to poses with `predict_poses`.
 
     `weights` is an object ref of a CPU state_dict for `cfg.model` (runtime "torch") or of the
@@ -111,8 +117,6 @@ class PosePredictor:
     """
 
     def __init__(self, cfg: Config, weights, runtime: PoseRuntime = "torch") -> None:
-        import ray
-
         state = ray.get(weights)  # Ray call: Ray Data passes constructor kwargs unresolved
         keep_freed_memory()  # no page faults for each batch's activations
         self.cfg = cfg
@@ -121,3 +125,113 @@ class PosePredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict_poses(self.model, batch, self.cfg, self.device, self.codec)
+
+
+def pose_predictions(
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime = "torch",
+) -> ray.data.Dataset:
+    """`eval_crops` -> poses (pipelines.predict.POSE_COLUMNS) on a pool of eval.workers
+    `PosePredictor` actors, each holding the model with these (CPU) weights for `cfg.model`, run
+    by `runtime` (onnxruntime: exported here once, the ONNX bytes shipped to the actors).
+
+    Each actor reserves one GPU when the cluster has any, and eval.cpus_per_worker CPUs; the crop
+    tasks reserve data.cpus_per_task besides. Except where both steps ask for the same resources (no
+    GPU and data.cpus_per_task == eval.cpus_per_worker): then Ray fuses the crop step into the
+    actors, which decode and crop their own batches (fusion follows equal resource requests,
+    ray-project/ray#54433).
+    """
+    total = ray.cluster_resources()  # Ray call
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    fused = not gpus and cfg.data.cpus_per_task == cfg.eval.cpus_per_worker
+    need = {"GPU": cfg.eval.workers * gpus}
+    need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + (
+        0 if fused else cfg.data.cpus_per_task
+    )
+    _warn_short(
+        need,
+        total,
+        f"eval.workers={cfg.eval.workers} actors (eval.cpus_per_worker="
+        f"{cfg.eval.cpus_per_worker}) and a crop task (data.cpus_per_task="
+        f"{cfg.data.cpus_per_task})",
+    )
+    crops = eval_crops(rows, cfg, num_cpus=cfg.data.cpus_per_task)
+    return pose_actors(crops, cfg, weights, runtime, gpus)
+
+
+def _warn_short(need: dict[str, float], total: dict[str, float], what: str) -> None:
+    short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
+    if short:  # a fixed actor pool that cannot start waits silently (an autoscaler may add nodes)
+        log.warning("%s need more than the cluster has now (need, have): %s", what, short)
+
+
+def pose_actors(
+    crops: ray.data.Dataset,
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    gpus: int,
+) -> ray.data.Dataset:
+    model = weights
+    if runtime == "onnxruntime":
+        model = onnx_pose_model(cfg, weights)
+    # Ray calls: the weights go to the object store once, and each actor fetches them from there
+    return crops.map_batches(
+        PosePredictor,
+        fn_constructor_kwargs={"cfg": cfg, "weights": ray.put(model), "runtime": runtime},
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
+        compute=model_actors(cfg.eval.workers),
+        num_cpus=cfg.eval.cpus_per_worker,
+        num_gpus=gpus,
+    )
+
+
+def detected_pose_predictions(
+    rows: Sequence[dict],
+    cfg: Config,
+    weights: dict[str, torch.Tensor],
+    runtime: PoseRuntime,
+    detector: bytes,
+    source: str,
+) -> ray.data.Dataset:
+    """Image rows (image_id, path) -> person crops on infer.detector.workers `Detector` actors
+    (decode, detect, crop: one decode per image) -> poses on the eval.workers pose actors, one
+    streaming graph: the two actor pools are separate, so detection and pose overlap.
+
+    `detector` is the .onnx bytes (object store, as the pose weights). Every image gives at least
+    one row (a "no_person" or decode skip row), with its box count, so the driver knows when an
+    image is complete.
+    """
+    total = ray.cluster_resources()  # Ray call
+    gpus = 1 if total.get("GPU", 0) > 0 else 0
+    det = cfg.infer.detector
+    need = {"GPU": (cfg.eval.workers + det.workers) * gpus}
+    need["CPU"] = cfg.eval.workers * cfg.eval.cpus_per_worker + det.workers * det.cpus_per_worker
+    _warn_short(
+        need,
+        total,
+        f"eval.workers={cfg.eval.workers} pose actors (eval.cpus_per_worker="
+        f"{cfg.eval.cpus_per_worker}) and infer.detector.workers={det.workers} detector actors "
+        f"(infer.detector.cpus_per_worker={det.cpus_per_worker})",
+    )
+    # Ray calls: blocks of detector.batch_images image rows through the detector actors
+    crops = image_dataset(rows, None, det.batch_images).map_batches(
+        Detector,
+        fn_constructor_kwargs={"cfg": cfg, "model": ray.put(detector), "source": source},
+        batch_size=det.batch_images,
+        batch_format="numpy",
+        compute=model_actors(det.workers),
+        num_cpus=det.cpus_per_worker,
+        num_gpus=gpus,
+    )
+    return pose_actors(crops, cfg, weights, runtime, gpus)
+
+
+def onnx_pose_model(cfg: Config, weights: dict[str, torch.Tensor]) -> bytes:
+    """The ONNX bytes of `cfg.model` with these weights (psm_model.export)."""
+    model = build_model(cfg.model)
+    load_strict(model, weights, "pose weights")
+    return export_onnx(model, cfg.model.input_size)

@@ -5,8 +5,9 @@ train step.
 (`psm_model.hrnet.normalize_images`) and targets rendered (`render_targets`) on the device, the
 model's heatmaps, the loss. Target semantics are the official HRNet's
 (`JointsDataset.generate_target`), vectorised over batch and joints; `sigma` is in heatmap pixels
-and heatmap pixel u sits on input-crop pixel u * stride. Plain PyTorch: the Ray Train loop (`jobs.training`) and the train-step benchmark
-(`psm bench train`, `psm bench model`) run this same function.
+and heatmap pixel u sits on input-crop pixel u * stride. Plain PyTorch: the Ray Train loop
+(`jobs.training`) and the train-step benchmark (`psm bench train`, `psm bench model`) run this
+same function.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from pipelines.augment import make_training_sample
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
 from psm_model.codec import HeatmapCodec
+from psm_model.config import Config, DataConfig, ModelConfig, load_config
 from psm_model.hrnet import normalize_images
 from psm_model.loss import render_targets
-from psm_model.config import Config, DataConfig, ModelConfig, load_config
 
 TRAIN = "annotations/person_keypoints_train2017.json"
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from psm_model.codec import HeatmapCodec
-from psm_model.loss import render_targets
 from psm_model.decode import dark_kernel_size, decode_heatmaps, flip_back, flip_shift
 from psm_model.geometry import affine_matrix, flip_keypoints, flip_permutation, transform_points
+from psm_model.loss import render_targets
 
 
 def identity_crop(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

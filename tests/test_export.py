@@ -12,14 +12,13 @@ import torch
 from onnx import TensorProto, helper
 
 from jobs.cli import main
+from pipelines.actors import OnnxPoseModel
 from pipelines.augment import eval_batch, image_rows, rows_to_columns
 from pipelines.coco import load_coco_persons
-from pipelines.onnx_runtime import OnnxPoseModel
 from pipelines.predict import predict, predict_poses
-from psm_model.hrnet import normalize_images
 from psm_model.config import load_config
 from psm_model.export import check_depth_to_space, export_onnx
-from psm_model.hrnet import build_model
+from psm_model.hrnet import build_model, normalize_images
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from psm_model.codec import HeatmapCodec
-from psm_model.hrnet import normalize_images
 from psm_model.config import load_config
-from psm_model.hrnet import build_model
+from psm_model.hrnet import build_model, normalize_images
 from psm_model.loss import joints_mse_loss, train_step
 
 

@@ -11,7 +11,7 @@ import pytest
 SCRIPT = """
 import os, sys
 import numpy as np
-from pipelines.malloc import keep_freed_memory
+from pipelines.actors import keep_freed_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -44,7 +44,7 @@ def test_freed_blocks_stay_in_the_process():
 THREAD = """
 import ctypes, sys, threading
 import numpy as np
-from pipelines.malloc import keep_freed_memory
+from pipelines.actors import keep_freed_memory
 
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
