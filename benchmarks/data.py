@@ -49,7 +49,9 @@ from pipelines.augment import BATCH_IMAGES, image_rows, rows_to_columns, train_b
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
 from pipelines.uris import filesystem, join, write_bytes
-from psm_model.config import Config, load_config, redact_secrets
+from psm_model.config import Config
+from psm_model.config_yaml import load_config
+from psm_model.errors import redact_secrets
 from psm_model.geometry import affine_matrix
 
 SIZES: tuple[tuple[int, int], ...] = ((384, 288), (256, 192))  # (height, width)

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         record = environment(args.site, args.install_s)
     else:
         from benchmarks.profile import describe
-        from psm_model.config import load_config
+        from psm_model.config_yaml import load_config
 
         cfg = load_config(args.config, [])
         if args.verb == "ladder":

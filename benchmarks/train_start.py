@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     from jobs import tracking
     from jobs.training import run_training
     from pipelines.synthetic import make_synthetic
-    from psm_model.config import load_config
+    from psm_model.config_yaml import load_config
 
     times: dict[str, float] = {}  # label -> seconds in this run
     started: dict[str, float] = {}  # label -> when it last started (epoch s)

@@ -38,8 +38,8 @@ def add_verbose_argument(p: argparse.ArgumentParser, default=False) -> None:
 
 def load(args: argparse.Namespace, *flag_overrides: str):
     """The command's config: CONFIG with its overrides, then those its flags stand for
-    (`psm_model.config.flag_overrides`: a flag wins over the same key given as an override)."""
-    from psm_model.config import load_config
+    (`psm_model.config_yaml.flag_overrides`: a flag wins over the same key given as an override)."""
+    from psm_model.config_yaml import load_config
 
     return load_config(args.config, [*args.overrides, *flag_overrides])
 
@@ -65,8 +65,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 
 
 def _redact_record(record: logging.LogRecord) -> bool:
-    """Log lines carry URIs: mask their credentials (psm_model.config.redact_secrets)."""
-    from psm_model.config import redact_secrets
+    """Log lines carry URIs: mask their credentials (psm_model.errors.redact_secrets)."""
+    from psm_model.errors import redact_secrets
 
     record.msg, record.args = redact_secrets(record.getMessage()), None
     return True
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, name: str) -> int:
         with console.quiet(console.log_file(args.verbose, name)):
             args.func(args)
     except PsmError as e:
-        from psm_model.config import redact_secrets
+        from psm_model.errors import redact_secrets
 
         print(f"psm: error: {redact_secrets(str(e))}", file=sys.stderr)  # URIs may carry keys
         return 2

@@ -20,7 +20,7 @@ from jobs import command, tracking
 from jobs.training import run_training
 from pipelines.evaluate import evaluate_model
 from pipelines.synthetic import ensure_demo_data
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.evaluation import metrics_table
 from psm_model.hrnet import build_model
 

@@ -18,7 +18,9 @@ import uuid
 from jobs import command, provenance, storage, tracking
 from jobs.checkpoint_uri import load_model
 from pipelines.uris import join, read_bytes
-from psm_model.config import Config, ConfigError, flag_overrides, redact_secrets
+from psm_model.config import Config, ConfigError
+from psm_model.config_yaml import flag_overrides
+from psm_model.errors import redact_secrets
 from psm_model.evaluation import metrics_table
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,10 @@ from jobs.checkpoint_uri import load_model
 from pipelines import uris
 from pipelines.coco import DataError, load_images
 from psm_model.checkpoint import weights_sha256
-from psm_model.config import Config, flag_overrides, redact_secrets
+from psm_model.config import Config
+from psm_model.config_yaml import flag_overrides
 from psm_model.decode import flip_shift
+from psm_model.errors import redact_secrets
 from psm_model.evaluation import (
     check_submission,
     coco_eval,

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from jobs.console import SUBMITTED_JOB_ENV
-from psm_model.config import redact_secrets
+from psm_model.errors import redact_secrets
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (or the job's copy of it)
 PACKAGES = ("psm_model", "pipelines", "jobs", "benchmarks")

@@ -19,8 +19,9 @@ import pyarrow.fs as pafs
 from pipelines.uris import filesystem, write_bytes
 from psm_model import config
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
-from psm_model.config import Config, ConfigError, keys_tagged, parse_config, redact_secrets
-from psm_model.errors import PsmError
+from psm_model.config import Config, ConfigError, keys_tagged
+from psm_model.config_yaml import parse_config
+from psm_model.errors import PsmError, redact_secrets
 from psm_model.files import write_atomic
 
 if TYPE_CHECKING:  # imported where used: keep-best and the config checks need no Ray

@@ -34,7 +34,9 @@ from ray import serve
 
 from jobs import command, tracking
 from jobs.deployments import application
-from psm_model.config import Config, flag_overrides, redact_secrets
+from psm_model.config import Config
+from psm_model.config_yaml import flag_overrides
+from psm_model.errors import redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def app(args: dict) -> serve.Application:
     """The application builder of a Serve config file (`import_path: jobs.serve:app`), args:
     config (a YAML file in the working dir), checkpoint (a URI or models:/...), overrides (a
     list of section.key=value). The HTTP host and port are the config file's http_options."""
-    from psm_model.config import load_config
+    from psm_model.config_yaml import load_config
 
     cfg = load_config(args["config"], list(args.get("overrides", [])))
     cfg, checkpoint, info = prepare(cfg, str(args["checkpoint"]))

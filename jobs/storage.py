@@ -14,7 +14,8 @@ import logging
 import os
 from pathlib import Path
 
-from psm_model.config import ConfigError, redact_secrets
+from psm_model.config import ConfigError
+from psm_model.errors import redact_secrets
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import yaml
 
 from psm_model import config
-from psm_model.config import Config, ConfigError, keys_tagged, parse_config, yaml_mapping
+from psm_model.config import Config, ConfigError, keys_tagged
+from psm_model.config_yaml import parse_config, yaml_mapping
 
 SEARCHERS = ("grid", "random", "optuna")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from psm_model.config import Config, ConfigError, redact_secrets
-from psm_model.errors import PsmError
+from psm_model.config import Config, ConfigError
+from psm_model.errors import PsmError, redact_secrets
 
 log = logging.getLogger(__name__)
 

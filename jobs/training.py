@@ -35,7 +35,8 @@ from pipelines.leases import Lease, check_held
 from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.compiling import compile_model, eager
-from psm_model.config import Config, parse_config, redact_secrets
+from psm_model.config import Config
+from psm_model.errors import redact_secrets
 from psm_model.hrnet import build_model
 from psm_model.loss import adam, train_step
 from psm_model.weights import load_pretrained
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: `_setup`, then per epoch `_train_epoch` over this rank's
     crops and `_end_epoch`. Every Ray call of the worker is in this function, marked `# Ray`."""
-    cfg = parse_config(loop_config["config_yaml"], "<run config>")
+    cfg: Config = loop_config["config"]  # the driver's, as it resolved it: not parsed again
     ctx = ray.train.get_context()  # Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ray.data.DataContext.get_current().enable_progress_bars = False  # Ray: no bars in workers
@@ -340,7 +341,7 @@ def _train(
     trainer = TorchTrainer(  # Ray
         train_loop,
         train_loop_config={
-            "config_yaml": cfg.to_yaml(),
+            "config": cfg,
             "mlflow_run_id": run_id,
             "lease_token": lease_token,
             "train_rows": ray.put(rows),  # Ray: one copy in the object store for all workers

@@ -35,8 +35,9 @@ from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.training import resolve_paths, run_training
 from pipelines.datasets import keep_data_actors_here
 from psm_model.checkpoint import load_checkpoint_model
-from psm_model.config import Config, ConfigError, check_run_name, parse_config, redact_secrets
-from psm_model.errors import PsmError
+from psm_model.config import Config, ConfigError, check_run_name
+from psm_model.config_yaml import parse_config
+from psm_model.errors import PsmError, redact_secrets
 
 log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer; 0 is refused by Tune

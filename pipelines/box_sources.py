@@ -37,7 +37,8 @@ from pipelines.detect import detector_session, load_detector
 from pipelines.evaluate import detection_rows
 from pipelines.predict import detected_pose_predictions, pose_predictions
 from pipelines.uris import read_bytes, write_bytes
-from psm_model.config import Config, ConfigError, DetectorConfig, redact_secrets
+from psm_model.config import Config, ConfigError, DetectorConfig
+from psm_model.errors import redact_secrets
 from psm_model.evaluation import coco_box_eval
 
 

@@ -36,7 +36,8 @@ from pipelines.predict import pose_predictions, predict_poses
 from pipelines.uris import join, read_json_at, write_bytes
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config, redact_secrets
+from psm_model.config import Config
+from psm_model.errors import redact_secrets
 from psm_model.evaluation import (
     EvalError,
     coco_eval,

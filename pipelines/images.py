@@ -13,8 +13,7 @@ import os
 import cv2
 import numpy as np
 
-from psm_model.config import redact_secrets
-from psm_model.errors import PsmError
+from psm_model.errors import PsmError, redact_secrets
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_METADATA_BYTES = 16 << 20  # EXIF, ICC profiles, thumbnails: a few MB in practice

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 
 from pipelines.coco import DataError
 from pipelines.uris import filesystem
-from psm_model.config import redact_secrets
+from psm_model.errors import redact_secrets
 from psm_model.files import sha256
 
 log = logging.getLogger(__name__)

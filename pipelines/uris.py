@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from psm_model.config import redact_secrets
+from psm_model.errors import redact_secrets
 from psm_model.files import parse_json, read_json, temporary_name, write_atomic
 
 

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from psm_model.config import Config, ConfigError, load_config, redact_secrets
+from psm_model.config import Config, ConfigError
+from psm_model.config_yaml import load_config
+from psm_model.errors import redact_secrets
 from psm_model.files import sha256, write_atomic
 from psm_model.hrnet import PoseHRNet, build_model
 from psm_model.weights import (

@@ -10,7 +10,7 @@ from benchmarks.data import bench_data, run_bench_data, sample_nbytes
 from benchmarks.official_loader import official_nbytes
 from pipelines.coco import NUM_JOINTS, load_coco_persons
 from pipelines.synthetic import write_split
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from tests.local_cluster import S3Server
 
 

@@ -21,7 +21,7 @@ from psm_model.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 from psm_model.weights import CheckpointError
 

@@ -8,7 +8,7 @@ import torch
 from test_checkpoint import _save  # a training checkpoint folder
 
 from jobs.checkpoint_uri import load_model
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 from psm_model.weights import CheckpointError
 

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from pipelines.coco import DataError, load_coco_persons, load_split
 from pipelines.images import decode_image
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 
 INPUT_HW = (384, 288)
 TRAIN = "annotations/person_keypoints_train2017.json"

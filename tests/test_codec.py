@@ -13,7 +13,8 @@ from pipelines.augment import make_training_sample
 from pipelines.coco import load_coco_persons
 from pipelines.images import decode_image
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config, DataConfig, ModelConfig, load_config
+from psm_model.config import Config, DataConfig, ModelConfig
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import normalize_images
 from psm_model.loss import render_targets
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from psm_model.config import Config, ConfigError, flag_overrides, load_config, parse_config
+from psm_model.config import Config, ConfigError
+from psm_model.config_yaml import flag_overrides, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,7 +12,7 @@ from pipelines.actors import model_actors
 from pipelines.augment import SAMPLE_COLUMNS, count_skips, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
 from pipelines.datasets import crops_task, eval_crops, train_crops
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 
 CFG = load_config(None, ["model.input_size=[128,96]", "model.width=8"])
 

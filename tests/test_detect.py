@@ -23,7 +23,7 @@ from pipelines.detect import (
     nms,
 )
 from pipelines.images import decode_image
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 
 SIZE = (160, 160)  # the test detectors' input (height, width)
 

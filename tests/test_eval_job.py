@@ -17,7 +17,7 @@ from jobs import tracking
 from jobs.cli import main
 from pipelines.evaluate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.evaluate import oracle_eval
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.evaluation import (
     COCO_SIGMAS,
     METRIC_NAMES,

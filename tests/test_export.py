@@ -16,7 +16,7 @@ from pipelines.actors import OnnxPoseModel
 from pipelines.augment import eval_batch, image_rows, rows_to_columns
 from pipelines.coco import load_coco_persons
 from pipelines.predict import predict, predict_poses
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.export import check_depth_to_space, export_onnx
 from psm_model.hrnet import build_model, normalize_images
 

@@ -154,7 +154,7 @@ def test_the_parts_store_stops_writing_once_its_lease_is_taken(tmp_path):
 def test_a_second_training_of_the_same_name_is_refused_before_it_starts(tmp_path):
     from jobs import run_safety
     from jobs.training import run_training
-    from psm_model.config import load_config
+    from psm_model.config_yaml import load_config
 
     cfg = load_config(
         str(REPO / "configs" / "tiny.yaml"),

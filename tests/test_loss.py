@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from psm_model.codec import HeatmapCodec
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model, normalize_images
 from psm_model.loss import joints_mse_loss, train_step
 

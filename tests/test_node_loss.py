@@ -94,7 +94,7 @@ def test_infer_survives_the_loss_of_the_node_posing_the_images(cluster):
     an uninterrupted run writes, byte for byte."""
     import torch
 
-    from psm_model.config import load_config
+    from psm_model.config_yaml import load_config
     from psm_model.hrnet import build_model
 
     head, work = cluster["head"], cluster["work"]

@@ -9,7 +9,7 @@ import pytest
 from pipelines.coco import DataError, load_images, load_split
 from pipelines.evaluate import load_gt_at
 from pipelines.images import ImageError, decode_image
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from tests.local_cluster import S3Server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import torch
 
 from jobs import run_safety
 from psm_model.checkpoint import TrainState, load_checkpoint
-from psm_model.config import ConfigError, load_config
+from psm_model.config import ConfigError
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 from psm_model.loss import train_step
 
@@ -137,7 +138,7 @@ def test_keep_best_makes_each_new_best_current_and_removes_the_old(tmp_path):
 KEEPER = """
 import sys, torch
 from jobs import run_safety
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 cfg = load_config(None, sys.argv[3:])
 torch.set_num_threads(1)
 print("ready", flush=True)

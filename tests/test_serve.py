@@ -30,7 +30,8 @@ from pipelines.detect import detect_people, detector_session
 from pipelines.evaluate import pose_results
 from pipelines.predict import predict_poses
 from psm_model.coco_keypoints import SKELETON
-from psm_model.config import ConfigError, load_config
+from psm_model.config import ConfigError
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

@@ -75,7 +75,7 @@ def test_metrics_are_held_while_the_server_is_away_and_stored_once(tmp_path, mon
 
 
 def test_credentials_are_masked_in_what_is_logged(monkeypatch, tmp_path):
-    from psm_model.config import redact_secrets
+    from psm_model.errors import redact_secrets
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG")
     text = (

@@ -6,7 +6,8 @@ import pytest
 
 from jobs.sweep_space import parse_space, yaml_value
 from jobs.tune import _concurrency, _tune_space, _wait_for_resources
-from psm_model.config import ConfigError, load_config
+from psm_model.config import ConfigError
+from psm_model.config_yaml import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -24,7 +24,7 @@ from pipelines.synthetic import (
     make_synthetic,
     make_synthetic_coco,
 )
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 from psm_model.geometry import COCO_FLIP_PAIRS
 
 ANN_KEYS = {
@@ -203,7 +203,7 @@ def test_a_coco_size_file_repeats_a_root_with_fresh_ids_over_its_real_images(
     """`psm make-data coco-size`: the load and memory tests' COCO-size annotations."""
     from jobs.cli import main
     from pipelines.coco import load_split
-    from psm_model.config import load_config
+    from psm_model.config_yaml import load_config
 
     out = tmp_path / "big"
     assert (

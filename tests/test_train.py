@@ -20,7 +20,8 @@ from jobs.checkpoint_uri import load_model
 from jobs.training import run_training
 from pipelines.coco import load_split
 from psm_model.checkpoint import load_checkpoint
-from psm_model.config import ConfigError, load_config
+from psm_model.config import ConfigError
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 
 pytestmark = pytest.mark.slow

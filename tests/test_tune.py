@@ -11,7 +11,7 @@ from jobs.cli import main as psm
 from jobs.comparison import comparison
 from jobs.sweep_space import parse_space
 from jobs.tune import run_sweep
-from psm_model.config import load_config
+from psm_model.config_yaml import load_config
 
 pytestmark = pytest.mark.slow
 # one trial at a time: ASHA's decisions then follow the grid order, not process timing. Two

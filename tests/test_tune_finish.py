@@ -12,7 +12,8 @@ from jobs.comparison import comparison
 from jobs.sweep_space import parse_space
 from jobs.tune import _finish, run_sweep
 from psm_model.checkpoint import save_model
-from psm_model.config import ConfigError, load_config
+from psm_model.config import ConfigError
+from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
