@@ -219,7 +219,7 @@ def _time_graph(make, inputs: list[dict], cfg: Config, persons: int, key: str) -
     """persons/s of the graph `make(inputs)` to the results, after a warm-up run on 8 inputs
     (workers, imports); and apart, the start-up to the first poses (each run starts its actor
     pools) and the rate once they flow."""
-    from pipelines.evaluate import pose_results
+    from pipelines.validate import pose_results
 
     def run(some: list[dict]) -> list[tuple[float, int]]:
         arrivals: list[tuple[float, int]] = []  # (time, pose rows) per batch

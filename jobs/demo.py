@@ -18,10 +18,10 @@ import ray
 
 from jobs import command, tracking
 from jobs.training import run_training
-from pipelines.evaluate import evaluate_model
 from pipelines.synthetic import ensure_demo_data
+from pipelines.validate import evaluate_model
+from psm_model.coco_eval import metrics_table
 from psm_model.config_yaml import load_config
-from psm_model.evaluation import metrics_table
 from psm_model.hrnet import build_model
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -18,10 +18,10 @@ import uuid
 from jobs import command, provenance, storage, tracking
 from jobs.checkpoint_uri import load_model
 from pipelines.uris import join, read_bytes
+from psm_model.coco_eval import metrics_table
 from psm_model.config import Config, ConfigError
 from psm_model.config_yaml import flag_overrides
 from psm_model.errors import redact_secrets
-from psm_model.evaluation import metrics_table
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ def run_eval(
 def _score(cfg: Config, weights: dict | None, results_file: str | None, drawings) -> dict:
     """The metrics of `weights` on actors, or of the ground-truth round trip (no weights)."""
     if weights is None:
-        from pipelines.evaluate import oracle_eval
+        from pipelines.oracle import oracle_eval
 
         return oracle_eval(cfg, results_file=results_file)
     import ray
 
-    from pipelines.evaluate import evaluate_on_actors
+    from pipelines.validate import evaluate_on_actors
 
     if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
         ray.init()

@@ -37,16 +37,16 @@ from jobs.checkpoint_uri import load_model
 from pipelines import uris
 from pipelines.coco import DataError, load_images
 from psm_model.checkpoint import weights_sha256
-from psm_model.config import Config
-from psm_model.config_yaml import flag_overrides
-from psm_model.decode import flip_shift
-from psm_model.errors import redact_secrets
-from psm_model.evaluation import (
+from psm_model.coco_eval import (
     check_submission,
     coco_eval,
     load_gt,
     metrics_table,
 )
+from psm_model.config import Config
+from psm_model.config_yaml import flag_overrides
+from psm_model.decode import flip_shift
+from psm_model.errors import redact_secrets
 
 if TYPE_CHECKING:  # imported where used: `psm infer --help` loads no Ray
     from pipelines.box_sources import BoxSource, Tally
@@ -256,7 +256,7 @@ def _log(
     cfg: Config, run_id: str, metrics: dict, data: bytes, records: list, results: list[dict]
 ) -> None:
     """The metrics, the results file and a few images drawn with their poses, to MLflow."""
-    from pipelines.evaluate import draw_results
+    from pipelines.validate import draw_results
 
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
-from jobs import console, provenance, run_safety, storage, tracking
+from jobs import console, provenance, run_folder, storage, tracking
 from pipelines.augment import ImageTable, count_skips
 from pipelines.coco import load_split
 from pipelines.datasets import FeedStats, iter_chunked, keep_data_actors_here, train_crops
@@ -36,7 +36,7 @@ from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config
-from psm_model.errors import redact_secrets
+from psm_model.errors import PsmError, redact_secrets
 from psm_model.hrnet import build_model
 from psm_model.loss import adam, train_step
 from psm_model.weights import load_pretrained
@@ -145,7 +145,7 @@ def _setup(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     state = TrainState(mlflow_run_id=run_id)
     if checkpoint:  # a corrupt newest checkpoint falls back to an older one
-        state = run_safety.restore(checkpoint, model, optimizer, scheduler, scaler)
+        state = run_folder.restore(checkpoint, model, optimizer, scheduler, scaler)
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
     persons = rows.persons
     if cfg.train.images_per_epoch:
@@ -177,7 +177,7 @@ def _train_epoch(
         loss = train_step(run.step_model, batch, cfg, run.optimizer, run.scaler, device, world)
         feed.compute_s += time.perf_counter() - t_step
         if loss is None:  # not finite on some rank: no rank updated
-            run_safety.skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
+            skip_nonfinite_step(cfg, state, epoch)  # raises unless skipping
         else:
             loss_sum += loss * int(keep.sum())
             samples += int(keep.sum())
@@ -226,11 +226,39 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
     elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
     console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed, label=run.label))
     # fencing: a run taken over by another job (a second start of this name) writes nothing more
-    check_held(run_safety.run_folder(cfg), run.lease_token, f"training run {cfg.train.name}")
+    check_held(run_folder.location(cfg), run.lease_token, f"training run {cfg.train.name}")
     save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.scaler, state, cfg)
     if state.best_ap > best_before:  # kept whatever happens to the later epochs
-        run_safety.keep_best(cfg, directory, epoch)
+        run_folder.keep_best(cfg, directory, epoch)
     return True
+
+
+class NonFiniteLossError(PsmError, RuntimeError):
+    """A NaN or infinite training loss the run's policy does not let it train past."""
+
+
+def skip_nonfinite_step(cfg: Config, state: TrainState, epoch: int) -> None:
+    """Account for a step whose loss was not finite (no rank updated); raises unless the policy
+    is "skip" and the run's budget is not spent."""
+    state.skipped_steps += 1
+    where = f"epoch {epoch}, step {state.step}"
+    if cfg.train.nonfinite_loss == "stop":
+        raise NonFiniteLossError(
+            f"{where}: the training loss is not finite (NaN or inf); stopped before the update, "
+            f"so the checkpoints up to epoch {epoch - 1} are intact. Lower train.lr, set "
+            "train.grad_clip, or let a few steps be skipped with train.nonfinite_loss=skip"
+        )
+    if state.skipped_steps > cfg.train.max_skipped_steps:
+        raise NonFiniteLossError(
+            f"{where}: {state.skipped_steps} steps with a non-finite loss in this run, more than "
+            f"train.max_skipped_steps={cfg.train.max_skipped_steps}: the run diverges"
+        )
+    log.warning(
+        "%s: non-finite loss, step skipped (%d of at most %d)",
+        where,
+        state.skipped_steps,
+        cfg.train.max_skipped_steps,
+    )
 
 
 def _set_warmup_lr(optimizer, cfg: Config, step: int, warmup_steps: int, scheduler) -> None:
@@ -258,7 +286,7 @@ def _all_reduce_sum(values: list[float], device, world: int) -> list[float]:
 
 
 def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict[str, float]:
-    from pipelines.evaluate import evaluate_model
+    from pipelines.validate import evaluate_model
 
     drawings = tracking.save_pose_drawings(cfg, state.mlflow_run_id)
     metrics = evaluate_model(model, cfg, device=device, save_drawings=drawings)
@@ -303,11 +331,11 @@ def run_training(
     `register=False` (the sweep registers its best trial's model), the `label` its epoch
     lines start with (its params) and `in_sweep` (its driver is a trial's actor, on any node).
     """
-    name = cfg.train.name or run_safety.default_run_name(cfg)
+    name = cfg.train.name or run_folder.default_run_name(cfg)
     cfg = resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     # one job per run folder: a second start of the same name is refused while this one lives
-    with Lease(run_safety.run_folder(cfg), f"training run {name}") as lease:
+    with Lease(run_folder.location(cfg), f"training run {name}") as lease:
         return _train(cfg, lease.token, callbacks, mlflow_tags, register, label, in_sweep)
 
 
@@ -321,7 +349,7 @@ def _train(
     in_sweep: bool,
 ) -> dict:
     name, storage_path = cfg.train.name, cfg.train.storage_path
-    run_safety.check_resume_config(cfg)  # a resumed run must train what it started with
+    run_folder.check_resume_config(cfg)  # a resumed run must train what it started with
 
     # read once, here: a bad file fails before any worker starts, and the workers share the rows
     records, skips = load_split(cfg, "train")
@@ -330,7 +358,7 @@ def _train(
     tracking.log_datasets(cfg, run_id, training_datasets(cfg, records))
     rows = ImageTable.from_records(records)
     del records  # the table holds what the workers need, in ~5% of the records' memory
-    run_safety.save_run_config(cfg)
+    run_folder.save_run_config(cfg)
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()
@@ -372,7 +400,7 @@ def _train(
 
     model = build_model(cfg.model)
     with contextlib.ExitStack() as stack:
-        final = load_checkpoint(run_safety.private_copy(result.checkpoint, stack), model)
+        final = load_checkpoint(run_folder.private_copy(result.checkpoint, stack), model)
     # what rank 0 could not send while MLflow was away (sent twice, a batch is stored once)
     if not tracking.wait_until_reachable(cfg):
         raise tracking.TrackingError(

@@ -34,12 +34,12 @@ from pycocotools.coco import COCO
 from pipelines.augment import image_rows
 from pipelines.coco import DataError, ImageRecord, load_coco_persons
 from pipelines.detect import detector_session, load_detector
-from pipelines.evaluate import detection_rows
 from pipelines.predict import detected_pose_predictions, pose_predictions
 from pipelines.uris import read_bytes, write_bytes
+from pipelines.validate import detection_rows
+from psm_model.coco_eval import coco_box_eval
 from psm_model.config import Config, ConfigError, DetectorConfig
 from psm_model.errors import redact_secrets
-from psm_model.evaluation import coco_box_eval
 
 
 @dataclass(frozen=True)

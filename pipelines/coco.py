@@ -39,10 +39,10 @@ from typing import Literal
 import numpy as np
 
 from pipelines.uris import join, read_json_at
+from psm_model.coco_eval import json_int
 from psm_model.coco_keypoints import NUM_JOINTS, PERSON_CATEGORY_ID
 from psm_model.config import Config, DataConfig
 from psm_model.errors import PsmError, redact_secrets
-from psm_model.evaluation import json_int
 from psm_model.files import collector_paused
 from psm_model.geometry import boxes_to_centers_scales
 

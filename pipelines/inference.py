@@ -26,9 +26,9 @@ import torch
 from pipelines.augment import NO_PERSON
 from pipelines.box_sources import BoxSource
 from pipelines.coco import DataError
-from pipelines.evaluate import pose_results
 from pipelines.leases import Lease
 from pipelines.uris import filesystem, write_bytes
+from pipelines.validate import pose_results
 from psm_model.config import Config
 from psm_model.files import sha256
 

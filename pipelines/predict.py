@@ -1,7 +1,7 @@
 """A model on a batch of crops -> poses in image pixels, in process and on Ray Data actor pools.
 
 `predict_poses` is the one function every evaluation calls on each batch of crops: in process
-(`pipelines.evaluate.evaluate_model`, validation inside training; Serve's pose replica) and on
+(`pipelines.validate.evaluate_model`, validation inside training; Serve's pose replica) and on
 Ray Data actors (`PosePredictor`). Heatmaps never leave it: a pose row is 17 x 3 numbers plus
 ids, centre, scale and box score, where one person's stride-2 heatmaps at 384x288 are 1.9 MB.
 

@@ -23,9 +23,9 @@ import numpy as np
 from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.detect import box_row
 from pipelines.images import ImageError, decode_image_bytes
+from psm_model.coco_eval import kept_poses
 from psm_model.config import Config
 from psm_model.errors import PsmError
-from psm_model.evaluation import kept_poses
 from psm_model.geometry import PIXEL_STD, box_problem
 
 IMAGE_FIELD, BOXES_FIELD = "image", "boxes"  # the multipart fields (and the query parameter)

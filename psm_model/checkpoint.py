@@ -47,7 +47,7 @@ from psm_model.weights import (
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
-# a kept-best folder (jobs/run_safety.keep_best) holds whole checkpoints under new names and this
+# a kept-best folder (jobs/run_folder.keep_best) holds whole checkpoints under new names and this
 # file naming the current one: replacing one small file is atomic on a disk and on object stores
 CURRENT = "CURRENT"
 GENERATION = re.compile(r"gen-[0-9]{4}-[0-9a-f]{8}")

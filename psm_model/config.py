@@ -25,7 +25,7 @@ PoseRuntime = Literal["torch", "onnxruntime"]
 
 # What the jobs ask of a key, said on the field itself (`tagged`, read back by `keys_tagged`):
 # FREE_ON_RESUME: changes where or how fast a run trains, or how it reacts to failures, not what
-#   it trains: a resumed run may change it freely (jobs/run_safety.py: check_resume_config)
+#   it trains: a resumed run may change it freely (jobs/run_folder.py: check_resume_config)
 # SWEEP_OWNED: set per trial by the sweep itself: a search space that set it would break resume
 #   or the MLflow tree (jobs/sweep_space.py)
 FREE_ON_RESUME = "free_on_resume"
@@ -175,7 +175,7 @@ class TrainConfig:
     max_skipped_steps: int = tagged(10, FREE_ON_RESUME)
     # keys (section.key) a resumed run may change from the config it was started with, besides
     # the FREE_ON_RESUME ones; any other difference is refused, naming the keys
-    # (jobs/run_safety.py)
+    # (jobs/run_folder.py)
     resume_changes: tuple[str, ...] = tagged((), FREE_ON_RESUME)
 
     def __post_init__(self) -> None:

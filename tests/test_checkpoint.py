@@ -164,7 +164,7 @@ def test_the_best_checkpoint_training_logs_to_mlflow_loads_as_a_checkpoint(tmp_p
 def test_load_model_reads_every_local_kind(tmp_path, cfg):
     given = load_config(TINY, ["model.fusion=hrnet"])  # what the command line says
     trained = _save(tmp_path / "train" / "gen-0003-0123abcd", cfg, 3)
-    # a kept-best folder: the generation its CURRENT names (run_safety.keep_best)
+    # a kept-best folder: the generation its CURRENT names (run_folder.keep_best)
     (tmp_path / "train" / "CURRENT").write_text("gen-0003-0123abcd")
     for folder in ("train/gen-0003-0123abcd", "train"):
         model, got = load_model(tmp_path / folder, given)

@@ -15,10 +15,10 @@ from official_reference import official_state_dict
 
 from jobs import tracking
 from jobs.cli import main
-from pipelines.evaluate import evaluate_model
+from pipelines.validate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
+from psm_model.coco_eval import METRIC_NAMES
 from psm_model.config_yaml import load_config
-from psm_model.evaluation import METRIC_NAMES
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

@@ -21,9 +21,9 @@ from jobs.cli import main
 from pipelines.box_sources import AnnotationBoxes, DetectorBoxes
 from pipelines.coco import DataError, load_images
 from pipelines.inference import PartStore, _Part, split_parts
+from psm_model.coco_eval import EvalError, check_submission, validate_results
 from psm_model.config import DetectorConfig
 from psm_model.config_yaml import load_config
-from psm_model.evaluation import EvalError, check_submission, validate_results
 from psm_model.hrnet import build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")

@@ -102,7 +102,7 @@ def _commands() -> set[str]:
 
 
 def test_the_layers_are_found():
-    assert {"psm_model.hrnet", "pipelines.evaluate", "jobs.train"} <= set(MODULES)
+    assert {"psm_model.hrnet", "pipelines.validate", "jobs.train"} <= set(MODULES)
 
 
 def test_the_strings_the_cli_imports_by_name_are_read():

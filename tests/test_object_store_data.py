@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipelines.coco import DataError, load_images, load_split
-from pipelines.evaluate import load_gt_at
 from pipelines.images import ImageError, decode_image
+from pipelines.validate import load_gt_at
 from psm_model.config_yaml import load_config
 from tests.local_cluster import S3Server
 
@@ -81,8 +81,8 @@ def test_detections_on_s3_read_as_a_local_file(s3_root, tmp_path):
 
     import boto3
 
-    from pipelines.evaluate import read_detections_at
-    from psm_model.evaluation import EvalError
+    from pipelines.validate import read_detections_at
+    from psm_model.coco_eval import EvalError
 
     dets = [{"image_id": 1, "category_id": 1, "bbox": [1, 2, 30, 40], "score": 0.9}]
     (tmp_path / "dets.json").write_text(json.dumps(dets))

@@ -27,8 +27,8 @@ import torch
 from benchmarks.toy_detector import export_toy_detector, plain_image, write_plain_people
 from pipelines import serving
 from pipelines.detect import detect_people, detector_session
-from pipelines.evaluate import pose_results
 from pipelines.predict import predict_poses
+from pipelines.validate import pose_results
 from psm_model.coco_keypoints import SKELETON
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config

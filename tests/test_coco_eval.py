@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.evaluate import oracle_eval
-from psm_model.config_yaml import load_config
-from psm_model.evaluation import (
+from pipelines.oracle import oracle_eval
+from psm_model.coco_eval import (
     COCO_SIGMAS,
     METRIC_NAMES,
     EvalError,
@@ -22,6 +21,7 @@ from psm_model.evaluation import (
     read_detections,
     rescore,
 )
+from psm_model.config_yaml import load_config
 
 VAL = "annotations/person_keypoints_val2017.json"
 MMPOSE4 = "annotations/person_keypoints_val2017_mmpose4.json"

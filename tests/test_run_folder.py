@@ -1,5 +1,5 @@
-"""A run's good work kept: the non-finite loss guard, the resume config check, unique run names,
-and the best checkpoint kept beside the newest ones (no Ray needed for these)."""
+"""A run's folder and what it keeps: the resume config check, unique run names, the best checkpoint
+kept beside the newest ones; and the training loop's non-finite loss guard (no Ray needed)."""
 
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import run_safety
+from jobs import run_folder, training
 from psm_model.checkpoint import TrainState, load_checkpoint
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config
@@ -50,35 +50,35 @@ def test_a_nan_loss_updates_nothing_and_stops_naming_epoch_and_step(tmp_path):
     assert all(torch.isfinite(v).all() for k, v in after.items() if k != "final_layer.bias")
     state = TrainState(epoch=50, step=1234)
     with pytest.raises(
-        run_safety.NonFiniteLossError,
+        training.NonFiniteLossError,
         match=r"epoch 50, step 1234: the training "
         r"loss is not finite",
     ):
-        run_safety.skip_nonfinite_step(cfg, state, 50)
+        training.skip_nonfinite_step(cfg, state, 50)
 
 
 def test_skip_policy_has_a_budget_for_the_whole_run(tmp_path):
     cfg = _cfg(tmp_path, "train.nonfinite_loss=skip", "train.max_skipped_steps=2")
     state = TrainState(skipped_steps=1)  # one skipped before a resume: it counts
-    run_safety.skip_nonfinite_step(cfg, state, 3)
+    training.skip_nonfinite_step(cfg, state, 3)
     assert state.skipped_steps == 2
-    with pytest.raises(run_safety.NonFiniteLossError, match="3 steps with a non-finite loss"):
-        run_safety.skip_nonfinite_step(cfg, state, 3)
+    with pytest.raises(training.NonFiniteLossError, match="3 steps with a non-finite loss"):
+        training.skip_nonfinite_step(cfg, state, 3)
 
 
 def _check_and_save(cfg) -> None:
-    run_safety.check_resume_config(cfg)
-    run_safety.save_run_config(cfg)  # as run_training, once the data and MLflow run are in hand
+    run_folder.check_resume_config(cfg)
+    run_folder.save_run_config(cfg)  # as run_training, once the data and MLflow run are in hand
 
 
 def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
     _check_and_save(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
     assert (tmp_path / "r" / "psm_config.yaml").exists()
-    run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))  # same
+    run_folder.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))  # same
     # before: resumed silently as a mixed run, MLflow showing the old params
     other = _cfg(tmp_path, "train.lr=0.002", "train.epochs=20", "train.max_failures=5")
     with pytest.raises(ConfigError) as error:
-        run_safety.check_resume_config(other)
+        run_folder.check_resume_config(other)
     message = str(error.value)
     assert "train.epochs: 10 -> 20; train.lr: 0.001 -> 0.002" in message
     assert "max_failures" not in message  # changes how failures are handled, not what is trained
@@ -87,9 +87,9 @@ def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
     )
     _check_and_save(accepted)  # explicit, and saved: the next resume compares to it
     with pytest.raises(ConfigError, match="train.epochs: 20 -> 10"):
-        run_safety.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
+        run_folder.check_resume_config(_cfg(tmp_path, "train.lr=0.001", "train.epochs=10"))
     with pytest.raises(ConfigError, match=r"train.resume_changes: unknown keys \['train.epoch'\]"):
-        run_safety.check_resume_config(_cfg(tmp_path, "train.resume_changes=[train.epoch]"))
+        run_folder.check_resume_config(_cfg(tmp_path, "train.resume_changes=[train.epoch]"))
 
 
 def test_a_start_that_fails_on_its_data_leaves_nothing_that_refuses_the_corrected_one(tmp_path):
@@ -102,12 +102,12 @@ def test_a_start_that_fails_on_its_data_leaves_nothing_that_refuses_the_correcte
     with pytest.raises(DataError, match="nowhere"):
         run_training(wrong)
     assert not (tmp_path / "r" / "psm_config.yaml").exists()
-    run_safety.check_resume_config(_cfg(tmp_path, f"data.root={tmp_path / 'coco'}"))
+    run_folder.check_resume_config(_cfg(tmp_path, f"data.root={tmp_path / 'coco'}"))
 
 
 def test_default_run_names_are_unique_within_a_second(tmp_path):
     cfg = _cfg(tmp_path)
-    names = {run_safety.default_run_name(cfg) for _ in range(50)}
+    names = {run_folder.default_run_name(cfg) for _ in range(50)}
     assert len(names) == 50 and all(n.startswith("psm-w4-") for n in names)
 
 
@@ -127,7 +127,7 @@ def _checkpoint(folder, epoch: int, cfg):
 def test_keep_best_makes_each_new_best_current_and_removes_the_old(tmp_path):
     cfg = _cfg(tmp_path)
     for epoch in (3, 7):
-        run_safety.keep_best(cfg, _checkpoint(tmp_path / f"ckpt{epoch}", epoch, cfg), epoch)
+        run_folder.keep_best(cfg, _checkpoint(tmp_path / f"ckpt{epoch}", epoch, cfg), epoch)
     best = tmp_path / "r" / "best_checkpoint"
     assert load_checkpoint(best, build_model(cfg.model)).epoch == 7
     [generation] = [p.name for p in best.iterdir() if p.is_dir()]
@@ -137,7 +137,7 @@ def test_keep_best_makes_each_new_best_current_and_removes_the_old(tmp_path):
 
 KEEPER = """
 import sys, torch
-from jobs import run_safety
+from jobs import run_folder, training
 from psm_model.config_yaml import load_config
 cfg = load_config(None, sys.argv[3:])
 torch.set_num_threads(1)
@@ -145,7 +145,7 @@ print("ready", flush=True)
 epoch = 0
 while True:  # a new best every round, as fast as it can: killed at some point of one
     epoch += 1
-    run_safety.keep_best(cfg, sys.argv[1 + epoch % 2], epoch)
+    run_folder.keep_best(cfg, sys.argv[1 + epoch % 2], epoch)
 """
 
 
@@ -177,7 +177,7 @@ def test_a_kill_at_any_point_of_keep_best_leaves_a_verifiable_best(
     overrides = [*SMALL, f"train.storage_path={storage}", "train.name=r"]
     cfg = load_config(None, overrides)
     sources = [str(_checkpoint(tmp_path / f"ckpt{k}", k, cfg)) for k in (1, 2)]
-    run_safety.keep_best(cfg, sources[0], 0)  # the best before the killed job's
+    run_folder.keep_best(cfg, sources[0], 0)  # the best before the killed job's
     repo = str(Path(__file__).resolve().parents[1])
     rng = random.Random(5)
     for round_ in range(4):

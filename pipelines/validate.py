@@ -1,16 +1,9 @@
-"""The test recipe on the val set: `evaluate_model` (a model in this process on Ray Data crops),
-`evaluate_on_actors` (the model on Ray Data actors; both share `pipelines.predict.predict_poses`)
-and `oracle_eval`, the ground-truth round trip without a model and without images.
-
-Oracle: each person's GT keypoints go through the crop affine, the training target renderer
-(and, with the flip test, the renderer on the mirrored crop followed by `flip_back`), the decoder,
-the map back to the image, rescoring, OKS-NMS and COCOeval. A network that predicted its
-training targets perfectly would score this: what is lost here (heatmap quantisation, flip shift,
-decode) is the chain's own error, a check of crop -> heatmap -> decode -> image -> COCOeval.
-
-With a detections file, each box gets the keypoints of the GT person it overlaps most (box IoU
->= 0.5) or none (all-zero heatmaps, score 0): a check of box reading, crops from detector boxes,
-rescoring with real box scores and OKS-NMS of duplicate detections.
+"""The test recipe on the val set: `evaluate_model` (a model in this process on Ray Data crops:
+validation inside training) and `evaluate_on_actors` (the model on Ray Data actors: `psm eval`),
+both through `pipelines.predict.predict_poses`; the poses -> COCO results (`pose_results`:
+rescoring, OKS-NMS) -> COCOeval, the results file, drawings of the val images; and the readers
+of annotation and detection files wherever they live (`load_gt_at`, `read_detections_at`).
+The ground-truth round trip without a model is `pipelines.oracle`.
 """
 
 from __future__ import annotations
@@ -25,7 +18,6 @@ from collections.abc import Callable, Iterable
 import cv2
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
@@ -34,161 +26,25 @@ from pipelines.detect import box_row
 from pipelines.images import ImageError, decode_image
 from pipelines.predict import pose_predictions, predict_poses
 from pipelines.uris import join, read_json_at, write_bytes
-from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
-from psm_model.codec import HeatmapCodec
-from psm_model.config import Config
-from psm_model.errors import redact_secrets
-from psm_model.evaluation import (
+from psm_model.coco_eval import (
     EvalError,
     coco_eval,
     load_gt,
     make_results,
     read_detections,
 )
+from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
+from psm_model.codec import HeatmapCodec
+from psm_model.config import Config
+from psm_model.errors import redact_secrets
 from psm_model.geometry import (
     PIXEL_STD,
-    affine_matrix,
-    box_to_center_scale,
-    flip_keypoints,
-    transform_points,
 )
 
 log = logging.getLogger(__name__)
 
 # what a job does with a folder of drawn val images (jobs.tracking.save_pose_drawings: log it)
 SaveDrawings = Callable[[str], object]
-MATCH_IOU = 0.5  # a detection inherits a GT person's keypoints from this box IoU on
-
-
-def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xywh box with each of (M, 4) xywh boxes."""
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
-    y2 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
-
-
-def _crop_keypoints(
-    keypoints: np.ndarray, centers: np.ndarray, scales: np.ndarray, input_size_hw: tuple[int, int]
-) -> np.ndarray:
-    """(N, J, 2) image keypoints -> input-crop pixels, through each person's test-time crop."""
-    out = np.empty((len(keypoints), keypoints.shape[1], 2))
-    for i, (c, s) in enumerate(zip(centers, scales, strict=True)):
-        out[i] = transform_points(keypoints[i, :, :2], affine_matrix(c, s, 0.0, input_size_hw))
-    return out
-
-
-def _oracle_heatmaps(
-    crop_xy: np.ndarray, visible: np.ndarray, codec: HeatmapCodec, input_width: int, flip: bool
-) -> torch.Tensor:
-    """(N, 17, h, w) heatmaps a perfect network would output for these crops' keypoints."""
-    heatmaps, _ = codec.encode(torch.from_numpy(crop_xy), torch.from_numpy(visible))
-    if not flip:
-        return heatmaps
-    # what the network sees on the mirrored crop: mirrored joints, left and right swapped
-    mirrored = flip_keypoints(np.concatenate([crop_xy, visible[..., None]], -1), input_width)
-    heatmaps_flipped, _ = codec.encode(
-        torch.from_numpy(mirrored[..., :2]), torch.from_numpy(mirrored[..., 2] > 0)
-    )
-    return codec.flip_average(heatmaps, heatmaps_flipped)
-
-
-def _drop_joints_outside_crops(coco: COCO, ann_ids: list[int], outside: np.ndarray) -> int:
-    """Unlabel (v = 0) the GT joints that lie outside their person's crop; returns how many."""
-    dropped = 0
-    for ann_id, out in zip(ann_ids, outside, strict=True):
-        ann = coco.anns[ann_id]  # the same dict as in coco.dataset: COCOeval sees the change
-        kpts = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
-        hit = out & (kpts[:, 2] > 0)
-        kpts[hit] = 0.0
-        dropped += int(hit.sum())
-        ann["keypoints"] = kpts.reshape(-1).tolist()
-        ann["num_keypoints"] = int((kpts[:, 2] > 0).sum())
-    return dropped
-
-
-def oracle_eval(
-    cfg: Config,
-    *,
-    results_file: str | os.PathLike | None = None,
-    gt_in_crop_only: bool = False,
-) -> dict[str, float]:
-    """COCO keypoint metrics of the GT round trip on the val set (GT boxes, or eval.detections)
-    with the test recipe of `cfg` (flip test, decode, rescoring, OKS-NMS).
-
-    `gt_in_crop_only` (GT boxes only) also unlabels, for COCOeval, the GT joints that lie outside
-    their person's crop: no heatmap can hold them, so this isolates the chain's own error from
-    annotations that reach beyond the padded box (the recipe's ceiling, not a chain error).
-    """
-    detections = cfg.eval.detections
-    if gt_in_crop_only and detections:
-        raise ValueError("gt_in_crop_only: only defined with GT boxes (eval.detections is set)")
-    records = _val_records(cfg)
-    ann_file = join(cfg.data.root, cfg.data.val_annotations)
-    h, w = cfg.model.input_size
-    codec = HeatmapCodec.from_config(cfg)
-
-    # one row per crop: (image id, centre, scale, GT keypoints (17, 3), box score, GT ann id)
-    if not detections:  # GT boxes, box score 1 (the official GT-box validation)
-        persons = [
-            (r.image_id, p.center, p.scale, p.keypoints, 1.0, p.ann_id)
-            for r in records
-            for p in r.persons
-        ]
-    else:
-        by_image = {r.image_id: r for r in records}
-        sizes = {i: (r.width, r.height) for i, r in by_image.items()}
-        dets, skips = read_detections_at(detections, sizes, cfg.eval.box_score_threshold)
-        log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
-        persons = []
-        for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
-            gt = by_image[int(image_id)].persons
-            kpts = np.zeros((NUM_JOINTS, 3), np.float32)  # no GT match: all-zero maps, score 0
-            if gt:
-                iou = _box_iou(box, np.array([p.box for p in gt]))
-                if iou.max() >= MATCH_IOU:
-                    kpts = gt[int(iou.argmax())].keypoints
-            center, scale = box_to_center_scale(box, aspect=w / h, padding=cfg.data.box_padding)
-            persons.append((int(image_id), center, scale, kpts, float(score), -1))
-
-    coco = load_gt_at(ann_file)
-    results: list[dict] = []
-    if persons:
-        image_ids = np.array([p[0] for p in persons], dtype=np.int64)
-        centers = np.stack([p[1] for p in persons]).astype(np.float64)
-        scales = np.stack([p[2] for p in persons]).astype(np.float64)
-        keypoints = np.stack([p[3] for p in persons]).astype(np.float64)
-        box_scores = np.array([p[4] for p in persons])
-        crop_xy = _crop_keypoints(keypoints, centers, scales, cfg.model.input_size)
-        visible = keypoints[..., 2] > 0
-        if gt_in_crop_only:
-            x, y = crop_xy[..., 0], crop_xy[..., 1]
-            outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)
-            n = _drop_joints_outside_crops(coco, [p[5] for p in persons], outside)
-            log.info("%s: %d labelled joints outside their crop left out of COCOeval", ann_file, n)
-        coords, maxvals, batch = [], [], cfg.eval.batch_size
-        for i in range(0, len(persons), batch):  # bounded memory: 17 maps per person
-            sl = slice(i, i + batch)
-            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, cfg.eval.flip_test)
-            c, m = codec.decode(hm, centers[sl], scales[sl], method=cfg.eval.decode)
-            coords.append(c)
-            maxvals.append(m)
-        areas = np.prod(scales * PIXEL_STD, axis=1)  # the official NMS area: the crop box
-        results = make_results(
-            image_ids,
-            np.concatenate(coords),
-            np.concatenate(maxvals),
-            box_scores,
-            areas,
-            cfg.eval.keypoint_score_threshold,
-            cfg.eval.oks_nms_threshold,
-        )
-    if results_file is not None:
-        _write_results(results, results_file)
-    return coco_eval(coco, results)
-
-
 # ----------------------------------------------------------------------------------------------
 # A model on the val set: Ray Data crops -> poses (predict_poses) -> results -> COCOeval
 # ----------------------------------------------------------------------------------------------
@@ -225,13 +81,13 @@ def read_detections_at(location: str, image_sizes: dict, score_threshold: float)
     return read_detections(redact_secrets(location), image_sizes, score_threshold, data)
 
 
-def _val_records(cfg: Config) -> list:
+def val_records(cfg: Config) -> list:
     return load_split(cfg, "val")[0]
 
 
 def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
     """The val records and their image rows: ground-truth boxes, or eval.detections."""
-    records = _val_records(cfg)
+    records = val_records(cfg)
     if cfg.eval.detections:
         return records, detection_rows(records, cfg.eval.detections, cfg)
     return records, image_rows(records)
@@ -284,7 +140,7 @@ def evaluate_on_actors(
     return _score(poses, records, cfg, results_file, save_drawings)
 
 
-def _write_results(results: list[dict], location: str | os.PathLike) -> None:
+def write_results(results: list[dict], location: str | os.PathLike) -> None:
     """The results JSON to a local path or a URI (s3://...: `--results` takes either, as the
     infer job's `--output`), atomically: the old file or none after a crash, never half."""
     write_bytes(os.fspath(location), json.dumps(results).encode())
@@ -328,7 +184,7 @@ def _score(
         batches.append(batch)
     results = pose_results(batches, cfg)
     if results_file is not None:
-        _write_results(results, results_file)
+        write_results(results, results_file)
     metrics = coco_eval(load_gt_at(join(cfg.data.root, cfg.data.val_annotations)), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
     if save_drawings and cfg.eval.visualize:

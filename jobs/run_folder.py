@@ -1,6 +1,7 @@
-"""What keeps a training run's good work: the non-finite loss guard, the best checkpoint kept beside
-Ray's newest ones, the fallback from a corrupt newest checkpoint, the config check of a resumed
-run, and unique default run names. Used by `jobs.training`; Ray calls are marked `# Ray`.
+"""A training run's folder (train.storage_path/train.name) and what it keeps: the run's config
+(saved once its data and MLflow run are in hand, checked when the run resumes), the best
+checkpoint kept beside Ray's newest ones, the fallback from a corrupt newest checkpoint, and
+unique default run names. Used by `jobs.training`; Ray calls are marked `# Ray`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from psm_model import config
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, keys_tagged
 from psm_model.config_yaml import parse_config
-from psm_model.errors import PsmError, redact_secrets
+from psm_model.errors import redact_secrets
 from psm_model.files import write_atomic
 
 if TYPE_CHECKING:  # imported where used: keep-best and the config checks need no Ray
@@ -35,41 +36,13 @@ RUN_CONFIG = "psm_config.yaml"  # in the run folder: the config a resumed run mu
 FREE_ON_RESUME = keys_tagged(config.FREE_ON_RESUME)
 
 
-class NonFiniteLossError(PsmError, RuntimeError):
-    """A NaN or infinite training loss the run's policy does not let it train past."""
-
-
 def default_run_name(cfg: Config) -> str:
     """A new run's name: readable, and unique even for runs started in the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{cfg.model.fusion}-w{cfg.model.width}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def skip_nonfinite_step(cfg: Config, state: TrainState, epoch: int) -> None:
-    """Account for a step whose loss was not finite (no rank updated); raises unless the policy
-    is "skip" and the run's budget is not spent."""
-    state.skipped_steps += 1
-    where = f"epoch {epoch}, step {state.step}"
-    if cfg.train.nonfinite_loss == "stop":
-        raise NonFiniteLossError(
-            f"{where}: the training loss is not finite (NaN or inf); stopped before the update, "
-            f"so the checkpoints up to epoch {epoch - 1} are intact. Lower train.lr, set "
-            "train.grad_clip, or let a few steps be skipped with train.nonfinite_loss=skip"
-        )
-    if state.skipped_steps > cfg.train.max_skipped_steps:
-        raise NonFiniteLossError(
-            f"{where}: {state.skipped_steps} steps with a non-finite loss in this run, more than "
-            f"train.max_skipped_steps={cfg.train.max_skipped_steps}: the run diverges"
-        )
-    log.warning(
-        "%s: non-finite loss, step skipped (%d of at most %d)",
-        where,
-        state.skipped_steps,
-        cfg.train.max_skipped_steps,
-    )
-
-
-def run_folder(cfg: Config) -> str:
+def location(cfg: Config) -> str:
     return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name}"
 
 
@@ -78,7 +51,7 @@ def keep_best(cfg: Config, directory: str | Path, epoch: int) -> None:
     make it current (CURRENT, one small file replaced atomically, names it), then remove the
     older ones: a kill at any point leaves CURRENT naming a complete checkpoint, on a disk and on
     object stores (which rename no folders). Ray keeps only the newest train.keep_checkpoints."""
-    best = f"{run_folder(cfg)}/{BEST}"
+    best = f"{location(cfg)}/{BEST}"
     fs, root = filesystem(best)
     name = f"gen-{epoch:04d}-{uuid.uuid4().hex[:8]}"
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -146,7 +119,7 @@ def check_resume_config(cfg: Config) -> None:
     unknown = sorted(set(cfg.train.resume_changes) - set(cfg.flat()))
     if unknown:  # a typo would otherwise accept nothing and refuse the resume anyway
         raise ConfigError(f"train.resume_changes: unknown keys {unknown} (expected section.key)")
-    path = f"{run_folder(cfg)}/{RUN_CONFIG}"
+    path = f"{location(cfg)}/{RUN_CONFIG}"
     fs, where = filesystem(path)
     if fs.get_file_info(where).type == pafs.FileType.File:
         with fs.open_input_stream(where) as f:
@@ -170,4 +143,4 @@ def save_run_config(cfg: Config) -> None:
     """The config a resume is checked against (updated by an accepted change): saved once the
     run's data and MLflow run are in hand, so a start that failed before (a wrong data.root)
     leaves nothing that refuses the corrected command."""
-    write_bytes(f"{run_folder(cfg)}/{RUN_CONFIG}", redact_secrets(cfg.to_yaml()).encode())
+    write_bytes(f"{location(cfg)}/{RUN_CONFIG}", redact_secrets(cfg.to_yaml()).encode())
