@@ -19,6 +19,9 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from jobs.console import SUBMITTED_JOB_ENV
+from pipelines.coco import load_split
+from pipelines.uris import join
+from psm_model.config import Config
 from psm_model.errors import redact_secrets
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (or the job's copy of it)
@@ -187,3 +190,24 @@ def job_env(runtime_env: dict | None = None) -> dict:
     names = {"commit": COMMIT_ENV, "dirty": DIRTY_ENV, "branch": BRANCH_ENV}
     env["env_vars"] = {**env.get("env_vars", {}), **{names[k]: v for k, v in git.items()}}
     return env
+
+
+def training_datasets(cfg: Config, train_records: list) -> list[dict]:
+    """The run's dataset inputs: the train annotations (as read) and, when it validates, the val
+    annotations."""
+    root = cfg.data.root  # a folder or a URI
+    train = annotation_dataset(
+        join(root, cfg.data.train_annotations),
+        join(root, cfg.data.train_images),
+        train_records,
+        "training",
+    )
+    if not cfg.train.val_every:
+        return [train]
+    val = annotation_dataset(
+        join(root, cfg.data.val_annotations),
+        join(root, cfg.data.val_images),
+        load_split(cfg, "val")[0],
+        "validation",
+    )
+    return [train, val]

@@ -9,12 +9,14 @@ location inside its working directory, naming the key; absolute paths on shared 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
-from psm_model.config import ConfigError
+from jobs import tracking
+from psm_model.config import Config, ConfigError
 from psm_model.errors import redact_secrets
 
 log = logging.getLogger(__name__)
@@ -99,3 +101,24 @@ def warn_if_node_local(tracking_uri: str, nodes: int) -> None:
             tracking_uri,
             nodes,
         )
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths and the MLflow URI: workers (and Tune trials) run in other folders and on
+    other nodes."""
+    require_persistent(cfg.train.storage_path, "train.storage_path")
+    train = dataclasses.replace(
+        cfg.train,
+        storage_path=_absolute(cfg.train.storage_path),
+        mlflow_uri=tracking.tracking_uri(cfg),
+    )
+    require_persistent_tracking(train.mlflow_uri)
+    data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root))
+    detections = _absolute(cfg.eval.detections) if cfg.eval.detections else ""
+    return dataclasses.replace(
+        cfg, train=train, data=data, eval=dataclasses.replace(cfg.eval, detections=detections)
+    )
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())

@@ -17,7 +17,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -32,7 +31,6 @@ from pipelines.augment import ImageTable, count_skips
 from pipelines.coco import load_split
 from pipelines.datasets import FeedStats, iter_chunked, keep_data_actors_here, train_crops
 from pipelines.leases import Lease, check_held
-from pipelines.uris import join
 from psm_model.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_model, unwrap
 from psm_model.compiling import compile_model, eager
 from psm_model.config import Config
@@ -299,23 +297,6 @@ def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 
 
-def resolve_paths(cfg: Config) -> Config:
-    """Absolute paths and the MLflow URI: workers (and Tune trials) run in other folders and on
-    other nodes."""
-    storage.require_persistent(cfg.train.storage_path, "train.storage_path")
-    train = dataclasses.replace(
-        cfg.train,
-        storage_path=_absolute(cfg.train.storage_path),
-        mlflow_uri=tracking.tracking_uri(cfg),
-    )
-    storage.require_persistent_tracking(train.mlflow_uri)
-    data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root))
-    detections = _absolute(cfg.eval.detections) if cfg.eval.detections else ""
-    return dataclasses.replace(
-        cfg, train=train, data=data, eval=dataclasses.replace(cfg.eval, detections=detections)
-    )
-
-
 def run_training(
     cfg: Config,
     *,
@@ -332,7 +313,7 @@ def run_training(
     lines start with (its params) and `in_sweep` (its driver is a trial's actor, on any node).
     """
     name = cfg.train.name or run_folder.default_run_name(cfg)
-    cfg = resolve_paths(cfg)
+    cfg = storage.resolve_paths(cfg)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     # one job per run folder: a second start of the same name is refused while this one lives
     with Lease(run_folder.location(cfg), f"training run {name}") as lease:
@@ -355,7 +336,7 @@ def _train(
     records, skips = load_split(cfg, "train")
     run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
     tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
-    tracking.log_datasets(cfg, run_id, training_datasets(cfg, records))
+    tracking.log_datasets(cfg, run_id, provenance.training_datasets(cfg, records))
     rows = ImageTable.from_records(records)
     del records  # the table holds what the workers need, in ~5% of the records' memory
     run_folder.save_run_config(cfg)
@@ -428,28 +409,3 @@ def _train(
         "unsent_metric_epochs": [b["step"] for b in unsent],
     }
     return summary
-
-
-def training_datasets(cfg: Config, train_records: list) -> list[dict]:
-    """The run's dataset inputs: the train annotations (as read) and, when it validates, the val
-    annotations."""
-    root = cfg.data.root  # a folder or a URI
-    train = provenance.annotation_dataset(
-        join(root, cfg.data.train_annotations),
-        join(root, cfg.data.train_images),
-        train_records,
-        "training",
-    )
-    if not cfg.train.val_every:
-        return [train]
-    val = provenance.annotation_dataset(
-        join(root, cfg.data.val_annotations),
-        join(root, cfg.data.val_images),
-        load_split(cfg, "val")[0],
-        "validation",
-    )
-    return [train, val]
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())

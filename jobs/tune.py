@@ -30,9 +30,10 @@ from ray import tune
 
 from jobs import command, provenance, tracking
 from jobs.comparison import comparison, format_table, sort_rows, sweep_files
+from jobs.storage import resolve_paths
 from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
-from jobs.training import resolve_paths, run_training
+from jobs.training import run_training
 from pipelines.datasets import keep_data_actors_here
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, check_run_name
