@@ -7,6 +7,7 @@ functions of `pipelines/serving.py`; here are the Ray Serve calls and the HTTP a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -39,6 +40,34 @@ def _batching(method, replica: ReplicaConfig) -> None:
     method.set_batch_wait_timeout_s(replica.batch_wait_s)
 
 
+class WhenFree:
+    """Requests that arrive while the model runs a batch wait here, and join the next batch
+    together once it is free.
+
+    Ray Serve's batcher does not wait for the model: while one batch runs it goes on cutting the
+    queue into batches, each closed `batch_wait_s` after its first request, which then wait in
+    turn. At concurrency 32 the pose model so ran batches of 1-5 crops at up to twice the cost
+    of a crop in a batch of 32 (docs/benchmarks.md). Held here instead, the requests of one
+    model run reach the batcher at once when it ends, and fill the next batch up to
+    max_batch_size; a request to an idle model passes straight through.
+    """
+
+    def __init__(self) -> None:
+        self._free = asyncio.Event()
+        self._free.set()
+
+    async def wait(self) -> None:
+        await self._free.wait()
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        self._free.clear()
+        try:
+            yield
+        finally:
+            self._free.set()
+
+
 @serve.deployment
 class Detector:
     """The person detector of infer.detector, batched: a batch of decoded images -> each one's
@@ -56,16 +85,22 @@ class Detector:
         threads = max(1, int(cfg.serve.detector.cpus))
         self.session, self.layout = detector_session(data, cfg.infer.detector.model, threads)
         self.det = cfg.infer.detector
-        _batching(self.__call__, cfg.serve.detector)
+        self.free = WhenFree()
+        _batching(self._batch, cfg.serve.detector)
+
+    async def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        await self.free.wait()
+        return await self._batch(image)
 
     @serve.batch
-    async def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         from pipelines.detect import detect_people
 
         # a thread: the replica's event loop goes on taking the next batch's requests
-        return await asyncio.to_thread(
-            lambda: [detect_people(self.session, self.layout, im, self.det) for im in images]
-        )
+        async with self.free.running():
+            return await asyncio.to_thread(
+                lambda: [detect_people(self.session, self.layout, im, self.det) for im in images]
+            )
 
     def ready(self) -> bool:
         return True
@@ -95,7 +130,8 @@ class PoseModel:
         self.model, self.device = pose_model(cfg, state, cfg.infer.pose_runtime)
         self.cfg = cfg
         self.codec = HeatmapCodec.from_config(cfg)
-        _batching(self.__call__, cfg.serve.pose)
+        self.free = WhenFree()
+        _batching(self._batch, cfg.serve.pose)
         # the first forward pass is slow (allocations, kernels): not a request's
         h, w = cfg.model.input_size
         self._poses([_blank_crops(h, w)])
@@ -118,9 +154,14 @@ class PoseModel:
         poses = serving.stack_crops(chunks)
         return serving.split_poses(poses, [len(c["skip"]) for c in crops])
 
+    async def __call__(self, crops: dict) -> dict:
+        await self.free.wait()
+        return await self._batch(crops)
+
     @serve.batch
-    async def __call__(self, crops: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._poses, crops)
+    async def _batch(self, crops: list[dict]) -> list[dict]:
+        async with self.free.running():
+            return await asyncio.to_thread(self._poses, crops)
 
     def ready(self) -> bool:
         return True

@@ -79,9 +79,7 @@ def train_loop(loop_config: dict) -> None:
             order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(rows))
             order = order[: cfg.train.images_per_epoch or None]
             feed = FeedStats()  # which side bounds the run: the epoch's waits and data rate
-            make = functools.partial(
-                train_crops, cfg=cfg, epoch=epoch, num_cpus=cfg.data.cpus_per_task
-            )
+            make = functools.partial(train_crops, cfg=cfg, epoch=epoch)
             batches = iter_chunked(  # Ray Data: this rank's crops, made chunk by chunk
                 make,
                 rows.view(order[rank::world]),

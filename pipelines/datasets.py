@@ -89,13 +89,12 @@ def train_crops(
     *,
     num_blocks: int | None = None,
     concurrency: int | None = None,
-    num_cpus: float = 1.0,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
     """Augmented person crops of one epoch (columns: pipelines.augment.SAMPLE_COLUMNS).
 
     `concurrency` caps the decode/augment tasks running at once (None: as many as CPUs allow);
-    `num_cpus` is what each task reserves (below 1 when training workers hold the cores). The
+    each task reserves data.cpus_per_task CPUs (below 1 when training workers hold the cores). The
     rows are cut into `num_blocks` blocks (default: of at most `batch_images` images), and each
     task makes one block's samples in one `train_batch` call.
     """
@@ -106,7 +105,7 @@ def train_crops(
         seed=cfg.train.seed,
         epoch=epoch,
     )
-    return _crops(rows, make, num_blocks, concurrency, num_cpus, batch_images)
+    return _crops(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
 
 
 def eval_crops(
@@ -115,7 +114,6 @@ def eval_crops(
     *,
     num_blocks: int | None = None,
     concurrency: int | None = None,
-    num_cpus: float = 1.0,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
     """Unaugmented crops of every box (ground truth or detections) for evaluation and inference;
@@ -123,7 +121,7 @@ def eval_crops(
     make = functools.partial(
         eval_batch, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
     )
-    return _crops(rows, make, num_blocks, concurrency, num_cpus, batch_images)
+    return _crops(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
 
 
 @dataclasses.dataclass

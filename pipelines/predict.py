@@ -157,7 +157,7 @@ def pose_predictions(
         f"{cfg.eval.cpus_per_worker}) and a crop task (data.cpus_per_task="
         f"{cfg.data.cpus_per_task})",
     )
-    crops = eval_crops(rows, cfg, num_cpus=cfg.data.cpus_per_task)
+    crops = eval_crops(rows, cfg)
     return pose_actors(crops, cfg, weights, runtime, gpus)
 
 

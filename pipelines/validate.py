@@ -111,7 +111,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     batches = iter_chunked(
-        lambda chunk: eval_crops(chunk, cfg, num_cpus=cfg.data.cpus_per_task),
+        lambda chunk: eval_crops(chunk, cfg),
         rows,
         cfg.data.chunk_images,
         cfg.eval.batch_size,
