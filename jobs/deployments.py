@@ -34,12 +34,6 @@ def page(threshold: float) -> str:
     return text.replace("__THRESHOLD__", json.dumps(threshold))
 
 
-def _batching(method, replica: ReplicaConfig) -> None:
-    """The config's batch bounds on a `@serve.batch` method (the decorator's are placeholders)."""
-    method.set_max_batch_size(replica.max_batch_size)
-    method.set_batch_wait_timeout_s(replica.batch_wait_s)
-
-
 class WhenFree:
     """Requests that arrive while the model runs a batch wait here, and join the next batch
     together once it is free.
@@ -48,23 +42,33 @@ class WhenFree:
     queue into batches, each closed `batch_wait_s` after its first request, which then wait in
     turn. At concurrency 32 the pose model so ran batches of 1-5 crops at up to twice the cost
     of a crop in a batch of 32 (docs/benchmarks.md). Held here instead, the requests of one
-    model run reach the batcher at once when it ends, and fill the next batch up to
-    max_batch_size; a request to an idle model passes straight through.
+    model run reach the batcher at once when it ends and are the next batch (up to
+    max_batch_size), which starts at once: the batch wait is for a request that finds the model
+    idle, to gather the ones just behind it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batched, replica: ReplicaConfig) -> None:
         self._free = asyncio.Event()
         self._free.set()
+        self._waiting = 0
+        self._batched, self._wait_s = batched, replica.batch_wait_s
+        batched.set_max_batch_size(replica.max_batch_size)
+        batched.set_batch_wait_timeout_s(replica.batch_wait_s)
 
     async def wait(self) -> None:
-        await self._free.wait()
+        self._waiting += 1
+        try:
+            await self._free.wait()
+        finally:
+            self._waiting -= 1
 
     @contextlib.asynccontextmanager
     async def running(self):
         self._free.clear()
         try:
             yield
-        finally:
+        finally:  # Serve reads the wait when a batch's first request comes
+            self._batched.set_batch_wait_timeout_s(0.0 if self._waiting else self._wait_s)
             self._free.set()
 
 
@@ -85,8 +89,7 @@ class Detector:
         threads = max(1, int(cfg.serve.detector.cpus))
         self.session, self.layout = detector_session(data, cfg.infer.detector.model, threads)
         self.det = cfg.infer.detector
-        self.free = WhenFree()
-        _batching(self._batch, cfg.serve.detector)
+        self.free = WhenFree(self._batch, cfg.serve.detector)  # and the batch bounds
 
     async def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         await self.free.wait()
@@ -130,8 +133,7 @@ class PoseModel:
         self.model, self.device = pose_model(cfg, state, cfg.infer.pose_runtime)
         self.cfg = cfg
         self.codec = HeatmapCodec.from_config(cfg)
-        self.free = WhenFree()
-        _batching(self._batch, cfg.serve.pose)
+        self.free = WhenFree(self._batch, cfg.serve.pose)  # and the batch bounds
         # the first forward pass is slow (allocations, kernels): not a request's
         h, w = cfg.model.input_size
         self._poses([_blank_crops(h, w)])

@@ -6,12 +6,14 @@ stand-in replica context, which it reads only to warn about max_ongoing_requests
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import pytest
 from ray import serve
 
 from jobs.deployments import WhenFree
+from psm_model.config import ReplicaConfig
 
 
 @pytest.fixture(autouse=True)
@@ -21,14 +23,15 @@ def _replica_context(monkeypatch):
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
 
 
-def _model(gate: bool):
+def _model(gate: bool, wait_s: float = 0.005):
     """A model whose runs end when the test says so; it records each batch's size. A new class
     each time: Serve keeps a method's batch queue with the method, bound to the event loop it
     first ran in."""
 
     class Model:
         def __init__(self, gate: bool) -> None:
-            self.free = WhenFree() if gate else None
+            replica = ReplicaConfig(max_batch_size=32, batch_wait_s=wait_s, max_ongoing=64)
+            self.free = WhenFree(self._batch, replica) if gate else None
             self.started = asyncio.Event()
             self.release = asyncio.Event()
             self.batches: list[int] = []
@@ -71,6 +74,25 @@ def test_requests_held_while_the_model_runs_fill_one_batch():
     batches, results = asyncio.run(_twenty_during_one_run(gate=True))
     assert results == [2 * i for i in range(21)]  # each caller gets its own answer
     assert batches == [1, 20]
+
+
+def test_a_held_batch_starts_at_once_and_a_lone_request_waits_for_company():
+    async def run() -> tuple[float, float, list[int]]:
+        model = _model(gate=True, wait_s=0.3)  # long: the waits are plain to see
+        model.release.set()  # runs end at once
+        t0 = time.perf_counter()
+        await model(1)  # the model is idle: its batch waits 0.3 s for more
+        lone = time.perf_counter() - t0
+        async with model.free.running():  # the model busy: three requests queue behind it
+            held = [asyncio.create_task(model(i)) for i in range(3)]
+            await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+        await asyncio.gather(*held)  # they were the backlog: no wait
+        return lone, time.perf_counter() - t0, model.batches
+
+    lone, backlog, batches = asyncio.run(run())
+    assert lone >= 0.3 and backlog < 0.25
+    assert batches == [1, 3]
 
 
 def test_without_the_gate_serve_cuts_them_into_small_batches():
