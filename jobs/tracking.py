@@ -163,6 +163,11 @@ def _metric(key: str, value: float, step: int, timestamp: int | None = None):
     return Metric(key, float(value), timestamp or int(time.time() * 1000), step)
 
 
+# where a training run keeps, in each checkpoint's train state (`TrainState.job`), its MLflow
+# run and the metric batches MLflow has not confirmed: a tracking outage loses nothing
+RUN_ID, HELD = "mlflow_run_id", "held_metrics"
+
+
 def held_metrics(metrics: dict[str, float], step: int) -> dict:
     """One batch of metrics, stamped now, for `deliver`: kept in the train state (so in the
     checkpoint) until MLflow has it, so a tracking server that is down loses nothing."""

@@ -67,7 +67,7 @@ def train_loop(loop_config: dict) -> None:
     several_nodes = world > ctx.get_local_world_size()  # Ray
     node = f"node{ctx.get_node_rank()}" if several_nodes else None  # Ray
     monitor = (
-        tracking.system_metrics(cfg, run.state.mlflow_run_id, node)
+        tracking.system_metrics(cfg, run.run_id, node)
         if ctx.get_local_rank() == 0  # Ray
         else contextlib.nullcontext()
     )
@@ -93,9 +93,7 @@ def train_loop(loop_config: dict) -> None:
                 checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
                 ray.train.report(metrics, checkpoint=checkpoint)  # Ray: rank 0 writes, all report
             if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
-                run.state.held_metrics = tracking.deliver(
-                    cfg, run.state.mlflow_run_id, run.state.held_metrics
-                )
+                run.held = tracking.deliver(cfg, run.run_id, run.held)
 
 
 @dataclasses.dataclass
@@ -111,6 +109,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.MultiStepLR
     scaler: torch.amp.GradScaler
     state: TrainState
+    run_id: str  # the run's MLflow run
+    held: list  # metric batches MLflow has not confirmed (jobs.tracking.deliver sends them)
     warmup_steps: int
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
     lease_token: str = ""  # the driver's lease on the run folder (pipelines/leases.py)
@@ -139,15 +139,30 @@ def _setup(
         optimizer, list(cfg.train.lr_steps), cfg.train.lr_factor
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-    state = TrainState(mlflow_run_id=run_id)
+    state = TrainState()
     if checkpoint:  # a corrupt newest checkpoint falls back to an older one
         state = run_folder.restore(checkpoint, model, optimizer, scheduler, scaler)
         log.info("rank %d resumes at epoch %d (step %d)", rank, state.epoch, state.step)
+    run_id = state.job.get(tracking.RUN_ID) or run_id
     persons = rows.persons
     if cfg.train.images_per_epoch:
         persons = persons * min(cfg.train.images_per_epoch, len(rows)) // len(rows)
     warmup_steps = cfg.train.warmup_epochs * max(1, persons // (world * cfg.train.batch_size))
-    return _Run(cfg, device, rank, world, model, optimizer, scheduler, scaler, state, warmup_steps)
+    held = list(state.job.get(tracking.HELD, []))
+    return _Run(
+        cfg,
+        device,
+        rank,
+        world,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        state,
+        run_id,
+        held,
+        warmup_steps,
+    )
 
 
 def _train_epoch(
@@ -217,8 +232,9 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
     last = epoch == cfg.train.epochs - 1
     if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
         with eager():  # as with scope "model": validation runs the eager model, no recompiles
-            metrics |= _validate(unwrap(run.model), cfg, run.device, state, epoch)
-    state.held_metrics.append(tracking.held_metrics(metrics, epoch))
+            metrics |= _validate(unwrap(run.model), cfg, run.device, state, run.run_id, epoch)
+    run.held.append(tracking.held_metrics(metrics, epoch))
+    state.job = {tracking.RUN_ID: run.run_id, tracking.HELD: run.held}  # saved with the checkpoint
     elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
     console.progress(console.epoch_line(metrics, cfg.train.epochs, elapsed, label=run.label))
     # fencing: a run taken over by another job (a second start of this name) writes nothing more
@@ -281,17 +297,19 @@ def _all_reduce_sum(values: list[float], device, world: int) -> list[float]:
     return t.tolist()
 
 
-def _validate(model, cfg: Config, device, state: TrainState, epoch: int) -> dict[str, float]:
+def _validate(
+    model, cfg: Config, device, state: TrainState, run_id: str, epoch: int
+) -> dict[str, float]:
     from pipelines.validate import evaluate_model
 
-    drawings = tracking.save_pose_drawings(cfg, state.mlflow_run_id)
+    drawings = tracking.save_pose_drawings(cfg, run_id)
     metrics = evaluate_model(model, cfg, device=device, save_drawings=drawings)
     ap = metrics.get("AP", -1.0)
     if ap > state.best_ap:
         state.best_ap, state.best_epoch = ap, epoch
         with tempfile.TemporaryDirectory() as d:
             save_model(d, model, cfg)  # the model part of a checkpoint: what eval/infer read
-            tracking.try_log_artifact(cfg, state.mlflow_run_id, d, "best_checkpoint")
+            tracking.try_log_artifact(cfg, run_id, d, "best_checkpoint")
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 
 
@@ -387,7 +405,7 @@ def _train(
             f"and its checkpoints are in {storage_path}/{name}; run the same command again to "
             "send its metrics and register its model"
         )
-    unsent = tracking.deliver(cfg, run_id, final.held_metrics)
+    unsent = tracking.deliver(cfg, run_id, final.job.get(tracking.HELD, []))
     if unsent:
         epochs = [b["step"] for b in unsent]
         log.error("MLflow run %s lacks the metrics of epochs %s", run_id, epochs)

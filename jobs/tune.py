@@ -377,7 +377,7 @@ def _deliver_held_metrics(base: Config, grid) -> None:
             except CheckpointError as e:
                 log.warning("held metrics not delivered: %s", e)
                 continue
-        tracking.deliver(base, state.mlflow_run_id, state.held_metrics)
+        tracking.deliver(base, state.job.get(tracking.RUN_ID, ""), state.job.get(tracking.HELD, []))
 
 
 def _register_best(base: Config, run_id: str) -> str:

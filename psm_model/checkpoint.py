@@ -3,7 +3,7 @@
     model.pt        unwrapped model state_dict (no `module.` / `_orig_mod.` prefixes)
     config.yaml     the full config the run was started with
     optimizer.pt    (training only) optimiser, lr scheduler and AMP scaler states, torch RNG state
-    train_state.json  (training only) next epoch, step, best AP, MLflow run id, unsent metrics
+    train_state.json  (training only) next epoch, step, best AP, and the training job's own state
     checksums.json  sha256 of each file above, written last: verified on load
 
 `save_model` writes the first two (the best model training logs to MLflow), `save_checkpoint` all
@@ -28,7 +28,7 @@ import logging
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -61,10 +61,10 @@ class TrainState:
     step: int = 0
     best_ap: float = -1.0
     best_epoch: int = -1
-    mlflow_run_id: str = ""
     skipped_steps: int = 0  # steps without an update because the loss was not finite
-    # metric batches MLflow has not confirmed: saved with the checkpoint, sent again until it has
-    held_metrics: list = field(default_factory=list)
+    # what the job that trains keeps with each checkpoint, not read here (jobs/training.py: its
+    # MLflow run and the metric batches MLflow has not confirmed, sent again until it has)
+    job: dict = field(default_factory=dict)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -188,8 +188,12 @@ def read_train_state(directory: str | Path) -> TrainState:
 
 def _train_state(d: Path) -> TrainState:
     try:
-        return TrainState(**json.loads((d / "train_state.json").read_text()))
-    except (OSError, ValueError, TypeError) as e:
+        data = json.loads((d / "train_state.json").read_text())
+        # keys of ours it does not know are the job's: checkpoints written before it had its own
+        known = {f.name for f in fields(TrainState)}
+        job = {k: data.pop(k) for k in list(data) if k not in known} | data.pop("job", {})
+        return TrainState(**data, job=job)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{d / 'train_state.json'}: not a train state: {e}") from e
 
 

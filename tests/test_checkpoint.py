@@ -13,6 +13,7 @@ from official_reference import official_state_dict
 
 from psm_model.checkpoint import (
     TrainState,
+    _train_state,
     checkpoint_config,
     load_checkpoint,
     load_checkpoint_model,
@@ -187,3 +188,19 @@ def test_load_model_reads_every_local_kind(tmp_path, cfg):
     assert model.widths == (8, 16, 32, 64)
     with pytest.raises(CheckpointError, match="missing.pt"):
         load_model(tmp_path / "missing.pt", cfg)
+
+
+def test_a_train_state_of_before_the_job_field_gives_its_mlflow_keys_to_the_job(tmp_path):
+    # checkpoints written before session 15 hold the MLflow run and unsent metrics at the top
+    old = {"epoch": 3, "step": 30, "best_ap": 0.5, "best_epoch": 2, "skipped_steps": 0}
+    old |= {"mlflow_run_id": "abc", "held_metrics": [{"step": 2, "time_ms": 1, "metrics": {}}]}
+    (tmp_path / "train_state.json").write_text(json.dumps(old))
+    state = _train_state(tmp_path)
+    assert (state.epoch, state.step, state.best_ap) == (3, 30, 0.5)
+    assert state.job == {"mlflow_run_id": "abc", "held_metrics": old["held_metrics"]}
+    (tmp_path / "train_state.json").write_text(json.dumps({**old, "job": {"x": 1}}))
+    assert _train_state(tmp_path).job == {
+        "mlflow_run_id": "abc",
+        "held_metrics": old["held_metrics"],
+        "x": 1,
+    }

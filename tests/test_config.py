@@ -180,7 +180,7 @@ def test_moved_data_pipeline_keys_still_load_with_a_warning_naming_the_new_key(t
     # configs (and checkpoints' config.yaml) written before the Ray Data resources moved to data.*
     path = tmp_path / "old.yaml"
     path.write_text("train:\n  data_cpus: 0.5\n  data_chunk_images: 64\n  channels_last: true\n")
-    with caplog.at_level("WARNING", logger="psm_model.config"):
+    with caplog.at_level("WARNING", logger="psm_model.config_yaml"):
         cfg = load_config(path, ["train.data_cpus=0.25"])
     assert (cfg.data.cpus_per_task, cfg.data.chunk_images, cfg.data.channels_last) == (
         0.25,

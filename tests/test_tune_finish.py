@@ -96,7 +96,7 @@ def test_held_metrics_are_sent_from_a_verified_checkpoint_and_a_corrupt_one_is_s
     for name in ("good", "corrupt"):
         run_id = runs[name] = tracking.start_or_resume_run(base, name)
         held = [{"step": 1, "time_ms": 1_000, "metrics": {"val_AP": 0.25}}]
-        state = TrainState(epoch=2, mlflow_run_id=run_id, held_metrics=held)
+        state = TrainState(epoch=2, job={tracking.RUN_ID: run_id, tracking.HELD: held})
         folder = save_checkpoint(
             tmp_path / name, model, opt, sched, torch.amp.GradScaler("cpu"), state, base
         )
@@ -151,7 +151,7 @@ def test_jobs_starting_at_once_on_a_new_sqlite_store_all_get_it(tmp_path):
     import sys
 
     start = (
-        "import sys; from jobs import tracking; from psm_model.config import load_config; "
+        "import sys; from jobs import tracking; from psm_model.config_yaml import load_config; "
         f"cfg = load_config({str(TINY)!r}, ['train.mlflow_uri=' + sys.argv[1]]); "
         "print(tracking.start_or_resume_run(cfg, sys.argv[2]))"
     )
