@@ -99,6 +99,9 @@ def ray_local():
     # and an idle Ray's, set before its processes start
     for key, value in (LEAN_ENV | QUIET_RAY_ENV).items():
         os.environ.setdefault(key, value)
+    # MLflow's system-metrics monitor publishes a sample only once a whole interval (10 s by
+    # default) has passed: the tests' training runs may be shorter, so every second
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     if not ray.is_initialized():
         dashboard = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"

@@ -147,7 +147,7 @@ def test_the_run_names_its_code_data_machine_and_model(straight, tmp_path):
         assert profile["images"] == len(records) > 0
         assert profile["persons"] == sum(len(r.persons) for r in records)
 
-    # MLflow's own monitor, from rank 0, every 10 s of a run of more than 10 s
+    # MLflow's own monitor, from rank 0: a sample each second here (tests/conftest.py: ray_local)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         run.data.metrics
     )
