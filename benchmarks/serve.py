@@ -139,7 +139,8 @@ def rss_mb(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def pose_alone(cfg: Config, model: torch.nn.Module, paths: list[str], detector: bytes) -> float:
     """Persons/s of the pose model alone on these images' crops in this process, with the pose
-    replica's threads (best of 3 passes): `psm bench infer`'s pose-alone rate."""
+    replica's threads and forward passes (serve.pose_chunk crops; best of 3 passes): `psm bench
+    infer`'s pose-alone rate at the replica's batch."""
     from pipelines.detect import detect_and_crop, detector_session
     from pipelines.predict import predict_poses
 
@@ -147,7 +148,7 @@ def pose_alone(cfg: Config, model: torch.nn.Module, paths: list[str], detector: 
     columns = {"image_id": np.arange(len(paths)) + 1, "path": np.array(paths)}
     crops = detect_and_crop(columns, session, layout, cfg)
     keep = crops["skip"] == ""
-    size = cfg.eval.batch_size
+    size = cfg.serve.pose_chunk  # the pose replica's forward passes
     batches = [
         {k: v[keep][i : i + size] for k, v in crops.items()}
         for i in range(0, int(keep.sum()), size)

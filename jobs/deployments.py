@@ -112,7 +112,7 @@ class Detector:
 @serve.deployment
 class PoseModel:
     """The checkpoint's pose model, batched: the crops of several requests run together, in
-    chunks of eval.batch_size, by `pipelines.predict.predict_poses` (flip test, decode)."""
+    chunks of serve.pose_chunk crops, by `pipelines.predict.predict_poses` (flip test, decode)."""
 
     def __init__(self, cfg: Config, checkpoint: str) -> None:
         import torch
@@ -141,7 +141,7 @@ class PoseModel:
     def _poses(self, crops: list[dict]) -> list[dict]:
         from pipelines.predict import predict_poses
 
-        batch, size = serving.stack_crops(crops), self.cfg.eval.batch_size
+        batch, size = serving.stack_crops(crops), self.cfg.serve.pose_chunk
         n = len(batch["skip"])
         chunks = [
             predict_poses(

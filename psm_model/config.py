@@ -326,11 +326,14 @@ class ServeConfig:
     ingress_replicas: int = 1
     ingress_cpus: float = 0.0  # 0: no reservation, as Serve's proxy (the two models' fit 2 CPUs)
     ingress_max_ongoing: int = 64  # requests an HTTP replica holds at once; more queue at Serve
+    # crops per forward pass of the pose replica, whatever its request batch holds: few shapes
+    # keep its memory flat (chunks of eval.batch_size 32 grew it by ~700 MB; docs/benchmarks.md)
+    pose_chunk: int = 8
 
     def __post_init__(self) -> None:
         _finite_floats(self)
         _positive(self, "max_body_bytes", "max_boxes", "request_timeout_s", "ingress_replicas")
-        _positive(self, "ingress_max_ongoing")
+        _positive(self, "ingress_max_ongoing", "pose_chunk")
         _at_least(self, 0, "ingress_cpus")
         _within(self, 1, 65535, "port")
 
