@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import run_folder, training
+from jobs import run_folder
 from psm_model.checkpoint import TrainState, load_checkpoint
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config
@@ -137,7 +137,7 @@ def test_keep_best_makes_each_new_best_current_and_removes_the_old(tmp_path):
 
 KEEPER = """
 import sys, torch
-from jobs import run_folder, training
+from jobs import run_folder
 from psm_model.config_yaml import load_config
 cfg = load_config(None, sys.argv[3:])
 torch.set_num_threads(1)
