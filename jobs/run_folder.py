@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from pipelines.uris import filesystem, write_bytes
-from psm_model import config
+from psm_model import config_fields
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
 from psm_model.config import Config, ConfigError, keys_tagged
 from psm_model.config_yaml import parse_config
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 BEST = "best_checkpoint"  # in the run folder, beside Ray's checkpoint_* folders
 RUN_CONFIG = "psm_config.yaml"  # in the run folder: the config a resumed run must match
-# what a resumed run may change freely: the fields tagged so in psm_model/config.py
-FREE_ON_RESUME = keys_tagged(config.FREE_ON_RESUME)
+# what a resumed run may change freely: the fields tagged so (psm_model/config_fields.py)
+FREE_ON_RESUME = keys_tagged(config_fields.FREE_ON_RESUME)
 
 
 def default_run_name(cfg: Config) -> str:

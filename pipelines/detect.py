@@ -24,7 +24,8 @@ from pipelines.actors import keep_freed_memory
 from pipelines.augment import eval_batch, rows_to_columns
 from pipelines.coco import DataError
 from pipelines.images import ImageError, decode_image
-from psm_model.config import Config, DetectorConfig
+from psm_model.config import Config
+from psm_model.config_inference import DetectorConfig
 from psm_model.geometry import box_to_center_scale
 
 log = logging.getLogger(__name__)

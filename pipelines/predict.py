@@ -23,7 +23,8 @@ from pipelines.actors import OnnxPoseModel, keep_freed_memory, model_actors
 from pipelines.datasets import eval_crops, image_dataset
 from pipelines.detect import Detector
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config, PoseRuntime
+from psm_model.config import Config
+from psm_model.config_inference import PoseRuntime
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model, normalize_images
 from psm_model.weights import load_strict
