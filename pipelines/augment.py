@@ -2,7 +2,7 @@
 
 The second of a sample's four hops (`pipelines.coco` records -> here -> `psm_model.codec`
 targets -> `psm_model.loss.train_step`). No Ray here: `pipelines.datasets` maps `train_batch`
-and `eval_batch` over blocks of image rows.
+over blocks of image rows.
 
 1. `image_rows`: one row per image, its persons' metadata as arrays (what a Ray Data block holds).
 2. `train_batch`: each image decoded once (`pipelines.images.decode_image`); then, per person,
@@ -15,7 +15,7 @@ and `eval_batch` over blocks of image rows.
    ids, centre/scale and box score, about 0.33 MB a sample at 384x288 through the object store.
    Normalisation and heatmap targets are made batched in torch, in the train step.
 
-`eval_batch` is the same mapper without augmentation (validation and inference).
+`pipelines.eval_crops.eval_batch` is the same mapper without augmentation (validation, inference).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from psm_model.geometry import (
     PIXEL_STD,
     affine_matrix,
     flip_permutation,
-    make_eval_crop,
-    transform_points,
     warp_crop,
 )
 
@@ -44,8 +42,6 @@ from psm_model.geometry import (
 # (`pipelines.datasets`): fewer, larger tasks amortise Ray's per-task cost (measured in
 # docs/benchmarks.md); 32 COCO images hold ~85 persons, 28 MB of crops at 384x288.
 BATCH_IMAGES = 32
-
-NO_PERSON = "no_person"  # the skip reason of an image the detector found nobody in
 
 # The one place that names the sample columns (and their per-row shapes / dtypes).
 SAMPLE_COLUMNS = {
@@ -163,8 +159,8 @@ def train_batch(
     of workers. An image that cannot be decoded gives one skip row.
     """
     rngs = SampleRngs(seed, epoch)
-    out = _Columns(images, input_size)
-    for row in _rows(images):
+    out = BatchColumns(images, input_size)
+    for row in columns_to_rows(images):
         try:
             image = decode_image(row["path"], data.max_image_pixels)
         except ImageError as e:
@@ -333,54 +329,14 @@ class SampleRngs:
         return self._generator
 
 
-def eval_batch(
-    images: Mapping[str, Sequence],
-    *,
-    input_size: tuple[int, int],
-    max_pixels: int,
-    no_person_rows: bool = False,
-    decoded: Sequence[np.ndarray | ImageError] | None = None,
-) -> dict[str, np.ndarray]:
-    """`train_batch` without augmentation: every box of every image cropped as is, with the GT
-    joints (if any) in crop pixels (validation and inference). With `no_person_rows`, an image
-    without boxes gives a skip row "no_person" (the detector stage of `psm infer`: every image
-    sent must come back, so its part can close). `decoded`: the images already decoded, one per
-    row (the ImageError of one that could not be), instead of decoding each row's path."""
-    out = _Columns(images, input_size)
-    for r, row in enumerate(_rows(images)):
-        try:
-            image = decode_image(row["path"], max_pixels) if decoded is None else decoded[r]
-            if isinstance(image, ImageError):
-                raise image
-        except ImageError as e:
-            out.add_skip(row, e.reason)
-            continue
-        if no_person_rows and not len(row["ann_ids"]):
-            out.add_skip(row, NO_PERSON)
-            continue
-        for k in range(len(row["ann_ids"])):
-            i = out.next_index()
-            _, matrix = make_eval_crop(
-                image, row["centers"][k], row["scales"][k], input_size, out=out.image[i]
-            )
-            kpts = row["keypoints"][k]
-            visible = kpts[:, 2] > 0
-            xy = transform_points(kpts[:, :2], matrix)  # GT joints, crop pixels
-            out.add_person(row, k, np.where(visible[:, None], xy, 0), visible)
-    return out.columns()
-
-
 def train_samples(
     row: dict, *, data: DataConfig, input_size: tuple[int, int], seed: int, epoch: int
 ) -> list[dict]:
     """One image row -> its samples as dicts (`train_batch` of one row; tests, notebooks)."""
-    batch = train_batch(_one(row), data=data, input_size=input_size, seed=seed, epoch=epoch)
+    batch = train_batch(
+        rows_to_columns([row]), data=data, input_size=input_size, seed=seed, epoch=epoch
+    )
     return sample_dicts(batch)
-
-
-def eval_samples(row: dict, *, input_size: tuple[int, int], max_pixels: int) -> list[dict]:
-    """One image row -> its unaugmented samples as dicts (`eval_batch` of one row)."""
-    return sample_dicts(eval_batch(_one(row), input_size=input_size, max_pixels=max_pixels))
 
 
 def rows_to_columns(rows: Sequence[dict]) -> dict[str, list]:
@@ -398,7 +354,7 @@ def count_skips(skip_column: Iterable[str]) -> Counter:
     return Counter(s for s in skip_column if s)
 
 
-class _Columns:
+class BatchColumns:
     """The output columns of one batch, allocated once for the most rows the images can give
     (each person, or one skip row per image); crops are warped straight into `image`."""
 
@@ -447,11 +403,7 @@ def _uint64(values: list[int]) -> np.ndarray:
     return np.array(values, np.int64).view(np.uint64)  # two's complement: -1 is a valid key too
 
 
-def _rows(images: Mapping[str, Sequence]) -> Iterator[dict]:
+def columns_to_rows(images: Mapping[str, Sequence]) -> Iterator[dict]:
     names = list(images)
     for i in range(len(images[names[0]]) if names else 0):
         yield {k: images[k][i] for k in names}
-
-
-def _one(row: dict) -> dict[str, list]:
-    return {k: [v] for k, v in row.items()}

@@ -129,19 +129,6 @@ def warp_crop(
     )
 
 
-def make_eval_crop(
-    image: np.ndarray,
-    center: np.ndarray,
-    scale: np.ndarray,
-    input_size_hw: tuple[int, int],
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unaugmented crop and its image -> crop matrix (`inverse=True` in `affine_matrix` inverts);
-    `out` receives the crop (see `warp_crop`)."""
-    matrix = affine_matrix(center, scale, 0.0, input_size_hw)
-    return warp_crop(image, matrix, input_size_hw, out), matrix
-
-
 # ----------------------------------------------------------------------------------------------
 # Left/right flip of COCO keypoints
 # ----------------------------------------------------------------------------------------------
