@@ -55,11 +55,9 @@ def _same(batch: dict) -> dict:
 
 
 def crops_task(images: dict[str, np.ndarray], *, make: Callable, threads: int) -> dict:
-    """`make` (`train_batch`, `eval_batch`) on one batch of image rows, inside a Ray task.
-
-    OpenCV sizes its thread pool by the machine, not by the CPUs Ray reserved for the task (2
-    threads in a 1-CPU task on 2 cores): hold it to the reservation.
-    """
+    """`make` (`train_batch`, `eval_batch`) on one batch of image rows, inside a Ray task, OpenCV's
+    threads held to the task's CPUs (it sizes its pool by the machine: 2 threads in a 1-CPU task
+    on 2 cores)."""
     if cv2.getNumThreads() != threads:
         cv2.setNumThreads(threads)
     return make(images)
@@ -91,13 +89,10 @@ def train_crops(
     concurrency: int | None = None,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
-    """Augmented person crops of one epoch (columns: pipelines.augment.SAMPLE_COLUMNS).
-
-    `concurrency` caps the decode/augment tasks running at once (None: as many as CPUs allow);
-    each task reserves data.cpus_per_task CPUs (below 1 when training workers hold the cores). The
-    rows are cut into `num_blocks` blocks (default: of at most `batch_images` images), and each
-    task makes one block's samples in one `train_batch` call.
-    """
+    """Augmented person crops of one epoch (pipelines.augment.SAMPLE_COLUMNS): the rows cut into
+    `num_blocks` blocks (default: of at most `batch_images` images), one `train_batch` task each,
+    at most `concurrency` at once (None: as many as the CPUs allow), each reserving
+    data.cpus_per_task CPUs (below 1 when training workers hold the cores)."""
     make = functools.partial(
         train_batch,
         data=cfg.data,

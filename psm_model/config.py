@@ -1,11 +1,8 @@
-"""One typed config tree: frozen dataclasses with their range checks, read from YAML with
-`section.key=value` overrides by `psm_model.config_yaml`.
-
-Every value has one home here; everything else (branch widths, heatmap size) is derived from it.
-The training sections (`model`, `data`, `train`) are here; those of a trained model's use (`eval`,
-`infer`, `serve`) in `psm_model.config_inference`; the tags and range checks of a field in
-`psm_model.config_fields`. Errors name the file and the dotted key, e.g. `configs/x.yaml:
-model.fusion: 'pms' is not one of ('hrnet', 'psm')`.
+"""One typed config tree (`Config`): frozen dataclasses with their range checks, read from YAML
+with `section.key=value` overrides by `psm_model.config_yaml`. The training sections are here, those
+of a trained model's use in `psm_model.config_inference`; the rest (branch widths, heatmap size) is
+derived. Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pms' is not
+one of ('hrnet', 'psm')`.
 """
 
 from __future__ import annotations
@@ -29,17 +26,6 @@ from psm_model.config_fields import (
 )
 from psm_model.config_inference import EvalConfig, InferConfig, ServeConfig
 from psm_model.errors import PsmError
-
-
-def keys_tagged(tag: str) -> frozenset[str]:
-    """Every `section.key` whose field carries `tag`."""
-    cfg = Config()
-    return frozenset(
-        f"{section.name}.{f.name}"
-        for section in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, section.name))
-        if f.metadata.get(tag)
-    )
 
 
 class ConfigError(PsmError, ValueError):
@@ -81,10 +67,8 @@ class ModelConfig:
     @property
     def heatmap_size(self) -> tuple[int, int]:
         """(height, width) of the predicted heatmaps."""
-        return (
-            self.input_size[0] // self.heatmap_stride,
-            self.input_size[1] // self.heatmap_stride,
-        )
+        h, w = self.input_size
+        return (h // self.heatmap_stride, w // self.heatmap_stride)
 
 
 @dataclass(frozen=True)
@@ -104,8 +88,7 @@ class DataConfig:
     half_body_prob: float = 0.3  # for persons with more than half_body_min_joints visible joints
     half_body_min_joints: int = 8
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
-    # the Ray Data pipeline of training, evaluation and inference alike
-    # CPUs each Ray Data decode/augment/crop task reserves
+    # CPUs each Ray Data decode/augment/crop task reserves (training, evaluation and inference)
     cpus_per_task: float = tagged(1.0, FREE_ON_RESUME)
     chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
     channels_last: bool = False  # batches (and the model) in channels-last memory format
@@ -149,14 +132,11 @@ class TrainConfig:
     cpus_per_worker: float = tagged(1.0, FREE_ON_RESUME)  # CPUs each training worker reserves
     images_per_epoch: int = 0  # train images drawn (anew) each epoch; 0 = all (quick sweeps)
     seed: int = 0
-    # validate (COCO AP) every K epochs and after the last one; 0 = never
-    val_every: int = tagged(10, SWEEP_OWNED)
-    # checkpoints: a local folder or a pyarrow URI (s3://...)
-    storage_path: str = tagged("runs", SWEEP_OWNED)
+    val_every: int = tagged(10, SWEEP_OWNED)  # val AP every K epochs, and after the last; 0: never
+    storage_path: str = tagged("runs", SWEEP_OWNED)  # checkpoints: a folder or a URI (s3://...)
     # run name; an existing name resumes that run. Empty: a new timestamped name
     name: str = tagged("", SWEEP_OWNED)
-    # the newest ones; the best by val AP is kept besides them
-    keep_checkpoints: int = tagged(2, FREE_ON_RESUME)
+    keep_checkpoints: int = tagged(2, FREE_ON_RESUME)  # the newest; the best by val AP kept besides
     # worker failures Ray Train recovers from (restart from checkpoint)
     max_failures: int = tagged(2, FREE_ON_RESUME)
     # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
@@ -168,9 +148,8 @@ class TrainConfig:
     # good), "skip" drops that step's update, up to max_skipped_steps in the whole run
     nonfinite_loss: Literal["stop", "skip"] = tagged("stop", FREE_ON_RESUME)
     max_skipped_steps: int = tagged(10, FREE_ON_RESUME)
-    # keys (section.key) a resumed run may change from the config it was started with, besides
-    # the FREE_ON_RESUME ones; any other difference is refused, naming the keys
-    # (jobs/run_folder.py)
+    # keys (section.key) a resumed run may change besides the FREE_ON_RESUME ones; any other
+    # difference from the config it started with is refused, naming the keys (jobs/run_folder.py)
     resume_changes: tuple[str, ...] = tagged((), FREE_ON_RESUME)
 
     def __post_init__(self) -> None:

@@ -12,8 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-# What the jobs ask of a key, said on the field itself (`tagged`, read back by
-# `psm_model.config.keys_tagged`):
+# What the jobs ask of a key, said on the field itself (`tagged`, read back by `keys_tagged`):
 # FREE_ON_RESUME: changes where or how fast a run trains, or how it reacts to failures, not what
 #   it trains: a resumed run may change it freely (jobs/run_folder.py: check_resume_config)
 # SWEEP_OWNED: set per trial by the sweep itself: a search space that set it would break resume
@@ -24,6 +23,16 @@ SWEEP_OWNED = "sweep_owned"
 
 def tagged(default: Any, *tags: str) -> Any:
     return dataclasses.field(default=default, metadata={tag: True for tag in tags})
+
+
+def keys_tagged(tree: object, tag: str) -> frozenset[str]:
+    """Every `section.key` of `tree` (a `psm_model.config.Config`) whose field carries `tag`."""
+    return frozenset(
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(tree)  # type: ignore[arg-type]
+        for f in dataclasses.fields(getattr(tree, section.name))
+        if f.metadata.get(tag)
+    )
 
 
 def finite_floats(section: object) -> None:
