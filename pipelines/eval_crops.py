@@ -3,8 +3,8 @@ training batch (`pipelines.augment.SAMPLE_COLUMNS`), with the ground-truth joint
 pixels. One mapper (`eval_batch`) for validation, `psm eval`, `psm infer` (the detector stage
 included) and `psm serve`; `eval_crops` maps it over blocks of image rows on Ray Data, as
 `pipelines.datasets.train_crops` does `train_batch`, for `pipelines.predict`'s pose actors.
-Ray Data is imported by `eval_crops` alone: the detector actors and Serve's replicas, which call
-the mapper, never load it.
+Ray Data is imported by `eval_crops` alone, so Serve's replicas, which call the mapper
+(`pipelines.serving`, `pipelines.detect`), never load it.
 """
 
 from __future__ import annotations
