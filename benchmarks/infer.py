@@ -34,7 +34,8 @@ from pipelines.detect import box_row, detect_and_crop, detector_session
 from pipelines.images import decode_image
 from pipelines.predict import predict, predict_poses
 from pipelines.uris import write_bytes
-from psm_model.config import Config, DetectorConfig
+from psm_model.config import Config
+from psm_model.config_inference import DetectorConfig
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model
 

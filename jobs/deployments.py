@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from pipelines import serving
-from psm_model.config import Config, ReplicaConfig
+from psm_model.config import Config
+from psm_model.config_inference import ReplicaConfig
 
 log = logging.getLogger(__name__)
 

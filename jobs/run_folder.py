@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from pipelines.uris import filesystem, write_bytes
-from psm_model import config
+from psm_model import config_fields
 from psm_model.checkpoint import CURRENT, TrainState, load_first_good
-from psm_model.config import Config, ConfigError, keys_tagged
+from psm_model.config import Config, ConfigError
 from psm_model.config_yaml import parse_config
 from psm_model.errors import redact_secrets
 from psm_model.files import write_atomic
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 BEST = "best_checkpoint"  # in the run folder, beside Ray's checkpoint_* folders
 RUN_CONFIG = "psm_config.yaml"  # in the run folder: the config a resumed run must match
-# what a resumed run may change freely: the fields tagged so in psm_model/config.py
-FREE_ON_RESUME = keys_tagged(config.FREE_ON_RESUME)
+# what a resumed run may change freely: the fields tagged so (psm_model/config_fields.py)
+FREE_ON_RESUME = config_fields.keys_tagged(Config(), config_fields.FREE_ON_RESUME)
 
 
 def default_run_name(cfg: Config) -> str:

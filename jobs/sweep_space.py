@@ -27,14 +27,14 @@ from typing import Any, Literal
 
 import yaml
 
-from psm_model import config
-from psm_model.config import Config, ConfigError, keys_tagged
+from psm_model import config_fields
+from psm_model.config import Config, ConfigError
 from psm_model.config_yaml import parse_config, yaml_mapping
 
 SEARCHERS = ("grid", "random", "optuna")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-# set per trial by the sweep itself: the fields tagged so in psm_model/config.py
-SWEEP_OWNED = tuple(sorted(keys_tagged(config.SWEEP_OWNED)))
+# set per trial by the sweep itself: the fields tagged so (psm_model/config_fields.py)
+SWEEP_OWNED = tuple(sorted(config_fields.keys_tagged(Config(), config_fields.SWEEP_OWNED)))
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,12 @@
-"""Record -> training sample: the one mapper from COCO person records to the columns of a batch.
+"""Record -> training sample: the one mapper from COCO person records to the columns of a batch,
+the second of a sample's four hops (docs/architecture.md). No Ray here: `pipelines.datasets` maps
+`train_batch` over blocks of `image_rows`; `pipelines.eval_crops` is the same without augmentation.
 
-The second of a sample's four hops (`pipelines.coco` records -> here -> `psm_model.codec`
-targets -> `psm_model.loss.train_step`). No Ray here: `pipelines.datasets` maps `train_batch`
-and `eval_batch` over blocks of image rows.
-
-1. `image_rows`: one row per image, its persons' metadata as arrays (what a Ray Data block holds).
-2. `train_batch`: each image decoded once (`pipelines.images.decode_image`); then, per person,
-   `make_training_sample` with a generator of its own (`SampleRngs`, keyed by seed, epoch, image
-   id and annotation id): the draws (`draw_augmentation`), the half-body box, scale, rotation and
-   flip in the official order, one warpAffine straight into the batch array, the joints mapped
-   and swapped on a flip (as official, one outside the crop stays labelled: the codec gives it
-   weight 1 while its Gaussian window reaches the heatmap).
-3. The batch columns (SAMPLE_COLUMNS): the uint8 crop plus keypoints in crop pixels, visibility,
-   ids, centre/scale and box score, about 0.33 MB a sample at 384x288 through the object store.
-   Normalisation and heatmap targets are made batched in torch, in the train step.
-
-`eval_batch` is the same mapper without augmentation (validation and inference).
+`train_batch` decodes each image once (`pipelines.images`); per person, `make_training_sample`
+draws from a generator of its own (`SampleRngs`), then applies half body, scale, rotation and flip
+in the official order in one warpAffine straight into the batch array. A sample (SAMPLE_COLUMNS)
+is about 0.33 MB at 384x288 through the object store: the uint8 crop, joints in crop pixels;
+normalisation and targets are made batched in torch, in the train step.
 """
 
 from __future__ import annotations
@@ -31,21 +22,12 @@ from pipelines.coco import ImageRecord
 from pipelines.images import ImageError, decode_image
 from psm_model.coco_keypoints import NUM_JOINTS, UPPER_BODY_JOINTS
 from psm_model.config import DataConfig
-from psm_model.geometry import (
-    PIXEL_STD,
-    affine_matrix,
-    flip_permutation,
-    make_eval_crop,
-    transform_points,
-    warp_crop,
-)
+from psm_model.geometry import PIXEL_STD, affine_matrix, flip_permutation, warp_crop
 
 # Images per `train_batch` / `eval_batch` call (one Ray task each) in the Ray Data graphs
 # (`pipelines.datasets`): fewer, larger tasks amortise Ray's per-task cost (measured in
 # docs/benchmarks.md); 32 COCO images hold ~85 persons, 28 MB of crops at 384x288.
 BATCH_IMAGES = 32
-
-NO_PERSON = "no_person"  # the skip reason of an image the detector found nobody in
 
 # The one place that names the sample columns (and their per-row shapes / dtypes).
 SAMPLE_COLUMNS = {
@@ -66,10 +48,8 @@ _FLIP_PERM = flip_permutation()  # COCO's 17 joints: made once, used by every fl
 def image_rows(
     records: Sequence[ImageRecord], scores: Sequence[np.ndarray] | None = None
 ) -> list[dict]:
-    """Per-image rows for Ray Data: the person metadata as arrays, one row per image.
-
-    `scores` gives each image's box scores (detections); ground-truth boxes score 1.
-    """
+    """One row per image for Ray Data, its persons' metadata as arrays; `scores`: each image's box
+    scores (detections), else 1 (ground-truth boxes)."""
     return list(ImageTable.from_records(records, scores))
 
 
@@ -155,16 +135,13 @@ def train_batch(
     seed: int,
     epoch: int,
 ) -> dict[str, np.ndarray]:
-    """A batch of image rows (the columns of `image_rows`, as Ray Data's numpy batches hold them)
-    -> the columns of every person's augmented sample (SAMPLE_COLUMNS), in row order.
-
-    Each image is decoded once; each sample draws from its own generator keyed by (seed, epoch,
-    image id, annotation id), so the samples are the same whatever the batching, number or order
-    of workers. An image that cannot be decoded gives one skip row.
-    """
+    """Image rows (as columns, as Ray Data's numpy batches hold them) -> every person's augmented
+    sample (SAMPLE_COLUMNS), in row order; an image that cannot be decoded gives one skip row.
+    Each sample draws from its own generator (`SampleRngs`), so the samples are the same whatever
+    the batching, number or order of workers."""
     rngs = SampleRngs(seed, epoch)
-    out = _Columns(images, input_size)
-    for row in _rows(images):
+    out = BatchColumns(images, input_size)
+    for row in columns_to_rows(images):
         try:
             image = decode_image(row["path"], data.max_image_pixels)
         except ImageError as e:
@@ -199,14 +176,13 @@ def make_training_sample(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One augmented person crop: (crop HxWx3 uint8, keypoints (J, 2) float32 in crop pixels,
-    visible (J,) uint8).
+    visible (J,) uint8); `out` receives the crop (`warp_crop`).
 
-    Order as official: half body, scale, rotation, flip; then one warpAffine. The flip is the
-    official "mirror the image, mirror the centre, crop" folded into the matrix (crop(mirror(x)))
-    so the image is never copied. `augmentation` replaces the drawn one (tests, visualisation);
-    the half-body choice still comes from `rng`. Unlabelled joints (v = 0) get visible = 0 and
-    coordinates (0, 0); labelled ones stay visible wherever they land, as official (no crop test
-    in `__getitem__`): `HeatmapCodec.encode` weighs them. `out` receives the crop (`warp_crop`).
+    Order as official: half body, scale, rotation, flip, then one warpAffine; the official flip
+    ("mirror the image and the centre, crop") is folded into the matrix, so the image is never
+    copied. `augmentation` replaces the drawn one (tests); the half-body choice still comes from
+    `rng`. Unlabelled joints get visible 0 and (0, 0); labelled ones stay visible wherever they
+    land, as official (no crop test in `__getitem__`): `psm_model.loss.render_targets` weighs them.
     """
     kpts = np.asarray(person_keypoints, dtype=np.float64)
     aug = draw_augmentation(rng, cfg_data) if augmentation is None else augmentation
@@ -250,14 +226,10 @@ class Augmentation:
 
 
 def draw_augmentation(rng: np.random.Generator, cfg: DataConfig) -> Augmentation:
-    """One person's augmentation, drawn from `rng` only.
-
-    HRNet draws clipped normals (scale 1 + 0.35 N(0,1) clipped to [0.65, 1.35]; rotation 45 N(0,1)
-    clipped to +-90 deg); we draw uniformly in the paper's ranges instead: scale in
-    [scale_min, scale_max], rotation in [-rotation, rotation] with probability rotation_prob.
-    The caller seeds `rng` per sample (seed, epoch, image id, annotation id), so samples do not
-    depend on the number of workers. Every draw is made unconditionally: the number of draws is
-    fixed, whatever the config.
+    """One person's augmentation, drawn from `rng` only, every draw made whatever the config (a
+    fixed number of draws). HRNet draws clipped normals (scale 1 + 0.35 N(0,1) clipped to [0.65,
+    1.35]; rotation 45 N(0,1) clipped to +-90 deg); we draw uniformly in the paper's ranges: scale
+    in [scale_min, scale_max], rotation in [-rotation, rotation] with probability rotation_prob.
     """
     # one call for the five uniforms: the same values, in the same order, as five scalar draws
     # (rng.uniform(a, b) is a + (b - a) * rng.random()), at the cost of one
@@ -276,12 +248,11 @@ def half_body_box(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(centre, scale) of a box around the upper or the lower body, or None if too few joints.
 
-    Official HRNet selection logic, but the choice is a fair coin (`rng.random() < 0.5`); the
-    official `randn() < 0.5` picks the upper body ~69% of the time. As official: the chosen group
-    is used if it has more than 2 visible joints, otherwise the lower body if it has more than 2,
-    otherwise the upper body; fewer than 2 joints in the result gives None. The box centre is the
-    mean of the joints (not the box middle); the box is grown to `aspect` (w / h) and x1.5.
-    """
+    The official selection, but with a fair coin (`rng.random() < 0.5`) where the official
+    `randn() < 0.5` picks the upper body ~69% of the time: the chosen group if it has more than 2
+    visible joints, else the lower body if it has more than 2, else the upper body; fewer than 2
+    joints give None. Centre: the joints' mean (not the box middle); box grown to `aspect` (w / h),
+    then x1.5."""
     kpts = np.asarray(keypoints, dtype=np.float64)
     visible = kpts[:, 2] > 0
     is_upper = np.zeros(len(kpts), dtype=bool)
@@ -306,15 +277,12 @@ def half_body_box(
 
 
 class SampleRngs:
-    """One generator per sample, keyed by (seed, epoch, image id, annotation id).
-
-    Philox is counter based: keyed by (seed, epoch), a sample's stream starts at the counter
-    (0, 0, image id, annotation id), so distinct samples get disjoint streams (each would need
-    2^128 draws to reach the next). Re-keying one generator is cheaper than building
-    `np.random.default_rng([seed, epoch, image, ann])` per sample. `for_sample` returns the same
-    Generator each time, set to that sample's stream start: use it before asking for the next
-    sample's.
-    """
+    """One generator per sample, keyed by (seed, epoch, image id, annotation id). Philox is
+    counter based: keyed by (seed, epoch), a sample's stream starts at the counter (0, 0, image id,
+    annotation id), so distinct samples get disjoint streams (each would need 2^128 draws to reach
+    the next). Re-keying one generator is cheaper than `np.random.default_rng([seed, epoch, image,
+    ann])` per sample; `for_sample` returns that same Generator, set to the sample's stream start:
+    use it before asking for the next sample's."""
 
     def __init__(self, seed: int, epoch: int) -> None:
         self._key = _uint64([seed, epoch])
@@ -333,54 +301,14 @@ class SampleRngs:
         return self._generator
 
 
-def eval_batch(
-    images: Mapping[str, Sequence],
-    *,
-    input_size: tuple[int, int],
-    max_pixels: int,
-    no_person_rows: bool = False,
-    decoded: Sequence[np.ndarray | ImageError] | None = None,
-) -> dict[str, np.ndarray]:
-    """`train_batch` without augmentation: every box of every image cropped as is, with the GT
-    joints (if any) in crop pixels (validation and inference). With `no_person_rows`, an image
-    without boxes gives a skip row "no_person" (the detector stage of `psm infer`: every image
-    sent must come back, so its part can close). `decoded`: the images already decoded, one per
-    row (the ImageError of one that could not be), instead of decoding each row's path."""
-    out = _Columns(images, input_size)
-    for r, row in enumerate(_rows(images)):
-        try:
-            image = decode_image(row["path"], max_pixels) if decoded is None else decoded[r]
-            if isinstance(image, ImageError):
-                raise image
-        except ImageError as e:
-            out.add_skip(row, e.reason)
-            continue
-        if no_person_rows and not len(row["ann_ids"]):
-            out.add_skip(row, NO_PERSON)
-            continue
-        for k in range(len(row["ann_ids"])):
-            i = out.next_index()
-            _, matrix = make_eval_crop(
-                image, row["centers"][k], row["scales"][k], input_size, out=out.image[i]
-            )
-            kpts = row["keypoints"][k]
-            visible = kpts[:, 2] > 0
-            xy = transform_points(kpts[:, :2], matrix)  # GT joints, crop pixels
-            out.add_person(row, k, np.where(visible[:, None], xy, 0), visible)
-    return out.columns()
-
-
 def train_samples(
     row: dict, *, data: DataConfig, input_size: tuple[int, int], seed: int, epoch: int
 ) -> list[dict]:
     """One image row -> its samples as dicts (`train_batch` of one row; tests, notebooks)."""
-    batch = train_batch(_one(row), data=data, input_size=input_size, seed=seed, epoch=epoch)
+    batch = train_batch(
+        rows_to_columns([row]), data=data, input_size=input_size, seed=seed, epoch=epoch
+    )
     return sample_dicts(batch)
-
-
-def eval_samples(row: dict, *, input_size: tuple[int, int], max_pixels: int) -> list[dict]:
-    """One image row -> its unaugmented samples as dicts (`eval_batch` of one row)."""
-    return sample_dicts(eval_batch(_one(row), input_size=input_size, max_pixels=max_pixels))
 
 
 def rows_to_columns(rows: Sequence[dict]) -> dict[str, list]:
@@ -398,7 +326,7 @@ def count_skips(skip_column: Iterable[str]) -> Counter:
     return Counter(s for s in skip_column if s)
 
 
-class _Columns:
+class BatchColumns:
     """The output columns of one batch, allocated once for the most rows the images can give
     (each person, or one skip row per image); crops are warped straight into `image`."""
 
@@ -447,11 +375,7 @@ def _uint64(values: list[int]) -> np.ndarray:
     return np.array(values, np.int64).view(np.uint64)  # two's complement: -1 is a valid key too
 
 
-def _rows(images: Mapping[str, Sequence]) -> Iterator[dict]:
+def columns_to_rows(images: Mapping[str, Sequence]) -> Iterator[dict]:
     names = list(images)
     for i in range(len(images[names[0]]) if names else 0):
         yield {k: images[k][i] for k in names}
-
-
-def _one(row: dict) -> dict[str, list]:
-    return {k: [v] for k, v in row.items()}

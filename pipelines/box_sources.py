@@ -38,7 +38,8 @@ from pipelines.predict import detected_pose_predictions, pose_predictions
 from pipelines.uris import read_bytes, write_bytes
 from pipelines.validate import detection_rows
 from psm_model.coco_eval import coco_box_eval
-from psm_model.config import Config, ConfigError, DetectorConfig
+from psm_model.config import Config, ConfigError
+from psm_model.config_inference import DetectorConfig
 from psm_model.errors import redact_secrets
 
 

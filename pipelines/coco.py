@@ -15,13 +15,11 @@ filter; the official code turns w <= 1 into a zero-width box) and must not clean
 (its crop scale would be 0); "labelled" means v > 0 (official: any non-zero value among the 51,
 which agrees on valid COCO); keypoints must be 51 finite numbers with v in {0, 1, 2}.
 
-`for_training=False` keeps the same instance rules (that is what the official validation with GT
-boxes evaluates, and COCOeval ignores GT persons with num_keypoints == 0 anyway) but keeps images
-left without persons: evaluation and detector-box inference iterate over every image of the file.
-
-Every rejected entry is counted under one reason in `SkipCounts`; only a file that cannot be read as
-COCO at all raises `DataError`. Images are not opened here: decoding happens once, in the Ray
-workers, through `pipelines.images.decode_image`.
+`for_training=False` keeps the same instance rules (what the official validation with GT boxes
+evaluates; COCOeval ignores GT persons with num_keypoints == 0 anyway) and the images left without
+persons: evaluation and detector-box inference go over every image of the file. Every rejected
+entry is counted under one reason (`SkipCounts`); only a file that cannot be read as COCO at all
+raises `DataError`. No image is opened here: each is decoded once, in the Ray tasks.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Ray Data graphs of crops: image rows -> person crops, sharded by image across CPU workers,
-augmented for training (`train_crops`) or not (`eval_crops`, which `pipelines.predict` feeds to
-its pose actors), and the chunked feed a training loop or an evaluation reads them through.
+"""Ray Data graphs of crops: image rows -> person crops, sharded by image across CPU workers
+(`crops_graph`), augmented for training (`train_crops`; unaugmented: `pipelines.eval_crops`), and
+the chunked feed a training loop or an evaluation reads them through.
 
 A crop task turns a block of image rows into one batch of sample columns (numpy arrays, stacked),
 which Ray stores as one Arrow block: no per-sample Python dicts to convert (with `flat_map` that
@@ -24,7 +24,7 @@ import numpy as np
 import ray
 from ray.data import DataContext, TaskPoolStrategy
 
-from pipelines.augment import BATCH_IMAGES, eval_batch, train_batch
+from pipelines.augment import BATCH_IMAGES, train_batch
 from psm_model.config import Config
 
 
@@ -55,17 +55,15 @@ def _same(batch: dict) -> dict:
 
 
 def crops_task(images: dict[str, np.ndarray], *, make: Callable, threads: int) -> dict:
-    """`make` (train_batch or eval_batch) on one batch of image rows, inside a Ray task.
-
-    OpenCV sizes its thread pool by the machine, not by the CPUs Ray reserved for the task (2
-    threads in a 1-CPU task on 2 cores): hold it to the reservation.
-    """
+    """`make` (`train_batch`, `eval_batch`) on one batch of image rows, inside a Ray task, OpenCV's
+    threads held to the task's CPUs (it sizes its pool by the machine: 2 threads in a 1-CPU task
+    on 2 cores)."""
     if cv2.getNumThreads() != threads:
         cv2.setNumThreads(threads)
     return make(images)
 
 
-def _crops(
+def crops_graph(
     rows: Sequence[dict],
     make: Callable,
     num_blocks: int | None,
@@ -91,13 +89,10 @@ def train_crops(
     concurrency: int | None = None,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
-    """Augmented person crops of one epoch (columns: pipelines.augment.SAMPLE_COLUMNS).
-
-    `concurrency` caps the decode/augment tasks running at once (None: as many as CPUs allow);
-    each task reserves data.cpus_per_task CPUs (below 1 when training workers hold the cores). The
-    rows are cut into `num_blocks` blocks (default: of at most `batch_images` images), and each
-    task makes one block's samples in one `train_batch` call.
-    """
+    """Augmented person crops of one epoch (pipelines.augment.SAMPLE_COLUMNS): the rows cut into
+    `num_blocks` blocks (default: of at most `batch_images` images), one `train_batch` task each,
+    at most `concurrency` at once (None: as many as the CPUs allow), each reserving
+    data.cpus_per_task CPUs (below 1 when training workers hold the cores)."""
     make = functools.partial(
         train_batch,
         data=cfg.data,
@@ -105,23 +100,7 @@ def train_crops(
         seed=cfg.train.seed,
         epoch=epoch,
     )
-    return _crops(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
-
-
-def eval_crops(
-    rows: Sequence[dict],
-    cfg: Config,
-    *,
-    num_blocks: int | None = None,
-    concurrency: int | None = None,
-    batch_images: int = BATCH_IMAGES,
-) -> ray.data.Dataset:
-    """Unaugmented crops of every box (ground truth or detections) for evaluation and inference;
-    blocks and tasks as `train_crops` (`eval_batch` per block)."""
-    make = functools.partial(
-        eval_batch, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
-    )
-    return _crops(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
+    return crops_graph(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
 
 
 @dataclasses.dataclass

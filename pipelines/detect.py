@@ -21,10 +21,12 @@ import cv2
 import numpy as np
 
 from pipelines.actors import keep_freed_memory
-from pipelines.augment import eval_batch, rows_to_columns
+from pipelines.augment import rows_to_columns
 from pipelines.coco import DataError
+from pipelines.eval_crops import eval_batch
 from pipelines.images import ImageError, decode_image
-from psm_model.config import Config, DetectorConfig
+from psm_model.config import Config
+from psm_model.config_inference import DetectorConfig
 from psm_model.geometry import box_to_center_scale
 
 log = logging.getLogger(__name__)
@@ -226,7 +228,7 @@ def detect_and_crop(
     images: Mapping[str, Sequence], session, layout: Layout, cfg: Config
 ) -> dict[str, np.ndarray]:
     """A batch of image rows (image_id, path) -> the crops of every person the detector finds
-    (`pipelines.augment.eval_batch` columns), plus each crop's detector box (`box`, COCO x, y,
+    (`pipelines.eval_crops.eval_batch` columns), plus each crop's detector box (`box`, COCO x, y,
     w, h) and its image's box count (`image_boxes`), which tell the driver when an image (and
     so its part) is complete. An image without a person gives a "no_person" skip row, one that
     cannot be decoded a skip row with the reason.

@@ -22,10 +22,8 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class ImageError(PsmError, ValueError):
-    """An image that cannot be decoded safely; the message starts with its path.
-
-    `reason` is the skip-count key: missing_image, unreadable_image, corrupt_image, too_large.
-    """
+    """An image that cannot be decoded safely; the message starts with its path. `reason` is the
+    skip-count key: missing_image, unreadable_image, corrupt_image, too_large."""
 
     def __init__(self, message: str, reason: str = "corrupt_image"):
         super().__init__(message)
@@ -33,10 +31,8 @@ class ImageError(PsmError, ValueError):
 
 
 def decode_image(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of a JPEG or PNG; gray, RGBA and CMYK become 3-channel RGB.
-
-    Raises ImageError (message starts with the path) for a missing, truncated or corrupt file, or
-    one whose header declares more than `max_pixels` pixels; the header is read before decoding.
+    """RGB uint8 (H, W, 3) of a JPEG or PNG (gray, RGBA and CMYK become RGB), or ImageError for a
+    missing, truncated or corrupt file, or one whose header declares more than `max_pixels` pixels.
     EXIF orientation is ignored, as COCO annotations (and the official loader) use stored pixels.
     """
     if "://" in str(path):
@@ -78,10 +74,8 @@ def decode_image_bytes(data: bytes, max_pixels: int, source: str) -> np.ndarray:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the frame header; also checks an end-of-image marker follows the scan.
-
-    OpenCV 4 decodes a truncated JPEG with only a warning (grey rows), so the EOI check is ours.
-    """
+    """(width, height) from the frame header, once an end-of-image marker follows the scan (OpenCV
+    4 decodes a truncated JPEG with only a warning: grey rows)."""
     i, n, size = 2, len(data), None
     while True:
         if i >= n or data[i] != 0xFF:

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from pipelines.augment import NO_PERSON
 from pipelines.box_sources import BoxSource
 from pipelines.coco import DataError
+from pipelines.eval_crops import NO_PERSON
 from pipelines.leases import Lease
 from pipelines.uris import filesystem, write_bytes
 from pipelines.validate import pose_results

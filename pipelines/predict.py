@@ -20,10 +20,12 @@ import ray
 import torch
 
 from pipelines.actors import OnnxPoseModel, keep_freed_memory, model_actors
-from pipelines.datasets import eval_crops, image_dataset
+from pipelines.datasets import image_dataset
 from pipelines.detect import Detector
+from pipelines.eval_crops import eval_crops
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config, PoseRuntime
+from psm_model.config import Config
+from psm_model.config_inference import PoseRuntime
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model, normalize_images
 from psm_model.weights import load_strict

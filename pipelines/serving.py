@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.augment import eval_batch, rows_to_columns
+from pipelines.augment import rows_to_columns
 from pipelines.detect import box_row
+from pipelines.eval_crops import eval_batch
 from pipelines.images import ImageError, decode_image_bytes
 from psm_model.coco_eval import kept_poses
 from psm_model.config import Config

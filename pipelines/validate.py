@@ -21,8 +21,9 @@ import torch
 
 from pipelines.augment import count_skips, image_rows
 from pipelines.coco import load_split
-from pipelines.datasets import eval_crops, iter_chunked
+from pipelines.datasets import iter_chunked
 from pipelines.detect import box_row
+from pipelines.eval_crops import eval_crops
 from pipelines.images import ImageError, decode_image
 from pipelines.predict import pose_predictions, predict_poses
 from pipelines.uris import join, read_json_at, write_bytes

@@ -1,15 +1,13 @@
-"""One typed config tree: frozen dataclasses with their range checks, read from YAML with
-`section.key=value` overrides by `psm_model.config_yaml`.
-
-Every value has one home here; everything else (branch widths, heatmap size) is derived from it.
-Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pms' is not one of
-('hrnet', 'psm')`.
+"""One typed config tree (`Config`): frozen dataclasses with their range checks, read from YAML
+with `section.key=value` overrides by `psm_model.config_yaml`. The training sections are here, those
+of a trained model's use in `psm_model.config_inference`; the rest (branch widths, heatmap size) is
+derived. Errors name the file and the dotted key, e.g. `configs/x.yaml: model.fusion: 'pms' is not
+one of ('hrnet', 'psm')`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,34 +15,17 @@ from typing import Any, Literal
 import yaml
 
 from psm_model.coco_keypoints import NUM_JOINTS
+from psm_model.config_fields import (
+    FREE_ON_RESUME,
+    SWEEP_OWNED,
+    at_least,
+    finite_floats,
+    positive,
+    tagged,
+    within,
+)
+from psm_model.config_inference import EvalConfig, InferConfig, ServeConfig
 from psm_model.errors import PsmError
-
-# where the pose model runs in `psm eval` / `psm infer`: PyTorch eager, or its ONNX export
-# (psm_model.export) on ONNX Runtime
-PoseRuntime = Literal["torch", "onnxruntime"]
-
-# What the jobs ask of a key, said on the field itself (`tagged`, read back by `keys_tagged`):
-# FREE_ON_RESUME: changes where or how fast a run trains, or how it reacts to failures, not what
-#   it trains: a resumed run may change it freely (jobs/run_folder.py: check_resume_config)
-# SWEEP_OWNED: set per trial by the sweep itself: a search space that set it would break resume
-#   or the MLflow tree (jobs/sweep_space.py)
-FREE_ON_RESUME = "free_on_resume"
-SWEEP_OWNED = "sweep_owned"
-
-
-def tagged(default: Any, *tags: str) -> Any:
-    return field(default=default, metadata={tag: True for tag in tags})
-
-
-def keys_tagged(tag: str) -> frozenset[str]:
-    """Every `section.key` whose field carries `tag`."""
-    cfg = Config()
-    return frozenset(
-        f"{section.name}.{f.name}"
-        for section in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, section.name))
-        if f.metadata.get(tag)
-    )
 
 
 class ConfigError(PsmError, ValueError):
@@ -86,10 +67,8 @@ class ModelConfig:
     @property
     def heatmap_size(self) -> tuple[int, int]:
         """(height, width) of the predicted heatmaps."""
-        return (
-            self.input_size[0] // self.heatmap_stride,
-            self.input_size[1] // self.heatmap_stride,
-        )
+        h, w = self.input_size
+        return (h // self.heatmap_stride, w // self.heatmap_stride)
 
 
 @dataclass(frozen=True)
@@ -109,22 +88,21 @@ class DataConfig:
     half_body_prob: float = 0.3  # for persons with more than half_body_min_joints visible joints
     half_body_min_joints: int = 8
     max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
-    # the Ray Data pipeline of training, evaluation and inference alike
-    # CPUs each Ray Data decode/augment/crop task reserves
+    # CPUs each Ray Data decode/augment/crop task reserves (training, evaluation and inference)
     cpus_per_task: float = tagged(1.0, FREE_ON_RESUME)
     chunk_images: int = 256  # images per materialised Ray Data chunk (next one made ahead)
     channels_last: bool = False  # batches (and the model) in channels-last memory format
 
     def __post_init__(self) -> None:
-        _finite_floats(self)
-        _positive(self, "sigma", "box_padding", "max_image_pixels", "cpus_per_task", "chunk_images")
-        _at_least(self, 0, "half_body_min_joints")
-        _within(self, 0.0, 180.0, "rotation")
+        finite_floats(self)
+        positive(self, "sigma", "box_padding", "max_image_pixels", "cpus_per_task", "chunk_images")
+        at_least(self, 0, "half_body_min_joints")
+        within(self, 0.0, 180.0, "rotation")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(
                 f"scale_min/scale_max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}"
             )
-        _within(self, 0.0, 1.0, "rotation_prob", "half_body_prob")
+        within(self, 0.0, 1.0, "rotation_prob", "half_body_prob")
 
 
 @dataclass(frozen=True)
@@ -154,14 +132,11 @@ class TrainConfig:
     cpus_per_worker: float = tagged(1.0, FREE_ON_RESUME)  # CPUs each training worker reserves
     images_per_epoch: int = 0  # train images drawn (anew) each epoch; 0 = all (quick sweeps)
     seed: int = 0
-    # validate (COCO AP) every K epochs and after the last one; 0 = never
-    val_every: int = tagged(10, SWEEP_OWNED)
-    # checkpoints: a local folder or a pyarrow URI (s3://...)
-    storage_path: str = tagged("runs", SWEEP_OWNED)
+    val_every: int = tagged(10, SWEEP_OWNED)  # val AP every K epochs, and after the last; 0: never
+    storage_path: str = tagged("runs", SWEEP_OWNED)  # checkpoints: a folder or a URI (s3://...)
     # run name; an existing name resumes that run. Empty: a new timestamped name
     name: str = tagged("", SWEEP_OWNED)
-    # the newest ones; the best by val AP is kept besides them
-    keep_checkpoints: int = tagged(2, FREE_ON_RESUME)
+    keep_checkpoints: int = tagged(2, FREE_ON_RESUME)  # the newest; the best by val AP kept besides
     # worker failures Ray Train recovers from (restart from checkpoint)
     max_failures: int = tagged(2, FREE_ON_RESUME)
     # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
@@ -173,169 +148,21 @@ class TrainConfig:
     # good), "skip" drops that step's update, up to max_skipped_steps in the whole run
     nonfinite_loss: Literal["stop", "skip"] = tagged("stop", FREE_ON_RESUME)
     max_skipped_steps: int = tagged(10, FREE_ON_RESUME)
-    # keys (section.key) a resumed run may change from the config it was started with, besides
-    # the FREE_ON_RESUME ones; any other difference is refused, naming the keys
-    # (jobs/run_folder.py)
+    # keys (section.key) a resumed run may change besides the FREE_ON_RESUME ones; any other
+    # difference from the config it started with is refused, naming the keys (jobs/run_folder.py)
     resume_changes: tuple[str, ...] = tagged((), FREE_ON_RESUME)
 
     def __post_init__(self) -> None:
-        _finite_floats(self)
-        _positive(self, "epochs", "batch_size", "num_workers", "cpus_per_worker")
-        _positive(self, "lr", "lr_factor", "keep_checkpoints")
-        _at_least(self, 0, "weight_decay", "warmup_epochs", "grad_clip", "ohkm_topk", "seed")
-        _at_least(self, 0, "images_per_epoch", "val_every", "max_skipped_steps")
-        _at_least(self, -1, "max_failures")  # -1: Ray Train retries without limit
+        finite_floats(self)
+        positive(self, "epochs", "batch_size", "num_workers", "cpus_per_worker")
+        positive(self, "lr", "lr_factor", "keep_checkpoints")
+        at_least(self, 0, "weight_decay", "warmup_epochs", "grad_clip", "ohkm_topk", "seed")
+        at_least(self, 0, "images_per_epoch", "val_every", "max_skipped_steps")
+        at_least(self, -1, "max_failures")  # -1: Ray Train retries without limit
         if any(s < 0 for s in self.lr_steps):
             raise ValueError(f"lr_steps: epochs must be >= 0, got {self.lr_steps}")
         if self.name:
             check_run_name(self.name, "name")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    flip_test: bool = True
-    decode: Literal["quarter", "dark"] = "quarter"
-    keypoint_score_threshold: float = 0.2  # keypoints above this enter the pose score
-    oks_nms_threshold: float = 0.9
-    box_score_threshold: float = 0.0
-    batch_size: int = tagged(32, FREE_ON_RESUME)
-    detections: str = ""  # person boxes (COCO results format) for validation; empty: GT boxes
-    # val images drawn with predicted poses and logged to MLflow
-    visualize: int = tagged(4, FREE_ON_RESUME)
-    # `psm eval --checkpoint`: the model runs on this many Ray Data actors (one GPU each on a GPU
-    # cluster). Validation inside training runs in its rank-0 worker instead.
-    workers: int = tagged(1, FREE_ON_RESUME)
-    # CPUs each actor reserves (crop tasks: data.cpus_per_task)
-    cpus_per_worker: float = tagged(1.0, FREE_ON_RESUME)
-    pose_runtime: PoseRuntime = "torch"  # `psm eval --checkpoint`: the pose model's runtime
-
-    def __post_init__(self) -> None:
-        _finite_floats(self)
-        _positive(self, "workers", "cpus_per_worker", "batch_size")
-        _within(self, 0.0, 1.0, "keypoint_score_threshold", "oks_nms_threshold")
-        _at_least(self, 0, "box_score_threshold", "visualize")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """`infer.boxes=detector`: a person detector in ONNX format on ONNX Runtime actors
-    (pipelines.detect). The output layout is read from the model; `auto` values are the layout's
-    exporter defaults: mmdeploy / rtmlib end-to-end YOLOX (BGR, no normalisation, image at the
-    top left of the letterbox), ultralytics YOLOv8 / YOLO11 raw (RGB / 255, image centred)."""
-
-    model: str = ""  # the .onnx file: a local path or a pyarrow URI (s3://...)
-    input_size: tuple[int, int] = (640, 640)  # (height, width) the model takes
-    channel_order: Literal["auto", "rgb", "bgr"] = "auto"
-    mean: tuple[float, float, float] | None = None  # in channel_order; None: the layout's default
-    std: tuple[float, float, float] | None = None
-    letterbox: Literal["auto", "top_left", "center"] = "auto"  # where the resized image sits
-    pad_value: float = 114.0  # letterbox padding, as both exporters
-    person_class: int = 0  # the person class index (COCO-trained detectors: 0)
-    score_threshold: float = 0.1  # low: keypoint AP ranks by score, extra low boxes cost little
-    nms_iou: float = 0.65  # class-wise NMS on our side (YOLOX's test setting)
-    max_persons: int = 100  # highest-scoring boxes kept per image
-    min_box_size: float = 2.0  # boxes narrower or lower than this (image pixels) are dropped
-    workers: int = 1  # detector actors (a GPU each where the cluster has GPUs), apart from pose
-    cpus_per_worker: float = 1.0
-    batch_images: int = 8  # images per actor call (exports take one image per run)
-
-    def __post_init__(self) -> None:
-        h, w = self.input_size
-        if h <= 0 or w <= 0:
-            raise ValueError(f"input_size: must be positive, got {self.input_size}")
-        if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(
-                "score_threshold, nms_iou: need 0 <= threshold <= 1 and 0 < iou <= 1, "
-                f"got {self.score_threshold}, {self.nms_iou}"
-            )
-        if self.std is not None and any(v == 0 for v in self.std):
-            raise ValueError(f"std: must not be 0, got {self.std}")
-        if self.person_class < 0 or self.max_persons <= 0 or self.min_box_size < 0:
-            raise ValueError("person_class, max_persons, min_box_size: out of range")
-        if self.workers <= 0 or self.cpus_per_worker <= 0 or self.batch_images <= 0:
-            raise ValueError("workers, cpus_per_worker, batch_images: must be positive")
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    """`psm infer`: poses for every image of an image list, on the eval.* recipe and actors."""
-
-    images: str = "test2017"  # image folder (under data.root unless absolute)
-    # a COCO JSON with an "images" list (the test-dev image info, or an annotation file, whose
-    # keypoints then also score the results); under data.root unless absolute
-    image_info: str = "annotations/image_info_test-dev2017.json"
-    # where the person boxes come from: `file` = infer.detections, `detector` = infer.detector
-    # run in the job, `gt` = the boxes of infer.image_info's annotations (val checks)
-    boxes: Literal["file", "detector", "gt"] = "file"
-    detections: str = ""  # boxes=file: a detector's boxes, COCO results format
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    # the boxes the job used, COCO results format (what boxes=file reads); empty: beside output
-    boxes_output: str = ""
-    output: str = "results/person_keypoints_test-dev2017_psm_results.json"
-    part_images: int = 512  # images per part file: a killed job resumes after its last part
-    pose_runtime: PoseRuntime = "torch"  # the pose model's runtime (same poses within 1e-4)
-
-    def __post_init__(self) -> None:
-        _positive(self, "part_images")
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    """One deployment of `psm serve` (the detector, the pose model): its request batching
-    (`@serve.batch`: a batch closes at max_batch_size calls or batch_wait_s after its first) and
-    its replicas (Serve's autoscaler keeps between min and max, aiming at target_ongoing
-    requests each)."""
-
-    max_batch_size: int = 8  # requests (images) per batch; their persons run together
-    batch_wait_s: float = 0.01
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing: float = 2.0  # the autoscaler's target of ongoing requests per replica
-    max_ongoing: int = 32  # requests a replica takes at once (>= max_batch_size to fill one)
-    cpus: float = 1.0  # CPUs each replica reserves (the pose model: a GPU too where there is one)
-
-    def __post_init__(self) -> None:
-        _finite_floats(self)
-        _positive(self, "max_batch_size", "max_replicas", "target_ongoing", "max_ongoing")
-        _at_least(self, 0, "batch_wait_s", "min_replicas", "cpus")
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas/max_replicas: need min <= max, got {self.min_replicas}, "
-                f"{self.max_replicas}"
-            )
-        if self.max_ongoing < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing: {self.max_ongoing} is below max_batch_size {self.max_batch_size}: "
-                "a batch could never fill"
-            )
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """`psm serve`: the pose service on Ray Serve (jobs/serve.py). The recipe is `psm infer`'s
-    (eval.*, infer.detector.*, infer.pose_runtime); these are the service's own values."""
-
-    host: str = "127.0.0.1"  # where the HTTP proxy listens (0.0.0.0: every interface)
-    port: int = 8000
-    max_body_bytes: int = 20 << 20  # a larger request is refused (413) before it is read
-    max_boxes: int = 100  # person boxes one request may give
-    request_timeout_s: float = 30.0  # a request not answered by then gets 503, never hangs
-    detector: ReplicaConfig = field(default_factory=ReplicaConfig)
-    pose: ReplicaConfig = field(default_factory=ReplicaConfig)
-    # the HTTP side (body, decode, crops, OKS-NMS, JSON): light, and it waits on the two models
-    ingress_replicas: int = 1
-    ingress_cpus: float = 0.0  # 0: no reservation, as Serve's proxy (the two models' fit 2 CPUs)
-    ingress_max_ongoing: int = 64  # requests an HTTP replica holds at once; more queue at Serve
-    # crops per forward pass of the pose replica, whatever its request batch holds: few shapes
-    # keep its memory flat (chunks of eval.batch_size 32 grew it by ~700 MB; docs/benchmarks.md)
-    pose_chunk: int = 8
-
-    def __post_init__(self) -> None:
-        _finite_floats(self)
-        _positive(self, "max_body_bytes", "max_boxes", "request_timeout_s", "ingress_replicas")
-        _positive(self, "ingress_max_ongoing", "pose_chunk")
-        _at_least(self, 0, "ingress_cpus")
-        _within(self, 1, 65535, "port")
 
 
 @dataclass(frozen=True)
@@ -361,19 +188,6 @@ class Config:
         return _flat("", self.to_dict())
 
 
-# Range checks of the sections' __post_init__. They raise ValueError("key: ..."), which `_build`
-# prefixes with the file and the section.
-
-
-def _finite_floats(section: object) -> None:
-    """NaN passes every `x <= 0` check (comparisons with NaN are false), so refuse it, and the
-    infinities, before any range check."""
-    for f in dataclasses.fields(section):  # type: ignore[arg-type]
-        value = getattr(section, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name}: must be a finite number, got {value}")
-
-
 # a run or sweep name is one folder under train.storage_path (and a Ray run name, an MLflow tag
 # value in search filters): no separator, no leading dot, no quote
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
@@ -385,27 +199,6 @@ def check_run_name(name: str, key: str) -> None:
             f"{key}: {name!r} must be one folder name: letters, digits and _ . = + - "
             "(starting with a letter, digit or _)"
         )
-
-
-def _positive(section: object, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if not value > 0:  # written so that NaN fails too
-            raise ValueError(f"{name}: must be positive, got {value}")
-
-
-def _at_least(section: object, minimum: float, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if not value >= minimum:
-            raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def _within(section: object, low: float, high: float, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if not low <= value <= high:
-            raise ValueError(f"{name}: must be within [{low}, {high}], got {value}")
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -62,11 +62,6 @@ def boxes_to_centers_scales(
     return centers, scales
 
 
-# ----------------------------------------------------------------------------------------------
-# Affine maps between the image and a crop
-# ----------------------------------------------------------------------------------------------
-
-
 def affine_matrix(
     center: np.ndarray | tuple[float, float],
     scale: np.ndarray | tuple[float, float],
@@ -129,24 +124,6 @@ def warp_crop(
     )
 
 
-def make_eval_crop(
-    image: np.ndarray,
-    center: np.ndarray,
-    scale: np.ndarray,
-    input_size_hw: tuple[int, int],
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unaugmented crop and its image -> crop matrix (`inverse=True` in `affine_matrix` inverts);
-    `out` receives the crop (see `warp_crop`)."""
-    matrix = affine_matrix(center, scale, 0.0, input_size_hw)
-    return warp_crop(image, matrix, input_size_hw, out), matrix
-
-
-# ----------------------------------------------------------------------------------------------
-# Left/right flip of COCO keypoints
-# ----------------------------------------------------------------------------------------------
-
-
 def flip_permutation(
     num_joints: int = 17, pairs: tuple[tuple[int, int], ...] = COCO_FLIP_PAIRS
 ) -> np.ndarray:
@@ -158,11 +135,8 @@ def flip_permutation(
 
 
 def flip_keypoints(keypoints: np.ndarray, image_width: int) -> np.ndarray:
-    """Mirror keypoints (..., J, 2 or 3) in an image `image_width` wide and swap left/right joints.
-
-    x' = width - 1 - x, the official pixel convention (pixel centres at integers); a third column
-    (visibility) travels with its joint. Applying it twice gives the input back.
-    """
+    """Mirror keypoints (..., J, 2 or 3) in an image `image_width` wide (x' = width - 1 - x) and
+    swap left/right joints; a third column (visibility) travels with its joint. Its own inverse."""
     kpts = np.asarray(keypoints)
     out = kpts[..., flip_permutation(kpts.shape[-2]), :].astype(
         kpts.dtype if np.issubdtype(kpts.dtype, np.floating) else np.float64

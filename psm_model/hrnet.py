@@ -1,8 +1,5 @@
 """HRNet pose network with two switches: upward fusion (`hrnet` | `psm`) and heatmap stride (4 | 2).
 
-Order: blocks -> Pixel Shuffle pieces -> exchange module -> network -> builder -> the input it takes
-(`normalize_images`).
-
 With fusion="hrnet", heatmap_stride=4 the module tree and state_dict keys are those of the official
 pose_hrnet.py (conv1, layer1, transition1, stage2.0.branches.0.0.conv1, stage2.0.fuse_layers.0.1.0,
 final_layer, ...), so official pose checkpoints load strictly (see weights.py). The PSM parts carry

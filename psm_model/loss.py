@@ -1,13 +1,8 @@
-"""The last hop of a sample: Gaussian targets and JointsMSE as HRNet defines them, and the one
-train step.
-
-`train_step` takes a batch of `pipelines.augment` columns to an optimiser update: crops normalised
-(`psm_model.hrnet.normalize_images`) and targets rendered (`render_targets`) on the device, the
-model's heatmaps, the loss. Target semantics are the official HRNet's
-(`JointsDataset.generate_target`), vectorised over batch and joints; `sigma` is in heatmap pixels
-and heatmap pixel u sits on input-crop pixel u * stride. Plain PyTorch: the Ray Train loop
-(`jobs.training`) and the train-step benchmark (`psm bench train`, `psm bench model`) run this
-same function.
+"""The last hop of a sample: Gaussian targets and JointsMSE as the official HRNet defines them
+(`JointsDataset.generate_target`, vectorised over batch and joints; `sigma` in heatmap pixels,
+heatmap pixel u on input-crop pixel u * stride), and the one train step, which normalises the crops
+and renders the targets on the device. Plain PyTorch: the Ray Train loop (`jobs.training`) and the
+train-step benchmarks (`psm bench train`, `psm bench model`) run this same function.
 """
 
 from __future__ import annotations
@@ -94,11 +89,8 @@ def train_step(
     world: int = 1,
 ) -> float | None:
     """One update on `batch` ("image" uint8 (B, H, W, 3), "keypoints" (B, J, 2) in crop pixels,
-    "visible" (B, J)), targets of cfg.model's heatmap size and stride and cfg.data.sigma, under
-    cfg.train's amp, ohkm_topk and grad_clip and cfg.data.channels_last.
-
-    Returns the loss, or None, with no update, if it is not finite on any of the `world` ranks.
-    """
+    "visible" (B, J)): the loss, or None, with no update, if it is not finite on any of the `world`
+    ranks."""
     if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused
     images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)

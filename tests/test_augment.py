@@ -15,8 +15,6 @@ from pipelines.augment import (
     SampleRngs,
     count_skips,
     draw_augmentation,
-    eval_batch,
-    eval_samples,
     half_body_box,
     image_rows,
     make_training_sample,
@@ -31,7 +29,6 @@ from psm_model.geometry import (
     affine_matrix,
     box_to_center_scale,
     flip_keypoints,
-    make_eval_crop,
     transform_points,
     warp_crop,
 )
@@ -252,8 +249,6 @@ def test_crops_warp_into_a_given_batch_row():
     np.testing.assert_array_equal(batch[1], crop)
     np.testing.assert_array_equal(into[1], xy)
     assert not batch[0].any() and not batch[2].any()
-    make_eval_crop(image, center, scale, SIZE_HW, out=batch[2])
-    np.testing.assert_array_equal(batch[2], make_eval_crop(image, center, scale, SIZE_HW)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,22 +324,6 @@ def test_train_samples_are_seeded_by_epoch(synthetic_root):
     assert not any(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c, strict=True))
 
 
-def test_eval_samples_map_gt_joints_into_the_crop(synthetic_root):
-    records, rows = _rows(synthetic_root, "val2017", for_training=False)
-    rec, row = records[0], rows[0]
-    samples = eval_samples(row, input_size=INPUT, max_pixels=10**8)
-    assert [s["ann_id"] for s in samples] == [p.ann_id for p in rec.persons]
-    p = rec.persons[0]
-    m = affine_matrix(p.center, p.scale, 0.0, INPUT)
-    vis = p.keypoints[:, 2] > 0
-    expected = transform_points(p.keypoints[vis, :2], m)
-    np.testing.assert_allclose(samples[0]["keypoints"][vis], expected, atol=1e-3)
-    # the box centre lands on the crop centre (w/2, h/2)
-    np.testing.assert_allclose(
-        transform_points(p.center, m), [INPUT[1] / 2, INPUT[0] / 2], atol=1e-4
-    )
-
-
 @pytest.mark.parametrize(
     "content, reason",
     [
@@ -409,12 +388,6 @@ def test_batch_gives_exactly_the_per_row_samples(synthetic_root, tmp_path):
     h, w = INPUT
     assert batch["image"].shape[1:] == (h, w, 3) and batch["score"].dtype == np.float32
     assert not batch["image"][batch["skip"] != ""].any()  # skip rows: zero crops
-
-    records, val = _rows(synthetic_root, "val2017", for_training=False)
-    ev = eval_batch(rows_to_columns(val), input_size=INPUT, max_pixels=10**8)
-    per_row = [s for row in val for s in eval_samples(row, input_size=INPUT, max_pixels=10**8)]
-    _assert_same_columns(ev, _stack(per_row))
-    assert ev["ann_id"].tolist() == [p.ann_id for r in records for p in r.persons]
 
 
 def test_train_batch_is_the_same_whatever_the_batching(synthetic_root, tmp_path):

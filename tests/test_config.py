@@ -226,9 +226,9 @@ def test_cli_flags_are_aliases_of_one_key_per_job():
 def test_what_the_jobs_ask_of_a_key_is_said_on_its_field():
     """Which keys a resumed run may change and which a sweep sets per trial are tags on the
     fields (`tagged`), read back by `keys_tagged`; these are the lists they replaced."""
-    from psm_model.config import FREE_ON_RESUME, SWEEP_OWNED, keys_tagged
+    from psm_model.config_fields import FREE_ON_RESUME, SWEEP_OWNED, keys_tagged
 
-    assert keys_tagged(FREE_ON_RESUME) == {
+    assert keys_tagged(Config(), FREE_ON_RESUME) == {
         "train.max_failures",
         "train.keep_checkpoints",
         "train.cpus_per_worker",
@@ -243,7 +243,7 @@ def test_what_the_jobs_ask_of_a_key_is_said_on_its_field():
         "eval.batch_size",
         "eval.visualize",
     }
-    assert keys_tagged(SWEEP_OWNED) == {
+    assert keys_tagged(Config(), SWEEP_OWNED) == {
         "train.name",
         "train.storage_path",
         "train.mlflow_uri",

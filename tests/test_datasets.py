@@ -11,7 +11,7 @@ import numpy as np
 from pipelines.actors import model_actors
 from pipelines.augment import SAMPLE_COLUMNS, count_skips, image_rows, rows_to_columns, train_batch
 from pipelines.coco import load_coco_persons
-from pipelines.datasets import crops_task, eval_crops, train_crops
+from pipelines.datasets import crops_task, train_crops
 from psm_model.config_yaml import load_config
 
 CFG = load_config(None, ["model.input_size=[128,96]", "model.width=8"])
@@ -62,15 +62,6 @@ def test_corrupt_image_is_skipped_and_counted_not_fatal(ray_local, synthetic_roo
     assert dict(skips) == {"corrupt_image": 1, "missing_image": 1}
     expected = sum(len(r.persons) for i, r in enumerate(records) if i not in (1, 2))
     assert samples == expected
-
-
-def test_eval_crops_cover_every_ground_truth_person(ray_local, synthetic_root):
-    records, rows = _rows(synthetic_root, "val2017", for_training=False)
-    out = eval_crops(rows, CFG, concurrency=2).take_all()
-    assert [(s["image_id"], s["ann_id"]) for s in out] == [
-        (r.image_id, p.ann_id) for r in records for p in r.persons
-    ]
-    assert all(s["score"] == 1.0 and s["skip"] == "" for s in out)
 
 
 def test_ray_gives_exactly_the_in_process_samples(ray_local, synthetic_root, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.toy_detector import export_toy_detector, plain_image
-from pipelines.augment import eval_batch, rows_to_columns
+from pipelines.augment import rows_to_columns
 from pipelines.detect import (
     DetectorError,
     box_row,
@@ -22,6 +22,7 @@ from pipelines.detect import (
     load_detector,
     nms,
 )
+from pipelines.eval_crops import eval_batch
 from pipelines.images import decode_image
 from psm_model.config_yaml import load_config
 

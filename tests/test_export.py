@@ -13,8 +13,9 @@ from onnx import TensorProto, helper
 
 from jobs.cli import main
 from pipelines.actors import OnnxPoseModel
-from pipelines.augment import eval_batch, image_rows, rows_to_columns
+from pipelines.augment import image_rows, rows_to_columns
 from pipelines.coco import load_coco_persons
+from pipelines.eval_crops import eval_batch
 from pipelines.predict import predict, predict_poses
 from psm_model.config_yaml import load_config
 from psm_model.export import check_depth_to_space, export_onnx

@@ -13,7 +13,6 @@ from psm_model.geometry import (
     box_problem,
     flip_keypoints,
     flip_permutation,
-    make_eval_crop,
     transform_points,
     warp_crop,
 )
@@ -96,17 +95,6 @@ def test_closed_form_equals_official_three_point_construction():
             ref = three_point_affine(center, scale, rot, size, inverse=inverse)
             # the reference goes through float32 points: compare relative to the translation size
             np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
-
-
-def test_eval_crop_centre_pixel_and_matrix():
-    image = np.zeros((300, 400, 3), np.uint8)
-    image[150, 200] = (10, 20, 30)
-    crop, matrix = make_eval_crop(image, np.array([200.0, 150.0]), UNIT_SCALE, SIZE_HW)
-    assert crop.shape == (256, 192, 3) and crop.dtype == np.uint8
-    # image pixel (200, 150) = crop pixel (96, 128), exactly on the grid: no interpolation
-    assert tuple(crop[128, 96]) == (10, 20, 30)
-    assert crop.sum() == 60
-    np.testing.assert_allclose(matrix, affine_matrix((200.0, 150.0), UNIT_SCALE, 0.0, SIZE_HW))
 
 
 def test_crop_outside_image_is_zero():

@@ -22,7 +22,7 @@ from pipelines.box_sources import AnnotationBoxes, DetectorBoxes
 from pipelines.coco import DataError, load_images
 from pipelines.inference import PartStore, _Part, split_parts
 from psm_model.coco_eval import EvalError, check_submission, validate_results
-from psm_model.config import DetectorConfig
+from psm_model.config_inference import DetectorConfig
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 

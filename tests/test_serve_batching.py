@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from jobs.deployments import WhenFree
-from psm_model.config import ReplicaConfig
+from psm_model.config_inference import ReplicaConfig
 
 
 @pytest.fixture(autouse=True)
