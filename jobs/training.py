@@ -27,6 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from jobs import console, provenance, run_folder, storage, tracking
+from jobs.tracking import Tracker, TrackingError
 from pipelines.augment import ImageTable, count_skips
 from pipelines.coco import load_split
 from pipelines.datasets import FeedStats, iter_chunked, keep_data_actors_here, train_crops
@@ -53,7 +54,8 @@ def train_loop(loop_config: dict) -> None:
     rows: ImageTable = ray.get(loop_config["train_rows"])  # Ray
     device = get_device()  # Ray: this worker's GPU, or the CPU
     checkpoint = ray.train.get_checkpoint()  # Ray: the newest checkpoint after a restart
-    run = _setup(cfg, device, rank, world, rows, loop_config["mlflow_run_id"], checkpoint)
+    tracker: Tracker = loop_config["tracker"]  # the driver's: its URI as the driver resolved it
+    run = _setup(cfg, tracker, device, rank, world, rows, loop_config["mlflow_run_id"], checkpoint)
     run.lease_token = loop_config["lease_token"]
     run.model = prepare_model(run.model, move_to_device=False)  # Ray: DDP over gloo or NCCL
     # "model": a wrapper around the DDP model; "blocks": the regions compiled in place, same keys
@@ -67,7 +69,7 @@ def train_loop(loop_config: dict) -> None:
     several_nodes = world > ctx.get_local_world_size()  # Ray
     node = f"node{ctx.get_node_rank()}" if several_nodes else None  # Ray
     monitor = (
-        tracking.system_metrics(cfg, run.run_id, node)
+        tracker.system_metrics(run.run_id, node)
         if ctx.get_local_rank() == 0  # Ray
         else contextlib.nullcontext()
     )
@@ -93,7 +95,7 @@ def train_loop(loop_config: dict) -> None:
                 checkpoint = Checkpoint.from_directory(d) if written else None  # Ray
                 ray.train.report(metrics, checkpoint=checkpoint)  # Ray: rank 0 writes, all report
             if rank == 0:  # after the checkpoint: a tracking outage must not cost the epoch
-                run.held = tracking.deliver(cfg, run.run_id, run.held)
+                run.held = tracker.deliver(run.run_id, run.held)
 
 
 @dataclasses.dataclass
@@ -101,6 +103,7 @@ class _Run:
     """What a worker's epochs share."""
 
     cfg: Config
+    tracker: Tracker
     device: torch.device
     rank: int
     world: int
@@ -110,7 +113,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     state: TrainState
     run_id: str  # the run's MLflow run
-    held: list  # metric batches MLflow has not confirmed (jobs.tracking.deliver sends them)
+    held: list  # metric batches MLflow has not confirmed (Tracker.deliver sends them)
     warmup_steps: int
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
     lease_token: str = ""  # the driver's lease on the run folder (pipelines/leases.py)
@@ -118,7 +121,14 @@ class _Run:
 
 
 def _setup(
-    cfg: Config, device, rank: int, world: int, rows: ImageTable, run_id: str, checkpoint
+    cfg: Config,
+    tracker: Tracker,
+    device,
+    rank: int,
+    world: int,
+    rows: ImageTable,
+    run_id: str,
+    checkpoint,
 ) -> _Run:
     """Model, optimiser, schedule and AMP scaler on `device`, restored from `checkpoint` if any,
     and the warm-up length in steps for the image `rows` shared by `world` ranks."""
@@ -151,6 +161,7 @@ def _setup(
     held = list(state.job.get(tracking.HELD, []))
     return _Run(
         cfg,
+        tracker,
         device,
         rank,
         world,
@@ -232,7 +243,7 @@ def _end_epoch(run: _Run, metrics: dict, epoch: int, directory: str) -> bool:
     last = epoch == cfg.train.epochs - 1
     if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
         with eager():  # as with scope "model": validation runs the eager model, no recompiles
-            metrics |= _validate(unwrap(run.model), cfg, run.device, state, run.run_id, epoch)
+            metrics |= _validate(unwrap(run.model), run, epoch)
     run.held.append(tracking.held_metrics(metrics, epoch))
     state.job = {tracking.RUN_ID: run.run_id, tracking.HELD: run.held}  # saved with the checkpoint
     elapsed = metrics["epoch_seconds"] + time.perf_counter() - t0  # with the validation
@@ -297,24 +308,25 @@ def _all_reduce_sum(values: list[float], device, world: int) -> list[float]:
     return t.tolist()
 
 
-def _validate(
-    model, cfg: Config, device, state: TrainState, run_id: str, epoch: int
-) -> dict[str, float]:
+def _validate(model, run: _Run, epoch: int) -> dict[str, float]:
+    """Rank 0: the val metrics of the plain `model`; a new best is kept and logged to MLflow."""
     from pipelines.validate import evaluate_model
 
-    drawings = tracking.save_pose_drawings(cfg, run_id)
-    metrics = evaluate_model(model, cfg, device=device, save_drawings=drawings)
+    cfg, state = run.cfg, run.state
+    drawings = run.tracker.save_pose_drawings(run.run_id)
+    metrics = evaluate_model(model, cfg, device=run.device, save_drawings=drawings)
     ap = metrics.get("AP", -1.0)
     if ap > state.best_ap:
         state.best_ap, state.best_epoch = ap, epoch
         with tempfile.TemporaryDirectory() as d:
             save_model(d, model, cfg)  # the model part of a checkpoint: what eval/infer read
-            tracking.try_log_artifact(cfg, run_id, d, "best_checkpoint")
+            run.tracker.try_log_artifact(run.run_id, d, "best_checkpoint")
     return {**{f"val_{k}": v for k, v in metrics.items()}, "best_AP": state.best_ap}
 
 
 def run_training(
     cfg: Config,
+    tracker: Tracker,
     *,
     callbacks: Sequence = (),
     mlflow_tags: dict[str, str] | None = None,
@@ -323,6 +335,7 @@ def run_training(
     in_sweep: bool = False,
 ) -> dict:
     """Start (or resume, when `train.name` exists) a training run; returns the final metrics.
+    `tracker` is the job's, used by its driver and shipped to its workers.
 
     A Tune trial passes its report callback, the tags that nest its MLflow run under the sweep's,
     `register=False` (the sweep registers its best trial's model), the `label` its epoch
@@ -333,11 +346,12 @@ def run_training(
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
     # one job per run folder: a second start of the same name is refused while this one lives
     with Lease(run_folder.location(cfg), f"training run {name}") as lease:
-        return _train(cfg, lease.token, callbacks, mlflow_tags, register, label, in_sweep)
+        return _train(cfg, tracker, lease.token, callbacks, mlflow_tags, register, label, in_sweep)
 
 
 def _train(
     cfg: Config,
+    tracker: Tracker,
     lease_token: str,
     callbacks: Sequence,
     mlflow_tags: dict | None,
@@ -350,16 +364,16 @@ def _train(
 
     # read once, here: a bad file fails before any worker starts, and the workers share the rows
     records, skips = load_split(cfg, "train")
-    run_id = tracking.start_or_resume_run(cfg, name, tags=mlflow_tags)
-    tracking.log_metrics(cfg, run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
-    tracking.log_datasets(cfg, run_id, provenance.training_datasets(cfg, records))
+    run_id = tracker.start_or_resume_run(name, cfg, tags=mlflow_tags)
+    tracker.log_metrics(run_id, {f"skipped_{k}": v for k, v in skips.items()}, step=0)
+    tracker.log_datasets(run_id, provenance.training_datasets(cfg, records))
     rows = ImageTable.from_records(records)
     del records  # the table holds what the workers need, in ~5% of the records' memory
     run_folder.save_run_config(cfg)
 
     if not ray.is_initialized():  # Ray: join the cluster (RAY_ADDRESS) or start a local one
         ray.init()
-    storage.warn_if_node_local(cfg.train.mlflow_uri, sum(n["Alive"] for n in ray.nodes()))
+    storage.warn_if_node_local(tracker.uri, sum(n["Alive"] for n in ray.nodes()))
     if not in_sweep:  # the sweep's driver did (jobs/tune.py); a trial's actor may be anywhere
         keep_data_actors_here()  # not on the workers' nodes, which the autoscaler can't remove
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
@@ -367,6 +381,7 @@ def _train(
         train_loop,
         train_loop_config={
             "config": cfg,
+            "tracker": tracker,
             "mlflow_run_id": run_id,
             "lease_token": lease_token,
             "train_rows": ray.put(rows),  # Ray: one copy in the object store for all workers
@@ -389,31 +404,31 @@ def _train(
     try:
         result = trainer.fit()
     except BaseException:  # Ray Train 2.60 raises TrainingFailedError rather than set .error
-        tracking.end_run(cfg, run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise
     if result.error:
-        tracking.end_run(cfg, run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise result.error
 
     model = build_model(cfg.model)
     with contextlib.ExitStack() as stack:
         final = load_checkpoint(run_folder.private_copy(result.checkpoint, stack), model)
     # what rank 0 could not send while MLflow was away (sent twice, a batch is stored once)
-    if not tracking.wait_until_reachable(cfg):
-        raise tracking.TrackingError(
-            f"MLflow {redact_secrets(cfg.train.mlflow_uri)} unreachable: training {name} is done "
+    if not tracker.wait_until_reachable():
+        raise TrackingError(
+            f"MLflow {redact_secrets(tracker.uri)} unreachable: training {name} is done "
             f"and its checkpoints are in {storage_path}/{name}; run the same command again to "
             "send its metrics and register its model"
         )
-    unsent = tracking.deliver(cfg, run_id, final.job.get(tracking.HELD, []))
+    unsent = tracker.deliver(run_id, final.job.get(tracking.HELD, []))
     if unsent:
         epochs = [b["step"] for b in unsent]
         log.error("MLflow run %s lacks the metrics of epochs %s", run_id, epochs)
     version = ""
     if register:
         about = provenance.model_description(cfg, run_id, name, result.metrics or {})
-        version = tracking.register_model(cfg, run_id, model, about)
-    tracking.end_run(cfg, run_id)
+        version = tracker.register_model(run_id, model, cfg, about)
+    tracker.end_run(run_id)
     summary = {
         **(result.metrics or {}),
         "run_name": name,

@@ -95,12 +95,13 @@ def test_a_resumed_run_with_other_values_is_refused_naming_the_keys(tmp_path):
 def test_a_start_that_fails_on_its_data_leaves_nothing_that_refuses_the_corrected_one(tmp_path):
     """Before: the wrong data.root's config was saved first, and the retry with the right root
     was refused as a changed config."""
+    from jobs.tracking import Tracker
     from jobs.training import run_training
     from pipelines.coco import DataError
 
     wrong = _cfg(tmp_path, f"data.root={tmp_path / 'nowhere'}")
     with pytest.raises(DataError, match="nowhere"):
-        run_training(wrong)
+        run_training(wrong, Tracker.of(wrong))
     assert not (tmp_path / "r" / "psm_config.yaml").exists()
     run_folder.check_resume_config(_cfg(tmp_path, f"data.root={tmp_path / 'coco'}"))
 
