@@ -7,8 +7,8 @@ The run listings of `psm compare` (`train_runs`, `named_run`, `metric_histories`
 that command has no config.
 
 MLflow is imported where it is used, not here: every process that unpickles
-`jobs.training.train_loop` (Ray Train's controller, each worker, a Tune trial) imports this module,
-and `mlflow` costs ~1 s of CPU to import that only the driver and rank 0 spend.
+`jobs.train_loop.train_loop` (Ray Train's controller, each worker, a Tune trial) imports this
+module, and `mlflow` costs ~1 s of CPU to import that only the driver and rank 0 spend.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ train step.
 model's heatmaps, the loss. Target semantics are the official HRNet's
 (`JointsDataset.generate_target`), vectorised over batch and joints; `sigma` is in heatmap pixels
 and heatmap pixel u sits on input-crop pixel u * stride. Plain PyTorch: the Ray Train loop
-(`jobs.training`) and the train-step benchmark (`psm bench train`, `psm bench model`) run this
+(`jobs.train_loop`) and the train-step benchmark (`psm bench train`, `psm bench model`) run this
 same function.
 """
 

@@ -32,6 +32,6 @@ def test_the_uri_is_resolved_once_where_the_tracker_is_built(tmp_path, monkeypat
 
 def test_the_worker_side_imports_no_mlflow():
     """~1 s of CPU in every process that unpickles the train loop, spent only where it logs."""
-    code = "import sys, jobs.tracking, jobs.training; print('mlflow' in sys.modules)"
+    code = "import sys, jobs.train_loop; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
