@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     import ray
     from ray.train.torch import TorchTrainer
 
-    from jobs import tracking
+    from jobs.tracking import Tracker
     from jobs.training import run_training
     from pipelines.synthetic import make_synthetic
     from psm_model.config_yaml import load_config
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> None:
     times: dict[str, float] = {}  # label -> seconds in this run
     started: dict[str, float] = {}  # label -> when it last started (epoch s)
     for owner, name, label in (
-        (tracking, "start_or_resume_run", "open MLflow run"),
+        (Tracker, "start_or_resume_run", "open MLflow run"),
         (TorchTrainer, "fit", "TorchTrainer.fit"),
-        (tracking, "register_model", "register model"),
+        (Tracker, "register_model", "register model"),
     ):
         setattr(owner, name, _timed(getattr(owner, name), label, times, started))
     given = any(o.startswith("data.root=") for o in args.overrides)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
                 cfg = load_config(args.config or "configs/tiny.yaml", overrides)
                 times.clear()
                 t0 = time.perf_counter()
-                run_training(cfg)
+                run_training(cfg, Tracker.of(cfg))
                 total = time.perf_counter() - t0
                 print(f"run {k} ({'cold' if k == 0 else 'warm'} Ray): {total:.1f} s")
                 for label, seconds in times.items():

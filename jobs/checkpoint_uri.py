@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 
-from jobs import tracking
+from jobs.tracking import Tracker
 from pipelines.uris import copy_to_local
 from psm_model.checkpoint import load_model as load_local_model
 from psm_model.config import Config
@@ -19,14 +19,14 @@ from psm_model.hrnet import PoseHRNet
 from psm_model.weights import CheckpointError
 
 
-def load_model(checkpoint: str, cfg: Config) -> tuple[PoseHRNet, Config]:
+def load_model(checkpoint: str, cfg: Config, tracker: Tracker) -> tuple[PoseHRNet, Config]:
     """The checkpoint's model and `cfg` with its model config (a folder's own config wins): a
-    local path, a pyarrow URI or a registered model."""
+    local path, a pyarrow URI or a registered model (from `tracker`'s store)."""
     if not checkpoint.startswith("models:/") and "://" not in checkpoint:
         return load_local_model(checkpoint, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint.startswith("models:/"):
-            local = tracking.download_model(cfg, checkpoint, tmp)
+            local = tracker.download_model(checkpoint, tmp)
         else:
             local = copy_to_local(checkpoint, tmp, "checkpoint", CheckpointError)
         return load_local_model(local, cfg)

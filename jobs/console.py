@@ -46,7 +46,7 @@ def progress(text: str) -> None:
 
 def epoch_line(metrics: dict, epochs: int, seconds: float, width: int = 20, label: str = "") -> str:
     """`[#####---] epoch 3/10 loss 0.00123, 31.2 samples/s, 41 s, ETA 4m47s, AP 0.1234`: the
-    end of epoch `metrics` (jobs.training), `seconds` the epoch with its validation; a sweep's
+    end of epoch `metrics` (jobs.train_loop), `seconds` the epoch with its validation; a sweep's
     trial starts it with its `label` (`w48 σ2.5`), so the lines of trials side by side differ."""
     done = metrics["epochs_done"]
     filled = round(width * done / max(epochs, 1))

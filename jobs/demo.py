@@ -16,7 +16,8 @@ from pathlib import Path
 
 import ray
 
-from jobs import command, tracking
+from jobs import command
+from jobs.tracking import Tracker
 from jobs.training import run_training
 from pipelines.synthetic import ensure_demo_data
 from pipelines.validate import evaluate_model
@@ -41,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_demo(config: str | None, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     cfg = load_config(config or DEMO_CONFIG, overrides)
+    tracker = Tracker.of(cfg)
     ensure_demo_data(cfg)
 
     cpus = os.cpu_count() or 2
@@ -53,7 +55,7 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
     print(metrics_table(untrained))
 
     print(f"\n== training {cfg.train.epochs} epochs, {cfg.train.num_workers} gloo workers")
-    summary = run_training(cfg)
+    summary = run_training(cfg, tracker)
 
     trained = {k[len("val_") :]: v for k, v in summary.items() if k.startswith("val_")}
     print("\n== the trained model on the val set (flip test, OKS-NMS, COCOeval)")
@@ -63,11 +65,11 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
         f"in {time.perf_counter() - t0:.0f} s"
     )
     print(f"run {summary['run_name']}: checkpoint {summary['checkpoint']}")
-    experiment = tracking.get_run(cfg, summary["mlflow_run_id"]).info.experiment_id
+    experiment = tracker.get_run(summary["mlflow_run_id"]).info.experiment_id
     print(
         f"MLflow: run {summary['mlflow_run_id']}, model {cfg.train.registered_model} "
         f"v{summary['model_version']}. Browse it with:\n"
-        f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}\n"
+        f"  mlflow ui --backend-store-uri {tracker.uri}\n"
         # the UI's GenAI / model-training switch is kept per browser, GenAI first
         f"  http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
     )

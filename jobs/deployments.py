@@ -18,6 +18,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from jobs.tracking import Tracker
 from pipelines import serving
 from psm_model.config import Config
 from psm_model.config_inference import ReplicaConfig
@@ -115,7 +116,7 @@ class PoseModel:
     """The checkpoint's pose model, batched: the crops of several requests run together, in
     chunks of serve.pose_chunk crops, by `pipelines.predict.predict_poses` (flip test, decode)."""
 
-    def __init__(self, cfg: Config, checkpoint: str) -> None:
+    def __init__(self, cfg: Config, checkpoint: str, tracker: Tracker) -> None:
         import torch
 
         from jobs.checkpoint_uri import load_model
@@ -125,7 +126,7 @@ class PoseModel:
 
         keep_freed_memory()  # no page faults for each batch's activations
         torch.set_num_threads(max(1, int(cfg.serve.pose.cpus)))
-        model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
+        model, cfg = load_model(checkpoint, cfg, tracker)  # the checkpoint's model config wins
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if cfg.infer.pose_runtime == "onnxruntime":
             from pipelines.predict import onnx_pose_model
@@ -335,8 +336,11 @@ def _replica_options(replica: ReplicaConfig, gpus: int = 0) -> dict:
     return options
 
 
-def application(cfg: Config, checkpoint: str, model_info: dict) -> serve.Application:
-    """The three deployments bound together (what `serve.run` and a Serve config file run)."""
+def application(
+    cfg: Config, checkpoint: str, model_info: dict, tracker: Tracker
+) -> serve.Application:
+    """The three deployments bound together (what `serve.run` and a Serve config file run);
+    `tracker`, the job's, reaches a registered model (`models:/...`) from every pose replica."""
     import ray
 
     # Ray call: the pose model takes a GPU where the cluster has any, as the infer job's actors
@@ -353,7 +357,8 @@ def application(cfg: Config, checkpoint: str, model_info: dict) -> serve.Applica
             cpus,
             total.get("CPU", 0),
         )
-    pose = PoseModel.options(**_replica_options(cfg.serve.pose, gpus)).bind(cfg, checkpoint)
+    options = _replica_options(cfg.serve.pose, gpus)
+    pose = PoseModel.options(**options).bind(cfg, checkpoint, tracker)
     detector = None
     if cfg.infer.detector.model:
         detector = Detector.options(**_replica_options(cfg.serve.detector)).bind(cfg)

@@ -15,8 +15,9 @@ import sys
 import time
 import uuid
 
-from jobs import command, provenance, storage, tracking
+from jobs import command, provenance, storage
 from jobs.checkpoint_uri import load_model
+from jobs.tracking import Tracker
 from pipelines.uris import join, read_bytes
 from psm_model.coco_eval import metrics_table
 from psm_model.config import Config, ConfigError
@@ -34,13 +35,14 @@ def run_eval(
 ) -> dict[str, float]:
     if not oracle and not checkpoint:
         raise ConfigError("psm eval: give --checkpoint CKPT, or --oracle for the GT round trip")
-    storage.require_persistent_tracking(tracking.tracking_uri(cfg))
+    tracker = Tracker.of(cfg)
+    storage.require_persistent_tracking(tracker.uri)
     if results_file:
         storage.require_output_file(results_file, "--results")
     kind = "oracle" if oracle else "model"
     weights = None
     if not oracle:
-        model, cfg = load_model(checkpoint, cfg)  # the checkpoint's own model config wins
+        model, cfg = load_model(checkpoint, cfg, tracker)  # the checkpoint's model config wins
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         del model
     boxes = cfg.eval.detections or "ground-truth boxes"
@@ -48,22 +50,22 @@ def run_eval(
     # a run name is also the key that resumes an MLflow run: two evaluations in the same second
     # must not share one
     name = f"eval-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_id = tracking.start_or_resume_run(cfg, name, kind="eval")
+    run_id = tracker.start_or_resume_run(name, cfg, kind="eval")
     params = {"eval.kind": kind, "eval.checkpoint": checkpoint or "", "eval.boxes": boxes}
-    tracking.log_params(cfg, run_id, params)
-    tracking.log_datasets(cfg, run_id, eval_datasets(cfg))
+    tracker.log_params(run_id, params)
+    tracker.log_datasets(run_id, eval_datasets(cfg))
     try:
-        with tracking.system_metrics(cfg, run_id):
-            metrics = _score(cfg, weights, results_file, tracking.save_pose_drawings(cfg, run_id))
+        with tracker.system_metrics(run_id):
+            metrics = _score(cfg, weights, results_file, tracker.save_pose_drawings(run_id))
     except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise
-    tracking.log_metrics(cfg, run_id, metrics, step=0)
-    tracking.end_run(cfg, run_id)
+    tracker.log_metrics(run_id, metrics, step=0)
+    tracker.end_run(run_id)
     val = redact_secrets(join(cfg.data.root, cfg.data.val_annotations))
     print(f"{kind} evaluation on {val} with {boxes}:")
     print(metrics_table(metrics))
-    print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
+    print(f"MLflow run {run_id} ({redact_secrets(tracker.uri)})")
     return metrics
 
 

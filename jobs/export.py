@@ -23,11 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from jobs import storage
     from jobs.checkpoint_uri import load_model
+    from jobs.tracking import Tracker
     from pipelines.uris import write_bytes
     from psm_model.export import export_onnx
 
     storage.require_output_file(args.output, "--output")
-    model, cfg = load_model(args.checkpoint, command.load(args))
+    cfg = command.load(args)
+    model, cfg = load_model(args.checkpoint, cfg, Tracker.of(cfg))
     data = export_onnx(model, cfg.model.input_size)
     write_bytes(args.output, data)  # a local path or a URI, atomically
     h, w = cfg.model.input_size

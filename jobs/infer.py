@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from jobs import command, provenance, storage, tracking
+from jobs import command, provenance, storage
 from jobs.checkpoint_uri import load_model
+from jobs.tracking import Tracker
 from pipelines import uris
 from pipelines.coco import DataError, load_images
 from psm_model.checkpoint import weights_sha256
@@ -104,15 +105,16 @@ def _manifest(
     }
 
 
-def _weights(checkpoint: str, cfg: Config) -> tuple[dict, Config]:
+def _weights(checkpoint: str, cfg: Config, tracker: Tracker) -> tuple[dict, Config]:
     """The checkpoint's weights (CPU tensors; the model is not kept) and cfg with the
     checkpoint's model config."""
-    model, cfg = load_model(checkpoint, cfg)
+    model, cfg = load_model(checkpoint, cfg, tracker)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg
 
 
 def _start_run(
     cfg: Config,
+    tracker: Tracker,
     checkpoint: str,
     source: BoxSource,
     resumed: bool,
@@ -125,7 +127,7 @@ def _start_run(
     fs, where = uris.filesystem(cfg.infer.output)
     stem = PurePosixPath(where).stem
     name = f"infer-{stem}-{_sha256(f'{fs.type_name}:{where}'.encode())[:8]}"
-    run_id = tracking.start_or_resume_run(cfg, name, kind="infer")
+    run_id = tracker.start_or_resume_run(name, cfg, kind="infer")
     if not resumed:  # a resumed job keeps the params it started with (MLflow refuses changes)
         params = {
             "infer.checkpoint": checkpoint,
@@ -134,10 +136,10 @@ def _start_run(
         params["infer.flip_shift"] = (
             flip_shift(cfg.model.heatmap_stride) if cfg.eval.flip_test else 0
         )
-        tracking.log_params(cfg, run_id, params)
+        tracker.log_params(run_id, params)
     datasets = [provenance.annotation_dataset(info, images, records, "inference")]
     datasets += [provenance.file_dataset(at, "boxes", sha) for at, sha in source.inputs()]
-    tracking.log_datasets(cfg, run_id, datasets)
+    tracker.log_datasets(run_id, datasets)
     return run_id
 
 
@@ -154,11 +156,12 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
 
     source = box_source(cfg)  # the one place infer.boxes is read
     storage.require_output_file(cfg.infer.output, "infer.output (--output)")
-    storage.require_persistent_tracking(tracking.tracking_uri(cfg))
+    tracker = Tracker.of(cfg)
+    storage.require_persistent_tracking(tracker.uri)
     images, info = _image_list(cfg)
     source.check()  # the detector read and loaded before any work: a clear error first
     records, image_skips = load_images(images, info)
-    weights, cfg = _weights(checkpoint, cfg)  # the checkpoint's own model config wins
+    weights, cfg = _weights(checkpoint, cfg, tracker)  # the checkpoint's own model config wins
     rows = source.rows(records, images, info, cfg)
     parts = split_parts(rows, cfg.infer.part_images)
     output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
@@ -167,12 +170,12 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     todo = sorted(set(range(len(parts))) - set(done))
     if done:
         log.info("%s: %d of %d parts done already; resuming", store.folder, len(done), len(parts))
-    run_id = _start_run(cfg, checkpoint, source, bool(done), info, images, records)
+    run_id = _start_run(cfg, tracker, checkpoint, source, bool(done), info, images, records)
     try:
         if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
             ray.init()
         started = time.perf_counter()
-        with tracking.system_metrics(cfg, run_id):
+        with tracker.system_metrics(run_id):
             sent = infer_parts(parts, todo, cfg, weights, store, source)
         seconds = time.perf_counter() - started
         tally = Tally.of([store.read(k) for k in range(len(parts))])
@@ -185,19 +188,20 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             "images_with_boxes_sent": float(sent),
             **_scores(info, source, tally),
         }
-        _log(cfg, run_id, metrics, data, records, tally.results)
+        _log(cfg, tracker, run_id, metrics, data, records, tally.results)
     except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise
     finally:
         store.release()  # the next job on this output may start
-    tracking.end_run(cfg, run_id)
-    _report(cfg, run_id, metrics, rows, info, source, tally)
+    tracker.end_run(run_id)
+    _report(cfg, tracker, run_id, metrics, rows, info, source, tally)
     return metrics
 
 
 def _report(
     cfg: Config,
+    tracker: Tracker,
     run_id: str,
     metrics: dict,
     rows: list[dict],
@@ -213,7 +217,7 @@ def _report(
     )
     if "AP" in metrics:
         print(metrics_table(metrics))
-    print(f"MLflow run {run_id} ({redact_secrets(tracking.tracking_uri(cfg))})")
+    print(f"MLflow run {run_id} ({redact_secrets(tracker.uri)})")
 
 
 def _submit(output: str, tally: Tally, records: list, rows: list[dict], source: BoxSource) -> bytes:
@@ -253,23 +257,29 @@ def _scores(info: str, source: BoxSource, tally: Tally) -> dict[str, float]:
 
 
 def _log(
-    cfg: Config, run_id: str, metrics: dict, data: bytes, records: list, results: list[dict]
+    cfg: Config,
+    tracker: Tracker,
+    run_id: str,
+    metrics: dict,
+    data: bytes,
+    records: list,
+    results: list[dict],
 ) -> None:
     """The metrics, the results file and a few images drawn with their poses, to MLflow."""
     from pipelines.validate import draw_results
 
-    tracking.log_metrics(cfg, run_id, metrics, step=0)
+    tracker.log_metrics(run_id, metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:  # MLflow logs local files
         _, where = uris.filesystem(cfg.infer.output)
         local = Path(tmp) / PurePosixPath(where).name
         local.write_bytes(data)
-        tracking.log_artifact(cfg, run_id, local, "results")
+        tracker.log_artifact(run_id, local, "results")
     if cfg.eval.visualize:
         draw_results(
             records[: cfg.eval.visualize],
             results,
             cfg,
-            tracking.save_pose_drawings(cfg, run_id),
+            tracker.save_pose_drawings(run_id),
         )
 
 

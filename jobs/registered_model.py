@@ -1,4 +1,4 @@
-"""The code of the registered model (MLflow "models from code"; `jobs.tracking.register_model`).
+"""The registered model's code (MLflow "models from code", logged by `Tracker.register_model`).
 
 MLflow copies this file into the model and runs it to load the model, so loading unpickles
 nothing: the weights are the checkpoint folder logged beside it (`artifacts/checkpoint/`:

@@ -1,7 +1,8 @@
 """A training run's folder (train.storage_path/train.name) and what it keeps: the run's config
 (saved once its data and MLflow run are in hand, checked when the run resumes), the best
 checkpoint kept beside Ray's newest ones, the fallback from a corrupt newest checkpoint, and
-unique default run names. Used by `jobs.training`; Ray calls are marked `# Ray`.
+unique default run names. Used by `jobs.training` and its worker loop (`jobs.train_loop`); Ray
+calls are marked `# Ray`.
 """
 
 from __future__ import annotations

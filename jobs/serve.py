@@ -32,8 +32,9 @@ from pathlib import Path
 
 from ray import serve
 
-from jobs import command, tracking
+from jobs import command
 from jobs.deployments import application
+from jobs.tracking import SOURCE_RUN_TAG, Tracker
 from psm_model.config import Config
 from psm_model.config_yaml import flag_overrides
 from psm_model.errors import redact_secrets
@@ -43,11 +44,12 @@ log = logging.getLogger(__name__)
 APP_NAME = "psm-pose"
 
 
-def prepare(cfg: Config, checkpoint: str) -> tuple[Config, str, dict]:
+def prepare(cfg: Config, checkpoint: str, tracker: Tracker) -> tuple[Config, str, dict]:
     """Everything checked before any replica starts, each failure a `psm: error:` line: the
     checkpoint loads, the detector loads and has a known layout. Local paths made absolute and
-    the tracking URI resolved (replicas do not start in this directory). Returns the config, the
-    checkpoint as the replicas will read it, and what the service names as its model."""
+    the config's tracking URI the tracker's, resolved (replicas do not start in this directory).
+    Returns the config, the checkpoint as the replicas will read it, and what the service names
+    as its model."""
     from jobs.checkpoint_uri import load_model
     from psm_model.checkpoint import checkpoint_config, weights_sha256
 
@@ -59,7 +61,7 @@ def prepare(cfg: Config, checkpoint: str) -> tuple[Config, str, dict]:
     cfg = dataclasses.replace(
         cfg,
         infer=dataclasses.replace(cfg.infer, detector=det),
-        train=dataclasses.replace(cfg.train, mlflow_uri=tracking.tracking_uri(cfg)),
+        train=dataclasses.replace(cfg.train, mlflow_uri=tracker.uri),
     )
     detector_sha = ""
     if det.model:
@@ -67,7 +69,7 @@ def prepare(cfg: Config, checkpoint: str) -> tuple[Config, str, dict]:
 
         data, detector_sha = load_detector(det.model)
         detector_session(data, det.model)  # DetectorError: unreadable, unknown layout
-    model, cfg = load_model(checkpoint, cfg)
+    model, cfg = load_model(checkpoint, cfg, tracker)
     train_name = ""
     if Path(checkpoint).is_dir():
         train_name = checkpoint_config(checkpoint).train.name
@@ -85,15 +87,13 @@ def prepare(cfg: Config, checkpoint: str) -> tuple[Config, str, dict]:
     return cfg, checkpoint, info
 
 
-def log_service(cfg: Config, info: dict) -> str:
+def log_service(cfg: Config, tracker: Tracker, info: dict) -> str:
     """The deployment as an MLflow run (psm.kind = serve): the config (params, config.yaml), the
     model's name, version and weights, and the training run it came from (psm.source_run)."""
     name = f"serve-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    source = tracking.source_run(cfg, info["checkpoint"], info["train_name"])
-    run_id = tracking.start_or_resume_run(
-        cfg, name, kind="serve", tags={tracking.SOURCE_RUN_TAG: source}
-    )
-    tracking.log_params(cfg, run_id, {f"served.{k}": v for k, v in info.items()})
+    source = tracker.source_run(info["checkpoint"], info["train_name"])
+    run_id = tracker.start_or_resume_run(name, cfg, kind="serve", tags={SOURCE_RUN_TAG: source})
+    tracker.log_params(run_id, {f"served.{k}": v for k, v in info.items()})
     return run_id
 
 
@@ -102,8 +102,9 @@ def serve_app(cfg: Config, checkpoint: str, blocking: bool = True) -> tuple[str,
     until interrupted, then take the application down. Returns the URL and the model info."""
     import ray
 
-    cfg, checkpoint, info = prepare(cfg, checkpoint)
-    run_id = log_service(cfg, info)
+    tracker = Tracker.of(cfg)
+    cfg, checkpoint, info = prepare(cfg, checkpoint, tracker)
+    run_id = log_service(cfg, tracker, info)
     info["run_id"] = run_id
     try:
         if not ray.is_initialized():
@@ -116,14 +117,14 @@ def serve_app(cfg: Config, checkpoint: str, blocking: bool = True) -> tuple[str,
                 "request_timeout_s": cfg.serve.request_timeout_s + 5,  # ours answers first
             }
         )
-        serve.run(application(cfg, checkpoint, info), name=APP_NAME, route_prefix="/")
+        serve.run(application(cfg, checkpoint, info, tracker), name=APP_NAME, route_prefix="/")
     except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
     print(f"serving {info['checkpoint']} at {url} (POST /pose, GET /healthz); MLflow run {run_id}")
     if not blocking:
-        tracking.end_run(cfg, run_id)
+        tracker.end_run(run_id)
         return url, info
     try:
         while True:
@@ -132,7 +133,7 @@ def serve_app(cfg: Config, checkpoint: str, blocking: bool = True) -> tuple[str,
         print("stopping the service")
     finally:
         serve.delete(APP_NAME)
-        tracking.end_run(cfg, run_id)
+        tracker.end_run(run_id)
     return url, info
 
 
@@ -143,10 +144,11 @@ def app(args: dict) -> serve.Application:
     from psm_model.config_yaml import load_config
 
     cfg = load_config(args["config"], list(args.get("overrides", [])))
-    cfg, checkpoint, info = prepare(cfg, str(args["checkpoint"]))
-    run_id = log_service(cfg, info)
-    tracking.end_run(cfg, run_id)
-    return application(cfg, checkpoint, {**info, "run_id": run_id})
+    tracker = Tracker.of(cfg)
+    cfg, checkpoint, info = prepare(cfg, str(args["checkpoint"]), tracker)
+    run_id = log_service(cfg, tracker, info)
+    tracker.end_run(run_id)
+    return application(cfg, checkpoint, {**info, "run_id": run_id}, tracker)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

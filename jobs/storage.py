@@ -110,7 +110,7 @@ def resolve_paths(cfg: Config) -> Config:
     train = dataclasses.replace(
         cfg.train,
         storage_path=_absolute(cfg.train.storage_path),
-        mlflow_uri=tracking.tracking_uri(cfg),
+        mlflow_uri=tracking.resolve_uri(cfg.train.mlflow_uri),
     )
     require_persistent_tracking(train.mlflow_uri)
     data = dataclasses.replace(cfg.data, root=_absolute(cfg.data.root))

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from jobs import command
+from jobs.tracking import Tracker
 from jobs.training import run_training
 
 
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    summary = run_training(command.load(args))
+    cfg = command.load(args)
+    summary = run_training(cfg, Tracker.of(cfg))
     for key, value in summary.items():
         print(f"{key}: {value}")
 

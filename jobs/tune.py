@@ -33,6 +33,7 @@ from jobs.comparison import comparison, format_table, sort_rows, sweep_files
 from jobs.storage import resolve_paths
 from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
+from jobs.tracking import Tracker
 from jobs.training import run_training
 from pipelines.datasets import keep_data_actors_here
 from psm_model.checkpoint import load_checkpoint_model
@@ -73,16 +74,17 @@ def run_sweep(
         raise ConfigError(f"--resume: no sweep {name!r} at {experiment_path}")
     configs = validate(space, base)
 
-    parent = tracking.start_or_resume_run(base, name, kind="sweep")
+    tracker = Tracker.of(base)  # the sweep's and, shipped to them, every trial's
+    parent = tracker.start_or_resume_run(name, base, kind="sweep")
     if resume:
-        _check_same_inputs(base, space, name, parent)
-        _check_same_concurrency(base, name, parent, max_concurrent)
+        _check_same_inputs(tracker, base, space, name, parent)
+        _check_same_concurrency(tracker, name, parent, max_concurrent)
     else:
-        tracking.log_params(base, parent, {**_sweep_params(space), CONCURRENCY: max_concurrent})
+        tracker.log_params(parent, {**_sweep_params(space), CONCURRENCY: max_concurrent})
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "space.yaml").write_text(space.text)
             (Path(d) / "base_config.yaml").write_text(redact_secrets(base.to_yaml()))
-            tracking.log_artifact(base, parent, d, "sweep")
+            tracker.log_artifact(parent, d, "sweep")
 
     if not ray.is_initialized():  # Ray: the cluster in RAY_ADDRESS, or a local one
         ray.init()
@@ -91,7 +93,9 @@ def run_sweep(
     concurrency = _concurrency(configs, resources, max_concurrent)
     trial_info = {"sweep": name, "parent_run_id": parent, "storage": f"{storage}/{name}.trials"}
     trainable = tune.with_resources(  # Ray
-        tune.with_parameters(_trial, base_yaml=base.to_yaml(), space=space, info=trial_info),
+        tune.with_parameters(
+            _trial, base_yaml=base.to_yaml(), space=space, info=trial_info, tracker=tracker
+        ),
         {"CPU": TRIAL_CPUS},
     )
     if resume:
@@ -118,7 +122,7 @@ def run_sweep(
         log.info("sweep %s: up to %d trials at once, parent run %s", name, concurrency, parent)
     grid = tuner.fit()
     _check_complete(grid, space, name)
-    return _finish(base, space, name, parent, grid)
+    return _finish(tracker, space, name, parent, grid)
 
 
 class SweepInterrupted(PsmError, RuntimeError):
@@ -136,11 +140,13 @@ def _check_complete(grid, space: SweepSpace, name: str) -> None:
         )
 
 
-def _check_same_inputs(base: Config, space: SweepSpace, name: str, parent: str) -> None:
+def _check_same_inputs(
+    tracker: Tracker, base: Config, space: SweepSpace, name: str, parent: str
+) -> None:
     """A resumed sweep must run the config and space it started with (the trials already run
     used them); keys added to the config since are ignored."""
     with tempfile.TemporaryDirectory() as d:
-        folder = tracking.download_artifacts(base, parent, "sweep", d)
+        folder = tracker.download_artifacts(parent, "sweep", d)
         first_space = yaml.safe_load((folder / "space.yaml").read_text())
         first = parse_config((folder / "base_config.yaml").read_text(), "sweep base").flat()
     if yaml.safe_load(space.text) != first_space:
@@ -153,10 +159,10 @@ def _check_same_inputs(base: Config, space: SweepSpace, name: str, parent: str) 
         )
 
 
-def _check_same_concurrency(base: Config, name: str, parent: str, requested: int) -> None:
+def _check_same_concurrency(tracker: Tracker, name: str, parent: str, requested: int) -> None:
     """Tune restores a sweep with the concurrency it started with, whatever is asked now: a
     different --max-concurrent on --resume is refused, not silently ignored."""
-    started = tracking.get_run(base, parent).data.params.get(CONCURRENCY)
+    started = tracker.get_run(parent).data.params.get(CONCURRENCY)
     if started is not None and int(started) != requested:
         was = f"up to {started}" if int(started) else "as many trials as fit"
         raise ConfigError(
@@ -166,8 +172,11 @@ def _check_same_concurrency(base: Config, name: str, parent: str, requested: int
         )
 
 
-def _trial(params: dict, *, base_yaml: str, space: SweepSpace, info: dict) -> None:
-    """One trial, in its Tune actor: a training run whose epochs report to Tune."""
+def _trial(
+    params: dict, *, base_yaml: str, space: SweepSpace, info: dict, tracker: Tracker
+) -> None:
+    """One trial, in its Tune actor: a training run whose epochs report to Tune, tracked by the
+    sweep's `tracker` (its store, experiment and model name)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()  # Ray: stable across a sweep's resume
@@ -177,6 +186,7 @@ def _trial(params: dict, *, base_yaml: str, space: SweepSpace, info: dict) -> No
     )
     run_training(
         dataclasses.replace(cfg, train=train),
+        tracker,
         callbacks=[TuneReportCallback()],  # Ray: each ray.train.report -> one Tune result
         mlflow_tags={
             tracking.PARENT_TAG: info["parent_run_id"],
@@ -309,38 +319,37 @@ def _sweep_params(space: SweepSpace) -> dict[str, Any]:
     }
 
 
-def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> dict[str, Any]:
+def _finish(tracker: Tracker, space: SweepSpace, name: str, parent: str, grid) -> dict[str, Any]:
     """Close the trials' MLflow runs Tune stopped, register the best, log the comparison."""
-    _deliver_held_metrics(base, grid)
+    _deliver_held_metrics(tracker, grid)
     errored = {r.metrics.get("trial_id") for r in grid if r.error and r.metrics}
-    for run in tracking.child_runs(base, parent):
+    for run in tracker.child_runs(parent):
         # a trial that failed before its first report has no metrics in `grid` to match, and
         # ASHA stops only trials that reported: no epochs_done means it failed
         if run.data.tags.get("psm.trial_id") in errored or "epochs_done" not in run.data.metrics:
-            tracking.end_run(base, run.info.run_id, "FAILED")
+            tracker.end_run(run.info.run_id, "FAILED")
             continue
         # ASHA stops trials at its rungs and also at max_t, the last epoch: a stopped trial's
         # run may still be RUNNING (its actor went first) or FINISHED (Train returned first)
         if run.data.metrics.get("epochs_done", 0) >= int(run.data.params["train.epochs"]):
             if run.info.status != "FINISHED":  # RUNNING, or FAILED by the stop's interruption
-                tracking.end_run(base, run.info.run_id, "FINISHED")
+                tracker.end_run(run.info.run_id, "FINISHED")
         else:
-            tracking.set_tags(base, run.info.run_id, {"psm.stopped_early": "true"})
-            tracking.end_run(base, run.info.run_id, "KILLED")
+            tracker.set_tags(run.info.run_id, {"psm.stopped_early": "true"})
+            tracker.end_run(run.info.run_id, "KILLED")
 
-    uri = tracking.resolve_uri(base.train.mlflow_uri)
-    rows, params = comparison(uri, base.train.experiment, sweep=name)
+    rows, params = comparison(tracker.uri, tracker.experiment, sweep=name)
     rows = sort_rows(rows, RANK_METRIC)
     summary: dict[str, Any] = {"sweep": name, "trials": len(rows), "parent_run_id": parent}
     summary["errors"] = sum(1 for r in grid if r.error)
     ranked = [r for r in rows if isinstance(r.get(RANK_METRIC), float) and r[RANK_METRIC] >= 0]
     if ranked:
         best = max(ranked, key=lambda r: r[RANK_METRIC])
-        version = _register_best(base, best["run_id"])
-        tracking.set_tags(
-            base, parent, {"psm.best_trial": best["trial"], "psm.best_run_id": best["run_id"]}
+        version = _register_best(tracker, best["run_id"])
+        tracker.set_tags(
+            parent, {"psm.best_trial": best["trial"], "psm.best_run_id": best["run_id"]}
         )
-        tracking.log_metrics(base, parent, {RANK_METRIC: best[RANK_METRIC]}, step=0)
+        tracker.log_metrics(parent, {RANK_METRIC: best[RANK_METRIC]}, step=0)
         summary |= {
             "best_trial": best["trial"],
             "best_run_id": best["run_id"],
@@ -348,17 +357,17 @@ def _finish(base: Config, space: SweepSpace, name: str, parent: str, grid) -> di
             "model_version": version,
         }
     # read again: registering reopened and closed the best trial's run (its wall time)
-    rows, params = comparison(uri, base.train.experiment, sweep=name)
+    rows, params = comparison(tracker.uri, tracker.experiment, sweep=name)
     rows = sort_rows(rows, RANK_METRIC)
     with tempfile.TemporaryDirectory() as d:
-        sweep_files(uri, rows, params, d)  # the table, best first, the heatmap and the curves
-        tracking.log_artifact(base, parent, d, "sweep")
-    tracking.end_run(base, parent, "FINISHED" if not summary["errors"] else "FAILED")
+        sweep_files(tracker.uri, rows, params, d)  # the table, best first, the heatmap, curves
+        tracker.log_artifact(parent, d, "sweep")
+    tracker.end_run(parent, "FINISHED" if not summary["errors"] else "FAILED")
     summary["table"] = format_table(rows, params)
     return summary
 
 
-def _deliver_held_metrics(base: Config, grid) -> None:
+def _deliver_held_metrics(tracker: Tracker, grid) -> None:
     """Rank 0 sends an epoch's metrics after reporting its checkpoint; Tune may stop a trial in
     between. What it had not sent is in the train state of the trial's last checkpoint, read
     past its checksum check (a corrupt one delivers nothing, and says so)."""
@@ -377,32 +386,36 @@ def _deliver_held_metrics(base: Config, grid) -> None:
             except CheckpointError as e:
                 log.warning("held metrics not delivered: %s", e)
                 continue
-        tracking.deliver(base, state.job.get(tracking.RUN_ID, ""), state.job.get(tracking.HELD, []))
+        tracker.deliver(state.job.get(tracking.RUN_ID, ""), state.job.get(tracking.HELD, []))
 
 
-def _register_best(base: Config, run_id: str) -> str:
+def _register_best(tracker: Tracker, run_id: str) -> str:
     """Register the best weights of the best trial (its `best_checkpoint` artifact), once: a
     `--resume` after a driver died while registering finds the version it made."""
-    if versions := tracking.registered_versions(base, run_id):
+    if versions := tracker.registered_versions(run_id):
         log.info("run %s: already registered as version %s", run_id, versions[-1])
         return versions[-1]
-    run = tracking.get_run(base, run_id)
+    run = tracker.get_run(run_id)
     with tempfile.TemporaryDirectory() as d:
-        folder = tracking.download_artifacts(base, run_id, "best_checkpoint", d)
+        folder = tracker.download_artifacts(run_id, "best_checkpoint", d)
         model, cfg = load_checkpoint_model(folder)  # the trial's model: the signature's shapes
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_registry(base)))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_registry(tracker)))
     best = run.data.metrics.get(RANK_METRIC, -1.0)  # the best weights scored the trial's best AP
     about = provenance.model_description(cfg, run_id, run.info.run_name, {"val_AP": best})
-    version = tracking.register_model(cfg, run_id, model, about)
-    tracking.end_run(base, run_id, run.info.status)  # logging the model reopened the run
+    version = tracker.register_model(run_id, model, cfg, about)
+    tracker.end_run(run_id, run.info.status)  # logging the model reopened the run
     return version
 
 
-def _registry(base: Config) -> dict:
-    """Where a registration goes: the sweep's store and name, not the checkpoint's saved config
-    (its URI is masked there, and the space may not change them)."""
-    keys = ("mlflow_uri", "experiment", "registered_model")
-    return {k: getattr(base.train, k) for k in keys}
+def _registry(tracker: Tracker) -> dict:
+    """Where a registration goes, as the registered model's config.yaml names it: the sweep's
+    store and name, not the checkpoint's saved config (its URI is masked there, and the space
+    may not change them)."""
+    return {
+        "mlflow_uri": tracker.uri,
+        "experiment": tracker.experiment,
+        "registered_model": tracker.registered_model,
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

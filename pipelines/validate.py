@@ -44,7 +44,7 @@ from psm_model.geometry import (
 
 log = logging.getLogger(__name__)
 
-# what a job does with a folder of drawn val images (jobs.tracking.save_pose_drawings: log it)
+# what a job does with a folder of drawn val images (`Tracker.save_pose_drawings`: log it)
 SaveDrawings = Callable[[str], object]
 # ----------------------------------------------------------------------------------------------
 # A model on the val set: Ray Data crops -> poses (predict_poses) -> results -> COCOeval

@@ -62,7 +62,7 @@ class TrainState:
     best_ap: float = -1.0
     best_epoch: int = -1
     skipped_steps: int = 0  # steps without an update because the loss was not finite
-    # what the job that trains keeps with each checkpoint, not read here (jobs/training.py: its
+    # what the job that trains keeps with each checkpoint, not read here (jobs/train_loop.py: its
     # MLflow run and the metric batches MLflow has not confirmed, sent again until it has)
     job: dict = field(default_factory=dict)
 

@@ -1,7 +1,7 @@
 """The last hop of a sample: Gaussian targets and JointsMSE as the official HRNet defines them
 (`JointsDataset.generate_target`, vectorised over batch and joints; `sigma` in heatmap pixels,
 heatmap pixel u on input-crop pixel u * stride), and the one train step, which normalises the crops
-and renders the targets on the device. Plain PyTorch: the Ray Train loop (`jobs.training`) and the
+and renders the targets on the device. Plain PyTorch: the Ray Train loop (`jobs.train_loop`) and the
 train-step benchmarks (`psm bench train`, `psm bench model`) run this same function.
 """
 

@@ -8,6 +8,7 @@ import torch
 from test_checkpoint import _save  # a training checkpoint folder
 
 from jobs.checkpoint_uri import load_model
+from jobs.tracking import Tracker
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
 from psm_model.weights import CheckpointError
@@ -24,11 +25,12 @@ def test_a_checkpoint_is_read_from_a_pyarrow_uri(tmp_path):
         (f"file://{tmp_path}/model.pt", "psm"),
     ):
         # a folder brings its own model config (hrnet); a weights file takes the given one
-        loaded, got = load_model(uri, load_config(TINY, [f"model.fusion={fusion}"]))
+        given = load_config(TINY, [f"model.fusion={fusion}"])
+        loaded, got = load_model(uri, given, Tracker.of(given))
         assert got.model.fusion == fusion
         if fusion == "hrnet":
             weights = loaded.state_dict()  # once, not per key
             for k, v in model.state_dict().items():
                 assert torch.equal(weights[k], v), k
     with pytest.raises(CheckpointError, match="missing: checkpoint not found"):
-        load_model(f"file://{tmp_path}/missing", cfg)
+        load_model(f"file://{tmp_path}/missing", cfg, Tracker.of(cfg))

@@ -129,5 +129,6 @@ def test_help_imports_no_job_module():
     loaded = out.stdout
     assert "'jobs.cli'" in loaded
     assert not any(
-        f"'{m}'" in loaded for m in ("ray", "torch", "jobs.train", "jobs.training", "mlflow")
+        f"'{m}'" in loaded
+        for m in ("ray", "torch", "jobs.train", "jobs.training", "jobs.train_loop", "mlflow")
     )

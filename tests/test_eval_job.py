@@ -13,8 +13,8 @@ import pytest
 import torch
 from official_reference import official_state_dict
 
-from jobs import tracking
 from jobs.cli import main
+from jobs.tracking import Tracker
 from pipelines.validate import evaluate_model
 from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.coco_eval import METRIC_NAMES
@@ -123,7 +123,8 @@ def test_eval_on_actors_scores_as_in_process(ray_local, synthetic_root, tmp_path
     ids, keypoints, scores = _poses(tmp_path / "in_process.json")
     assert len(ids) > 0
     # the same weights registered in MLflow: `--checkpoint models:/NAME/VERSION` (issue 25, 8a)
-    registered = tracking.register_model(cfg, tracking.start_or_resume_run(cfg, "reg"), model)
+    tracker = Tracker.of(cfg)
+    registered = tracker.register_model(tracker.start_or_resume_run("reg", cfg), model, cfg)
     registry = f"models:/{cfg.train.registered_model}/{registered}"
     # 2 actors at half a CPU each leave 1 CPU for the crop tasks on the session's 2 CPUs
     for workers, cpus, checkpoint in ((1, 1.0, str(tmp_path / "model.pt")), (2, 0.5, registry)):

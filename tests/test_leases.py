@@ -153,6 +153,7 @@ def test_the_parts_store_stops_writing_once_its_lease_is_taken(tmp_path):
 
 def test_a_second_training_of_the_same_name_is_refused_before_it_starts(tmp_path):
     from jobs import run_folder
+    from jobs.tracking import Tracker
     from jobs.training import run_training
     from psm_model.config_yaml import load_config
 
@@ -162,5 +163,5 @@ def test_a_second_training_of_the_same_name_is_refused_before_it_starts(tmp_path
     )
     with Lease(run_folder.location(cfg), "training run r"):
         with pytest.raises(DataError, match=r"another job writes training run r .*pid"):
-            run_training(cfg)
+            run_training(cfg, Tracker.of(cfg))
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["LEASE"]  # nothing else

@@ -223,9 +223,9 @@ def _request(port: int, method: str, path: str, body=None, headers=None, timeout
 def service(ray_local, tmp_path_factory):
     """psm infer with the detector stage on 3 plain-people images (one empty), then the same
     checkpoint folder and detector served (small body limit; CPUs that fit the 2-CPU Ray)."""
-    from jobs import tracking
     from jobs.cli import main
     from jobs.serve import serve_app
+    from jobs.tracking import Tracker
     from psm_model.checkpoint import save_model
     from tests.local_cluster import free_port
 
@@ -236,7 +236,7 @@ def service(ray_local, tmp_path_factory):
     cfg = load_config(TINY, [mlflow_uri, "train.name=tiny-run"])
     torch.manual_seed(0)
     save_model(tmp / "ckpt", build_model(cfg.model), cfg)
-    train_run = tracking.start_or_resume_run(cfg, "tiny-run", kind="train")  # its training run
+    train_run = Tracker.of(cfg).start_or_resume_run("tiny-run", cfg, kind="train")  # its run
 
     detector = ["infer.boxes=detector", f"infer.detector.model={tmp / 'det.onnx'}", *DETECTOR]
     data = [f"data.root={tmp / 'data'}", "infer.images=images"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs import storage, tracking
+from jobs.tracking import Tracker
 from psm_model.config import Config, ConfigError, TrainConfig
 from tests.local_cluster import free_port
 
@@ -54,23 +55,24 @@ def test_a_submitted_job_refuses_outputs_in_its_working_dir(in_a_ray_job):
 def test_a_submitted_job_without_a_tracking_uri_is_refused(in_a_ray_job, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"train.mlflow_uri \(or \$MLFLOW_TRACKING_URI\)"):
-        storage.require_persistent_tracking(tracking.tracking_uri(Config()))
+        storage.require_persistent_tracking(Tracker.of(Config()).uri)
 
 
 def test_metrics_are_held_while_the_server_is_away_and_stored_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    away = Config(train=TrainConfig(mlflow_uri=f"http://127.0.0.1:{free_port()}"))
+    away = Tracker.of(Config(train=TrainConfig(mlflow_uri=f"http://127.0.0.1:{free_port()}")))
     held = [tracking.held_metrics({"loss": 0.5}, 0), tracking.held_metrics({"loss": 0.4}, 1)]
-    assert tracking.deliver(away, "run", held) == held  # nothing listens there
+    assert away.deliver("run", held) == held  # nothing listens there
 
-    here = Config(train=TrainConfig(mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    run_id = tracking.start_or_resume_run(here, "held")
-    assert tracking.deliver(here, run_id, held) == []
-    assert tracking.deliver(here, run_id, held) == []  # a restart sends its checkpoint's again
+    cfg = Config(train=TrainConfig(mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    here = Tracker.of(cfg)
+    run_id = here.start_or_resume_run("held", cfg)
+    assert here.deliver(run_id, held) == []
+    assert here.deliver(run_id, held) == []  # a restart sends its checkpoint's again
     import mlflow
 
-    points = mlflow.MlflowClient(here.train.mlflow_uri).get_metric_history(run_id, "loss")
+    points = mlflow.MlflowClient(here.uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in points) == [(0, 0.5), (1, 0.4)]
 
 
@@ -91,10 +93,11 @@ def test_credentials_are_masked_in_what_is_logged(monkeypatch, tmp_path):
     # what a training logs to MLflow: params and config.yaml
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = Config(train=TrainConfig(mlflow_uri=uri, storage_path="s3://u:hunter2@bucket/runs"))
-    run_id = tracking.start_or_resume_run(cfg, "masked")
-    run = tracking.get_run(cfg, run_id)
+    tracker = Tracker.of(cfg)
+    run_id = tracker.start_or_resume_run("masked", cfg)
+    run = tracker.get_run(run_id)
     assert run.data.params["train.storage_path"] == "s3://***@bucket/runs"
-    saved = tracking.download_artifacts(cfg, run_id, "config.yaml", tmp_path).read_text()
+    saved = tracker.download_artifacts(run_id, "config.yaml", tmp_path).read_text()
     assert "hunter2" not in saved and "s3://***@bucket/runs" in saved
 
 
@@ -106,10 +109,11 @@ def test_a_secret_in_a_flag_reaches_no_param_tag_or_error_line(tmp_path, capsys)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     planted = "s3://AKIAPLANTED:PLANTEDSECRET@bucket/ck"
     cfg = Config(train=TrainConfig(mlflow_uri=uri))
-    run_id = tracking.start_or_resume_run(cfg, "flags", tags={"psm.source": planted})
-    tracking.log_params(cfg, run_id, {"eval.checkpoint": planted, "infer.detector": planted})
-    tracking.set_tags(cfg, run_id, {"psm.detector": planted})
-    run = tracking.get_run(cfg, run_id)
+    tracker = Tracker.of(cfg)
+    run_id = tracker.start_or_resume_run("flags", cfg, tags={"psm.source": planted})
+    tracker.log_params(run_id, {"eval.checkpoint": planted, "infer.detector": planted})
+    tracker.set_tags(run_id, {"psm.detector": planted})
+    run = tracker.get_run(run_id)
     assert run.data.params["eval.checkpoint"] == "s3://***@bucket/ck"
     assert run.data.tags["psm.detector"] == run.data.tags["psm.source"] == "s3://***@bucket/ck"
 
@@ -132,8 +136,9 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir()
     cfg = Config(train=TrainConfig(mlflow_uri=f"sqlite:///{db}"))
-    run_id = tracking.start_or_resume_run(cfg, "beside")
-    assert tracking.start_or_resume_run(cfg, "beside") == run_id  # the experiment is found again
+    tracker = Tracker.of(cfg)
+    run_id = tracker.start_or_resume_run("beside", cfg)
+    assert tracker.start_or_resume_run("beside", cfg) == run_id  # the experiment is found again
     assert (db.parent / "mlartifacts" / run_id / "artifacts" / "config.yaml").is_file()
     assert list(elsewhere.iterdir()) == []
 
@@ -205,14 +210,15 @@ def test_a_server_that_refuses_fails_at_once_with_its_words(monkeypatch):
     try:
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         cfg = Config(train=TrainConfig(mlflow_uri=f"http://127.0.0.1:{server.server_port}"))
+        tracker = Tracker.of(cfg)
         held = [tracking.held_metrics({"loss": 0.5}, 0)]
         refused = "refused the metrics of step 0: UNAUTHENTICATED: token expired"
         with pytest.raises(tracking.TrackingError, match=refused):
-            tracking.deliver(cfg, "run", held)
+            tracker.deliver("run", held)
         started = time.monotonic()
         searched = "refused a search: UNAUTHENTICATED: token expired"
         with pytest.raises(tracking.TrackingError, match=searched):
-            tracking.wait_until_reachable(cfg, timeout_s=60, poll_s=5)
+            tracker.wait_until_reachable(timeout_s=60, poll_s=5)
         assert time.monotonic() - started < 5  # at once, not after the 60 s
     finally:
         server.shutdown()

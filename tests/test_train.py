@@ -17,6 +17,7 @@ import yaml
 
 from jobs import provenance
 from jobs.checkpoint_uri import load_model
+from jobs.tracking import Tracker
 from jobs.training import run_training
 from pipelines.coco import load_split
 from psm_model.checkpoint import load_checkpoint
@@ -88,7 +89,7 @@ def straight(ray_local, people, tmp_path_factory):
     exactly, and what the MLflow and bad-image assertions read."""
     tmp = tmp_path_factory.mktemp("straight")
     cfg = _cfg(tmp, people, "straight", epochs=3)
-    return {"summary": run_training(cfg), "cfg": cfg, "tmp": tmp}
+    return {"summary": run_training(cfg, Tracker.of(cfg)), "cfg": cfg, "tmp": tmp}
 
 
 def test_two_worker_run_logs_everything_to_mlflow(straight):
@@ -175,7 +176,8 @@ def test_the_run_names_its_code_data_machine_and_model(straight, tmp_path):
     expected, _ = _weights(summary, cfg)
     assert registered.keys() == expected.keys()
     assert all(torch.equal(registered[k], expected[k]) for k in expected)
-    loaded, _ = load_model(uri, cfg)  # what `psm eval --checkpoint models:/...` reads
+    # what `psm eval --checkpoint models:/...` reads
+    loaded, _ = load_model(uri, cfg, Tracker.of(cfg))
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
 
 
@@ -243,7 +245,7 @@ def test_trains_and_validates_on_the_real_coco_layout(
             *recipe,
         ],
     )
-    summary = run_training(cfg)
+    summary = run_training(cfg, Tracker.of(cfg))
     assert summary["epochs_done"] == 1 and summary["skipped_images"] == 0
     assert 0.0 <= summary["val_AP"] <= 1.0 and summary["best_AP"] == summary["val_AP"]
     client = mlflow.MlflowClient(tracking_uri=cfg.train.mlflow_uri)
@@ -318,14 +320,15 @@ def test_a_run_that_loses_a_worker_then_its_driver_reaches_the_weights_of_an_uni
         assert time.time() < deadline, "the killed driver's train workers are still alive"
         time.sleep(0.2)
 
+    first = _cfg(tmp_path, people, "driver", epochs=3, max_failures=2)
     with pytest.raises(ConfigError, match=r"train\.epochs: 4 -> 3"):
-        run_training(_cfg(tmp_path, people, "driver", epochs=3, max_failures=2))
+        run_training(first, Tracker.of(first))
     newest = _recorded_checkpoints(run_dir)[-1] / "model.pt"  # what Ray hands the restart
     newest.write_bytes(newest.read_bytes()[:1000])
     cfg = _cfg(
         tmp_path, people, "driver", epochs=3, max_failures=2, resume_changes="[train.epochs]"
     )
-    resumed = run_training(cfg)
+    resumed = run_training(cfg, Tracker.of(cfg))
     _same_weights(straight["summary"], resumed, cfg)
     assert resumed["mlflow_run_id"] != straight["summary"]["mlflow_run_id"]
 
@@ -335,7 +338,7 @@ def test_a_diverging_run_stops_naming_epoch_and_step(ray_local, synthetic_root, 
     # run trained on to its last epoch at a NaN loss and checkpointed NaN weights.
     cfg = _cfg(tmp_path, synthetic_root, "diverged", epochs=2, lr=1e30, max_failures=0)
     with pytest.raises(Exception, match=r"epoch 0, step 1: the training loss is not finite"):
-        run_training(cfg)
+        run_training(cfg, Tracker.of(cfg))
     run_dir = tmp_path / "runs" / "diverged"
     assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # nothing NaN was saved
     runs = mlflow.MlflowClient(cfg.train.mlflow_uri).search_runs(

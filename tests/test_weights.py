@@ -443,7 +443,7 @@ def test_build_model_only_builds_and_training_loads_the_pretrained_path(imagenet
     model = build_model(cfg)  # evaluation, export, checkpoint loads: no file read
     plain_weights = plain.state_dict()  # once, not per key
     assert all(torch.equal(v, plain_weights[k]) for k, v in model.state_dict().items())
-    load_pretrained(model, cfg.pretrained)  # what jobs.training does
+    load_pretrained(model, cfg.pretrained)  # what jobs.train_loop does
     assert torch.equal(model.conv1.weight, imagenet_w8["conv1.weight"])
     key = "stage3.2.branches.2.1.conv2.weight"
     assert torch.equal(model.state_dict()[key], imagenet_w8[key])
