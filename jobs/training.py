@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 
 import ray
+import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -23,7 +24,6 @@ from jobs.tracking import Tracker, TrackingError
 from jobs.train_loop import train_loop
 from pipelines.augment import ImageTable
 from pipelines.coco import load_split
-from pipelines.datasets import keep_data_actors_here
 from pipelines.leases import Lease
 from psm_model.checkpoint import load_checkpoint
 from psm_model.config import Config
@@ -149,3 +149,18 @@ def _train(
         "unsent_metric_epochs": [b["step"] for b in unsent],
     }
     return summary
+
+
+def keep_data_actors_here() -> None:
+    """Ray Data's stats and autoscaling-coordinator actors are detached: they live for the
+    cluster's lifetime on the node of the cluster's first Ray Data run. Run a one-row graph here,
+    on the job's driver (the head), so that they are made here and not inside a training worker:
+    the autoscaler never removes a node that holds an actor, so a GPU node would stay up idle
+    for good (seen with Ray's fake multi-node provider: tests/test_autoscaling.py). Once they
+    exist, this is a task of a row (~1 s), which asks for no CPU: on a cluster whose CPUs are
+    all taken it would otherwise wait for one."""
+    ray.data.from_items([{"x": 0}]).map_batches(_same, num_cpus=0).materialize()  # Ray
+
+
+def _same(batch: dict) -> dict:
+    return batch

@@ -34,8 +34,7 @@ from jobs.storage import resolve_paths
 from jobs.sweep_pictures import trial_label
 from jobs.sweep_space import SweepSpace, validate, yaml_value
 from jobs.tracking import Tracker
-from jobs.training import run_training
-from pipelines.datasets import keep_data_actors_here
+from jobs.training import keep_data_actors_here, run_training
 from psm_model.checkpoint import load_checkpoint_model
 from psm_model.config import Config, ConfigError, check_run_name
 from psm_model.config_yaml import parse_config

@@ -4,10 +4,8 @@ the chunked feed a training loop or an evaluation reads them through.
 
 A crop task turns a block of image rows into one batch of sample columns (numpy arrays, stacked),
 which Ray stores as one Arrow block: no per-sample Python dicts to convert (with `flat_map` that
-conversion cost more worker CPU than the crop itself; docs/benchmarks.md).
-
-A graph is built per epoch (the epoch is part of every sample's seed), so each epoch draws new
-augmentations and a resumed epoch redraws exactly the same.
+conversion cost more worker CPU than the crop itself; docs/benchmarks.md). A training graph is
+built per epoch: the epoch is part of every sample's seed.
 """
 
 from __future__ import annotations
@@ -37,21 +35,6 @@ def image_dataset(
     # a block is a batch: one task and one output block each (no merging of outputs)
     blocks = num_blocks or max(1, math.ceil(len(rows) / batch_images))
     return ray.data.from_items(list(rows), override_num_blocks=blocks)
-
-
-def keep_data_actors_here() -> None:
-    """Ray Data's stats and autoscaling-coordinator actors are detached: they live for the
-    cluster's lifetime on the node of the cluster's first Ray Data run. Run a one-row graph here,
-    on the job's driver (the head), so that they are made here and not inside a training worker:
-    the autoscaler never removes a node that holds an actor, so a GPU node would stay up idle
-    for good (seen with Ray's fake multi-node provider: tests/test_autoscaling.py). Once they
-    exist, this is a task of a row (~1 s), which asks for no CPU: on a cluster whose CPUs are
-    all taken it would otherwise wait for one."""
-    ray.data.from_items([{"x": 0}]).map_batches(_same, num_cpus=0).materialize()  # Ray
-
-
-def _same(batch: dict) -> dict:
-    return batch
 
 
 def crops_task(images: dict[str, np.ndarray], *, make: Callable, threads: int) -> dict:

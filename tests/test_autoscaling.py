@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
     make_synthetic(work / "data", train_images=16, val_images=4, seed=3)
     autoscaling = {"idle_timeout_minutes": IDLE_TIMEOUT_S / 60, "node_types": NODE_TYPES}
     # cluster.yaml's head has CPUs for the job and trial drivers (and Ray Data's detached
-    # actors: pipelines.datasets.keep_data_actors_here), one here
+    # actors: jobs.training.keep_data_actors_here), one here
     head = RayCluster(work / "cluster", cpus=1, autoscaling=autoscaling)
     try:
         head.start()

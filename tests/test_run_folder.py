@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import run_folder, train_loop
+from jobs import run_folder, train_worker
 from psm_model.checkpoint import TrainState, load_checkpoint
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config
@@ -50,20 +50,20 @@ def test_a_nan_loss_updates_nothing_and_stops_naming_epoch_and_step(tmp_path):
     assert all(torch.isfinite(v).all() for k, v in after.items() if k != "final_layer.bias")
     state = TrainState(epoch=50, step=1234)
     with pytest.raises(
-        train_loop.NonFiniteLossError,
+        train_worker.NonFiniteLossError,
         match=r"epoch 50, step 1234: the training "
         r"loss is not finite",
     ):
-        train_loop.skip_nonfinite_step(cfg, state, 50)
+        train_worker.skip_nonfinite_step(cfg, state, 50)
 
 
 def test_skip_policy_has_a_budget_for_the_whole_run(tmp_path):
     cfg = _cfg(tmp_path, "train.nonfinite_loss=skip", "train.max_skipped_steps=2")
     state = TrainState(skipped_steps=1)  # one skipped before a resume: it counts
-    train_loop.skip_nonfinite_step(cfg, state, 3)
+    train_worker.skip_nonfinite_step(cfg, state, 3)
     assert state.skipped_steps == 2
-    with pytest.raises(train_loop.NonFiniteLossError, match="3 steps with a non-finite loss"):
-        train_loop.skip_nonfinite_step(cfg, state, 3)
+    with pytest.raises(train_worker.NonFiniteLossError, match="3 steps with a non-finite loss"):
+        train_worker.skip_nonfinite_step(cfg, state, 3)
 
 
 def _check_and_save(cfg) -> None:
