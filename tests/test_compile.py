@@ -143,19 +143,17 @@ def test_unknown_scope_and_foreign_model_are_refused():
 @pytest.mark.slow
 def test_inductor_train_step_on_cpu():
     """The real backend (C++ kernels), with the GPU settings' code paths: mode "reduce-overhead"
-    (CUDA graphs on a GPU; on a CPU it compiles as "default") and fused Adam. Kernels compiled
-    in this process: a pool of compile workers on 2 cores made it 111 s instead of 68."""
-    with torch._inductor.config.patch(compile_threads=1):
-        r = train_step_throughput(
-            TINY,
-            2,
-            steps=1,
-            warmup=1,
-            amp="none",
-            channels_last=False,
-            compile=True,
-            device="cpu",
-            compile_mode="reduce-overhead",
-            fused=True,
-        )
+    (CUDA graphs on a GPU; on a CPU it compiles as "default") and fused Adam."""
+    r = train_step_throughput(
+        TINY,
+        2,
+        steps=1,
+        warmup=1,
+        amp="none",
+        channels_last=False,
+        compile=True,
+        device="cpu",
+        compile_mode="reduce-overhead",
+        fused=True,
+    )
     assert r.images_per_s > 0 and r.first_step_s > 0
