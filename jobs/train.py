@@ -8,7 +8,6 @@ import sys
 
 from jobs import command
 from jobs.tracking import Tracker
-from jobs.training import run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = command.load(args)
+    # Ray Train and torch (~2.5 s of imports) only once the config has passed its checks
+    from jobs.training import run_training
+
     summary = run_training(cfg, Tracker.of(cfg))
     for key, value in summary.items():
         print(f"{key}: {value}")

@@ -132,3 +132,15 @@ def test_help_imports_no_job_module():
         f"'{m}'" in loaded
         for m in ("ray", "torch", "jobs.train", "jobs.training", "jobs.train_loop", "mlflow")
     )
+
+
+def test_a_training_job_with_a_bad_config_ends_before_torch_or_ray_loads():
+    # what `ray job submit` runs: the config's error in about a second, not after 2.5 s of imports
+    code = (
+        "import sys; from jobs.train import main; rc = main(['configs/demo.yaml', "
+        "'model.fusion=pms']); heavy = {'torch', 'ray', 'jobs.training'}; "
+        "print(rc, sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.split(None, 1) == ["2", "[]\n"]
+    assert "model.fusion: 'pms' is not one of ('hrnet', 'psm')" in out.stderr
