@@ -5,6 +5,8 @@ import pickle
 import subprocess
 import sys
 
+from pipelines.coco import load_split
+from pipelines.validate import val_records
 from psm_model.codec import HeatmapCodec
 from psm_model.config_yaml import load_config
 from psm_model.recipe import CropSpec, EvalRecipe, PoseActors, Rescoring, ValSet
@@ -51,6 +53,16 @@ def test_the_recipe_reads_each_key_of_the_config_and_pickles():
     )
     for spec in (recipe, PoseActors.of(cfg, "torch"), ValSet.of(cfg)):
         assert pickle.loads(pickle.dumps(spec)) == spec  # Ray's constructor kwargs, Serve's bind
+
+
+def test_the_val_records_are_the_val_split(synthetic_root):
+    cfg = load_config(None, [f"data.root={synthetic_root}", "model.input_size=[128,96]"])
+    records = val_records(ValSet.of(cfg), CropSpec.of(cfg))
+    expected = load_split(cfg, "val")[0]
+    assert [(r.image_id, r.path) for r in records] == [(r.image_id, r.path) for r in expected]
+    got = [(p.ann_id, p.center.tolist(), p.scale.tolist()) for r in records for p in r.persons]
+    want = [(p.ann_id, p.center.tolist(), p.scale.tolist()) for r in expected for p in r.persons]
+    assert got == want and len(got) > 0
 
 
 def test_the_specs_a_detector_actor_unpickles_import_no_torch():
