@@ -38,6 +38,7 @@ from psm_model.config import Config
 from psm_model.config_inference import DetectorConfig
 from psm_model.export import export_onnx
 from psm_model.hrnet import build_model
+from psm_model.recipe import CropSpec, EvalRecipe, PoseActors, Rescoring
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def bench_infer(
         cfg.infer.detector, input_size=DETECTOR_SIZE, pad_value=20.0, model="toy-raw.onnx"
     )
     cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, detector=det))
+    recipe = EvalRecipe.of(cfg)
     threads = max(1, int(cfg.eval.cpus_per_worker))
     torch.set_num_threads(threads)  # the pose-alone figures get what one pose actor gets,
     keep_freed_memory()  # its malloc settings too
@@ -116,16 +118,16 @@ def bench_infer(
         session, layout = detector_session(detector, "toy-raw.onnx", threads)
         columns = {"image_id": np.array([r["image_id"] for r in rows]), "path": np.array(paths)}
         started = time.perf_counter()
-        crops = detect_and_crop(columns, session, layout, cfg)
+        crops = detect_and_crop(columns, session, layout, recipe.crop, det)
         record["detect_and_crop_ms_per_image"] = (time.perf_counter() - started) * 1e3 / len(paths)
         keep = crops["skip"] == ""
         persons = int(keep.sum())
         record["persons"] = persons
         batches = [
-            {k: v[keep][i : i + cfg.eval.batch_size] for k, v in crops.items()}
-            for i in range(0, persons, cfg.eval.batch_size)
+            {k: v[keep][i : i + recipe.batch_size] for k, v in crops.items()}
+            for i in range(0, persons, recipe.batch_size)
         ]
-        pose_steps = _pose_steps(model.to(device), device, cfg, threads, runtimes)
+        pose_steps = _pose_steps(model.to(device), device, recipe, threads, runtimes)
 
         def alone(name: str) -> float:  # persons/s; warm-up: the first two batches
             step = pose_steps[name]
@@ -139,25 +141,24 @@ def bench_infer(
         for name in pose_steps:
             record[f"{name}_persons_s"] = alone(name)
 
-        box_rows = _box_rows(rows, crops, cfg)
+        box_rows = _box_rows(rows, crops, recipe.crop)
         with _local_ray(os.cpu_count() or 2):
             for runtime in runtimes:
-                run_cfg = dataclasses.replace(
-                    cfg, infer=dataclasses.replace(cfg.infer, pose_runtime=runtime)
-                )
+                actors = PoseActors.of(cfg, runtime)
                 job = functools.partial(
                     detected_pose_predictions,
-                    cfg=run_cfg,
+                    recipe=recipe,
+                    actors=actors,
                     weights=weights,
-                    runtime=runtime,
+                    det=det,
                     detector=detector,
-                    source="toy-raw.onnx",
                 )
                 boxes_job = functools.partial(
-                    pose_predictions, cfg=run_cfg, weights=weights, runtime=runtime
+                    pose_predictions, recipe=recipe, actors=actors, weights=weights
                 )
-                record |= _time_graph(job, rows, run_cfg, persons, f"job_{runtime}")
-                record |= _time_graph(boxes_job, box_rows, run_cfg, persons, f"boxes_job_{runtime}")
+                scoring = recipe.rescoring
+                record |= _time_graph(job, rows, scoring, persons, f"job_{runtime}")
+                record |= _time_graph(boxes_job, box_rows, scoring, persons, f"boxes_job_{runtime}")
         # rates drift by ~10% over minutes here (the same passes, run first in a process, came out
         # ~10% faster than later): the pose alone again after the jobs; the faster is the goal's
         for runtime in runtimes:
@@ -185,24 +186,24 @@ def bench_infer(
     return record
 
 
-def _pose_steps(model, device: str, cfg: Config, threads: int, runtimes) -> dict:
+def _pose_steps(model, device: str, recipe: EvalRecipe, threads: int, runtimes) -> dict:
     """name -> a function of one batch of crops: poses (flip test, decode) and the forward
     alone, per runtime. ONNX Runtime runs on the CPU (its CPU provider: no onnxruntime-gpu)."""
     models = {"torch": (model, device)}
     if "onnxruntime" in runtimes:
-        cpu_model = build_model(cfg.model).eval()
+        cpu_model = build_model(recipe.model).eval()
         cpu_model.load_state_dict(model.state_dict())
-        onnx = export_onnx(cpu_model, cfg.model.input_size)
+        onnx = export_onnx(cpu_model, recipe.model.input_size)
         models["onnxruntime"] = (OnnxPoseModel(onnx, "pose", threads), "cpu")
     steps = {}
     for runtime in runtimes:
         net, on = models[runtime]
-        steps[f"pose_only_{runtime}"] = lambda b, net=net, on=on: predict_poses(net, b, cfg, on)
-        steps[f"forward_{runtime}"] = lambda b, net=net, on=on: predict(net, b["image"], cfg, on)
+        steps[f"pose_only_{runtime}"] = lambda b, net=net, on=on: predict_poses(net, b, recipe, on)
+        steps[f"forward_{runtime}"] = lambda b, net=net, on=on: predict(net, b["image"], recipe, on)
     return steps
 
 
-def _box_rows(rows: list[dict], crops: dict[str, np.ndarray], cfg: Config) -> list[dict]:
+def _box_rows(rows: list[dict], crops: dict[str, np.ndarray], crop: CropSpec) -> list[dict]:
     """The image rows with the boxes the detector found (score 1): what `psm eval` and
     `psm infer --dets` crop."""
     keep = crops["skip"] == ""
@@ -212,11 +213,11 @@ def _box_rows(rows: list[dict], crops: dict[str, np.ndarray], cfg: Config) -> li
     out = []
     for r in rows:
         boxes = np.array(found[r["image_id"]], np.float32).reshape(-1, 4)
-        out.append(box_row(r["image_id"], r["path"], boxes, np.ones(len(boxes)), cfg))
+        out.append(box_row(r["image_id"], r["path"], boxes, np.ones(len(boxes)), crop))
     return out
 
 
-def _time_graph(make, inputs: list[dict], cfg: Config, persons: int, key: str) -> dict:
+def _time_graph(make, inputs: list[dict], rescoring: Rescoring, persons: int, key: str) -> dict:
     """persons/s of the graph `make(inputs)` to the results, after a warm-up run on 8 inputs
     (workers, imports); and apart, the start-up to the first poses (each run starts its actor
     pools) and the rate once they flow."""
@@ -224,7 +225,7 @@ def _time_graph(make, inputs: list[dict], cfg: Config, persons: int, key: str) -
 
     def run(some: list[dict]) -> list[tuple[float, int]]:
         arrivals: list[tuple[float, int]] = []  # (time, pose rows) per batch
-        pose_results(_clocked(make(some), arrivals), cfg)
+        pose_results(_clocked(make(some), arrivals), rescoring)
         return arrivals
 
     run(inputs[:8])

@@ -32,6 +32,7 @@ from benchmarks.model import machine
 from benchmarks.profile import describe
 from jobs import command, storage
 from psm_model.config import Config
+from psm_model.recipe import EvalRecipe
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def pose_alone(cfg: Config, model: torch.nn.Module, paths: list[str], detector: 
 
     session, layout = detector_session(detector, "toy-raw.onnx")
     columns = {"image_id": np.arange(len(paths)) + 1, "path": np.array(paths)}
-    crops = detect_and_crop(columns, session, layout, cfg)
+    recipe = EvalRecipe.of(cfg)
+    crops = detect_and_crop(columns, session, layout, recipe.crop, cfg.infer.detector)
     keep = crops["skip"] == ""
     size = cfg.serve.pose_chunk  # the pose replica's forward passes
     batches = [
@@ -156,12 +158,12 @@ def pose_alone(cfg: Config, model: torch.nn.Module, paths: list[str], detector: 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.serve.pose.cpus)))
     try:
-        predict_poses(model, batches[0], cfg, "cpu")  # warm-up
+        predict_poses(model, batches[0], recipe, "cpu")  # warm-up
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
             for b in batches:
-                predict_poses(model, b, cfg, "cpu")
+                predict_poses(model, b, recipe, "cpu")
             best = min(best, time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)

@@ -24,6 +24,7 @@ from pipelines.validate import evaluate_model
 from psm_model.coco_eval import metrics_table
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
+from psm_model.recipe import EvalRecipe, ValSet
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -51,7 +52,8 @@ def run_demo(config: str | None, overrides: list[str]) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     print("\n== the untrained model on the val set")
-    untrained = evaluate_model(build_model(cfg.model), cfg)
+    recipe, val = EvalRecipe.of(cfg), ValSet.of(cfg)
+    untrained = evaluate_model(build_model(cfg.model), recipe, val, cfg.data.cpus_per_task)
     print(metrics_table(untrained))
 
     print(f"\n== training {cfg.train.epochs} epochs, {cfg.train.num_workers} gloo workers")

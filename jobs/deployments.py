@@ -21,7 +21,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from jobs.tracking import Tracker
 from pipelines import serving
 from psm_model.config import Config
-from psm_model.config_inference import ReplicaConfig
+from psm_model.config_inference import DetectorConfig, ReplicaConfig, ServeConfig
+from psm_model.recipe import CropSpec, Rescoring
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Detector:
     """The person detector of infer.detector, batched: a batch of decoded images -> each one's
     person boxes (COCO x, y, w, h) and scores, by `pipelines.detect.detect_people`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, det: DetectorConfig, replica: ReplicaConfig) -> None:
         import cv2
 
         from pipelines.actors import keep_freed_memory
@@ -87,11 +88,11 @@ class Detector:
 
         keep_freed_memory()
         cv2.setNumThreads(1)  # as the infer job's detector actors
-        data, _ = load_detector(cfg.infer.detector.model)
-        threads = max(1, int(cfg.serve.detector.cpus))
-        self.session, self.layout = detector_session(data, cfg.infer.detector.model, threads)
-        self.det = cfg.infer.detector
-        self.free = WhenFree(self._batch, cfg.serve.detector)  # and the batch bounds
+        data, _ = load_detector(det.model)
+        threads = max(1, int(replica.cpus))
+        self.session, self.layout = detector_session(data, det.model, threads)
+        self.det = det
+        self.free = WhenFree(self._batch, replica)  # and the batch bounds
 
     async def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         await self.free.wait()
@@ -122,36 +123,35 @@ class PoseModel:
         from jobs.checkpoint_uri import load_model
         from pipelines.actors import keep_freed_memory
         from pipelines.predict import pose_model
-        from psm_model.codec import HeatmapCodec
+        from psm_model.recipe import EvalRecipe
 
         keep_freed_memory()  # no page faults for each batch's activations
         torch.set_num_threads(max(1, int(cfg.serve.pose.cpus)))
         model, cfg = load_model(checkpoint, cfg, tracker)  # the checkpoint's model config wins
+        self.recipe = EvalRecipe.of(cfg)  # once per replica, from the checkpoint's model config
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if cfg.infer.pose_runtime == "onnxruntime":
+        runtime = cfg.infer.pose_runtime
+        if runtime == "onnxruntime":
             from pipelines.predict import onnx_pose_model
 
-            state = onnx_pose_model(cfg, state)
-        self.model, self.device = pose_model(cfg, state, cfg.infer.pose_runtime)
-        self.cfg = cfg
-        self.codec = HeatmapCodec.from_config(cfg)
+            state = onnx_pose_model(self.recipe.model, state)
+        # ONNX Runtime's threads: eval.cpus_per_worker, as a pose actor of `psm infer`
+        cpus = cfg.eval.cpus_per_worker
+        self.model, self.device = pose_model(self.recipe.model, state, runtime, cpus)
+        self.chunk = cfg.serve.pose_chunk
         self.free = WhenFree(self._batch, cfg.serve.pose)  # and the batch bounds
         # the first forward pass is slow (allocations, kernels): not a request's
-        h, w = cfg.model.input_size
+        h, w = self.recipe.model.input_size
         self._poses([_blank_crops(h, w)])
 
     def _poses(self, crops: list[dict]) -> list[dict]:
         from pipelines.predict import predict_poses
 
-        batch, size = serving.stack_crops(crops), self.cfg.serve.pose_chunk
+        batch, size = serving.stack_crops(crops), self.chunk
         n = len(batch["skip"])
         chunks = [
             predict_poses(
-                self.model,
-                {k: v[i : i + size] for k, v in batch.items()},
-                self.cfg,
-                self.device,
-                self.codec,
+                self.model, {k: v[i : i + size] for k, v in batch.items()}, self.recipe, self.device
             )
             for i in range(0, n, size)
         ]
@@ -213,9 +213,18 @@ class PoseService:
     replica that is lost mid-request is retried once, then 503; nothing waits past
     serve.request_timeout_s."""
 
-    def __init__(self, detector, pose, cfg: Config, model_info: dict) -> None:
-        self.detector, self.pose, self.cfg, self.info = detector, pose, cfg, model_info
-        self.page = page(cfg.eval.keypoint_score_threshold)
+    def __init__(
+        self,
+        detector,
+        pose,
+        settings: ServeConfig,
+        crop: CropSpec,
+        rescoring: Rescoring,
+        model_info: dict,
+    ) -> None:
+        self.detector, self.pose, self.info = detector, pose, model_info
+        self.settings, self.crop, self.rescoring = settings, crop, rescoring
+        self.page = page(rescoring.keypoint_score_threshold)
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -239,16 +248,15 @@ class PoseService:
             return _error(f"internal error: {type(e).__name__}: {e}", 500)
 
     async def _pose(self, request: Request, started: float) -> dict:
-        cfg = self.cfg
-        body = await _read_body(request, cfg.serve.max_body_bytes)
+        body = await _read_body(request, self.settings.max_body_bytes)
         asked = serving.parse_request(
             request.headers.get("content-type", ""), body, request.query_params.get("boxes")
         )
-        image = await asyncio.to_thread(serving.decode, asked.image, cfg.data.max_image_pixels)
+        image = await asyncio.to_thread(serving.decode, asked.image, self.crop.max_pixels)
         height, width = image.shape[:2]
         if asked.boxes is not None:
             boxes, scores = asked.boxes, asked.scores
-            serving.check_boxes(boxes, scores, width, height, cfg.serve.max_boxes)
+            serving.check_boxes(boxes, scores, width, height, self.settings.max_boxes)
         elif self.detector is None:
             raise serving.RequestError(
                 "no person detector in this service (infer.detector.model): give the boxes "
@@ -257,26 +265,26 @@ class PoseService:
             )
         else:
             boxes, scores = await self._call(self.detector, image, "detector", started)
-        crops = await asyncio.to_thread(serving.crop_persons, image, boxes, scores, cfg)
+        crops = await asyncio.to_thread(serving.crop_persons, image, boxes, scores, self.crop)
         found = []
         if len(boxes):
             wanted = {k: crops[k] for k in ("image", "image_id", "ann_id", "center", "scale")}
             wanted.update(score=crops["score"], skip=crops["skip"])
             poses = await self._call(self.pose, wanted, "pose model", started)
-            found = serving.persons(boxes, crops, poses, cfg)
+            found = serving.persons(boxes, crops, poses, self.rescoring)
         return {"persons": found, "image": {"width": width, "height": height}, "model": self.info}
 
     async def _call(self, handle, payload, what: str, started: float):
         """The deployment's answer; a lost replica is tried once more (Serve routes the retry to
         a live one), then `Unavailable`; so is a call past the request's deadline."""
         for attempt in (1, 2):
-            left = self.cfg.serve.request_timeout_s - (time.monotonic() - started)
+            left = self.settings.request_timeout_s - (time.monotonic() - started)
             try:
                 return await asyncio.wait_for(_result(handle.remote(payload)), max(left, 0.01))
             except asyncio.TimeoutError:
                 raise Unavailable(
                     f"the {what} did not answer within serve.request_timeout_s="
-                    f"{self.cfg.serve.request_timeout_s:g} s; try again"
+                    f"{self.settings.request_timeout_s:g} s; try again"
                 ) from None
             except _unavailable() as e:
                 log.warning("%s call failed (attempt %d): %s", what, attempt, type(e).__name__)
@@ -361,10 +369,13 @@ def application(
     pose = PoseModel.options(**options).bind(cfg, checkpoint, tracker)
     detector = None
     if cfg.infer.detector.model:
-        detector = Detector.options(**_replica_options(cfg.serve.detector)).bind(cfg)
+        detector = Detector.options(**_replica_options(cfg.serve.detector)).bind(
+            cfg.infer.detector, cfg.serve.detector
+        )
     ingress = PoseService.options(
         num_replicas=cfg.serve.ingress_replicas,
         max_ongoing_requests=cfg.serve.ingress_max_ongoing,
         ray_actor_options={"num_cpus": cfg.serve.ingress_cpus},
     )
-    return ingress.bind(detector, pose, cfg, model_info)
+    # the ingress gets the few values it reads: no codec, so no torch in its process
+    return ingress.bind(detector, pose, cfg.serve, CropSpec.of(cfg), Rescoring.of(cfg), model_info)

@@ -23,6 +23,7 @@ from psm_model.coco_eval import metrics_table
 from psm_model.config import Config, ConfigError
 from psm_model.config_yaml import flag_overrides
 from psm_model.errors import redact_secrets
+from psm_model.recipe import EvalRecipe, PoseActors, ValSet
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,21 @@ def run_eval(
 
 def _score(cfg: Config, weights: dict | None, results_file: str | None, drawings) -> dict:
     """The metrics of `weights` on actors, or of the ground-truth round trip (no weights)."""
+    recipe, val = EvalRecipe.of(cfg), ValSet.of(cfg)  # the pipelines read no config
     if weights is None:
         from pipelines.oracle import oracle_eval
 
-        return oracle_eval(cfg, results_file=results_file)
+        return oracle_eval(recipe, val, results_file=results_file)
     import ray
 
     from pipelines.validate import evaluate_on_actors
 
     if not ray.is_initialized():  # Ray: the cluster (RAY_ADDRESS) or a local instance
         ray.init()
-    return evaluate_on_actors(weights, cfg, results_file=results_file, save_drawings=drawings)
+    actors = PoseActors.of(cfg, cfg.eval.pose_runtime)
+    return evaluate_on_actors(
+        weights, recipe, val, actors, results_file=results_file, save_drawings=drawings
+    )
 
 
 def eval_datasets(cfg: Config) -> list[dict]:

@@ -48,6 +48,7 @@ from psm_model.config import Config
 from psm_model.config_yaml import flag_overrides
 from psm_model.decode import flip_shift
 from psm_model.errors import redact_secrets
+from psm_model.recipe import EvalRecipe, PoseActors
 
 if TYPE_CHECKING:  # imported where used: `psm infer --help` loads no Ray
     from pipelines.box_sources import BoxSource, Tally
@@ -162,7 +163,9 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
     source.check()  # the detector read and loaded before any work: a clear error first
     records, image_skips = load_images(images, info)
     weights, cfg = _weights(checkpoint, cfg, tracker)  # the checkpoint's own model config wins
-    rows = source.rows(records, images, info, cfg)
+    # the specs the pipelines take, once the model config is the checkpoint's
+    recipe, actors = EvalRecipe.of(cfg), PoseActors.of(cfg, cfg.infer.pose_runtime)
+    rows = source.rows(records, images, info, recipe.crop)
     parts = split_parts(rows, cfg.infer.part_images)
     output = cfg.infer.output  # a local path or a pyarrow URI (s3://...)
     store = PartStore(output + ".parts", _manifest(cfg, weights, rows, images, info, source))
@@ -176,7 +179,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             ray.init()
         started = time.perf_counter()
         with tracker.system_metrics(run_id):
-            sent = infer_parts(parts, todo, cfg, weights, store, source)
+            sent = infer_parts(parts, todo, recipe, actors, weights, store, source)
         seconds = time.perf_counter() - started
         tally = Tally.of([store.read(k) for k in range(len(parts))])
         data = _submit(output, tally, records, rows, source)
@@ -188,7 +191,7 @@ def run_inference(cfg: Config, checkpoint: str) -> dict[str, float]:
             "images_with_boxes_sent": float(sent),
             **_scores(info, source, tally),
         }
-        _log(cfg, tracker, run_id, metrics, data, records, tally.results)
+        _log(cfg, recipe, tracker, run_id, metrics, data, records, tally.results)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
@@ -258,6 +261,7 @@ def _scores(info: str, source: BoxSource, tally: Tally) -> dict[str, float]:
 
 def _log(
     cfg: Config,
+    recipe: EvalRecipe,
     tracker: Tracker,
     run_id: str,
     metrics: dict,
@@ -278,7 +282,7 @@ def _log(
         draw_results(
             records[: cfg.eval.visualize],
             results,
-            cfg,
+            recipe,
             tracker.save_pose_drawings(run_id),
         )
 

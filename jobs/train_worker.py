@@ -24,6 +24,7 @@ from psm_model.config import Config
 from psm_model.errors import PsmError
 from psm_model.hrnet import build_model
 from psm_model.loss import adam
+from psm_model.recipe import EvalRecipe, ValSet
 from psm_model.weights import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class WorkerRun:
     run_id: str  # the run's MLflow run
     held: list  # metric batches MLflow has not confirmed (Tracker.deliver sends them)
     warmup_steps: int
+    recipe: EvalRecipe  # rank 0's validation: the test recipe and the val set, built once
+    val: ValSet
     step_model: torch.nn.Module | None = None  # what the train step runs: the model, or compiled
     lease_token: str = ""  # the driver's lease on the run folder (pipelines/leases.py)
     label: str = ""  # names the run on its epoch lines (a sweep trial's params)
@@ -104,6 +107,8 @@ def setup(
         run_id,
         held,
         warmup_steps,
+        EvalRecipe.of(cfg),
+        ValSet.of(cfg),
     )
 
 
@@ -137,7 +142,10 @@ def _validate(model, run: WorkerRun, epoch: int) -> dict[str, float]:
 
     cfg, state = run.cfg, run.state
     drawings = run.tracker.save_pose_drawings(run.run_id)
-    metrics = evaluate_model(model, cfg, device=run.device, save_drawings=drawings)
+    crop_cpus = cfg.data.cpus_per_task
+    metrics = evaluate_model(
+        model, run.recipe, run.val, crop_cpus, device=run.device, save_drawings=drawings
+    )
     ap = metrics.get("AP", -1.0)
     if ap > state.best_ap:
         state.best_ap, state.best_epoch = ap, epoch

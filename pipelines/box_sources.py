@@ -41,6 +41,7 @@ from psm_model.coco_eval import coco_box_eval
 from psm_model.config import Config, ConfigError
 from psm_model.config_inference import DetectorConfig
 from psm_model.errors import redact_secrets
+from psm_model.recipe import CropSpec, EvalRecipe, PoseActors
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,13 @@ class _GivenBoxes:
         return len(row["ann_ids"])
 
     def predictions(
-        self, rows: Sequence[dict], cfg: Config, weights: dict[str, torch.Tensor]
+        self,
+        rows: Sequence[dict],
+        recipe: EvalRecipe,
+        actors: PoseActors,
+        weights: dict[str, torch.Tensor],
     ) -> ray.data.Dataset:
-        return pose_predictions(rows, cfg, weights, cfg.infer.pose_runtime)
+        return pose_predictions(rows, recipe, actors, weights)
 
     def part_boxes(self, poses: Sequence[dict[str, np.ndarray]], no_person: int) -> dict:
         return {}  # the boxes are the input's: a part file holds only its poses
@@ -117,8 +122,10 @@ class FileBoxes(_GivenBoxes):
         self.label = detections
         self.sha256 = ""  # the file's, once `rows` has read it
 
-    def rows(self, records: list[ImageRecord], images: str, info: str, cfg: Config) -> list[dict]:
-        rows = detection_rows(records, self.detections, cfg)
+    def rows(
+        self, records: list[ImageRecord], images: str, info: str, crop: CropSpec
+    ) -> list[dict]:
+        rows = detection_rows(records, self.detections, self.score_threshold, crop)
         data = _read(self.detections, "infer.detections (--dets)")  # read again: its digest
         self.sha256 = hashlib.sha256(data).hexdigest()
         return rows
@@ -148,10 +155,10 @@ class AnnotationBoxes(_GivenBoxes):
     def __init__(self, image_info: str) -> None:
         self.image_info = image_info
 
-    def rows(self, records: list[ImageRecord], images: str, info: str, cfg: Config) -> list[dict]:
-        persons, _ = load_coco_persons(
-            images, info, cfg.model.input_size, cfg.data.box_padding, False
-        )
+    def rows(
+        self, records: list[ImageRecord], images: str, info: str, crop: CropSpec
+    ) -> list[dict]:
+        persons, _ = load_coco_persons(images, info, crop.input_size, crop.box_padding, False)
         return image_rows(sorted(persons, key=lambda r: r.image_id))
 
     def params(self) -> dict:
@@ -181,7 +188,9 @@ class DetectorBoxes:
         detector_session(model, self.detector.model)  # DetectorError: unknown layout
         self.model = model
 
-    def rows(self, records: list[ImageRecord], images: str, info: str, cfg: Config) -> list[dict]:
+    def rows(
+        self, records: list[ImageRecord], images: str, info: str, crop: CropSpec
+    ) -> list[dict]:
         return [{"image_id": r.image_id, "path": r.path} for r in records]
 
     def params(self) -> dict:
@@ -202,11 +211,13 @@ class DetectorBoxes:
         return None  # unknown until the image's first row arrives (its `image_boxes`)
 
     def predictions(
-        self, rows: Sequence[dict], cfg: Config, weights: dict[str, torch.Tensor]
+        self,
+        rows: Sequence[dict],
+        recipe: EvalRecipe,
+        actors: PoseActors,
+        weights: dict[str, torch.Tensor],
     ) -> ray.data.Dataset:
-        return detected_pose_predictions(
-            rows, cfg, weights, cfg.infer.pose_runtime, self.model, self.detector.model
-        )
+        return detected_pose_predictions(rows, recipe, actors, weights, self.detector, self.model)
 
     def part_boxes(self, poses: Sequence[dict[str, np.ndarray]], no_person: int) -> dict:
         """Who had nobody, and the boxes the job used (COCO results format)."""

@@ -25,9 +25,9 @@ from pipelines.augment import rows_to_columns
 from pipelines.coco import DataError
 from pipelines.eval_crops import eval_batch
 from pipelines.images import ImageError, decode_image
-from psm_model.config import Config
 from psm_model.config_inference import DetectorConfig
 from psm_model.geometry import box_to_center_scale
+from psm_model.recipe import CropSpec
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +206,13 @@ def detector_session(model: bytes, source: str, threads: int = 1):
     return session, read_layout(session.get_inputs(), session.get_outputs(), source)
 
 
-def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg: Config) -> dict:
+def box_row(
+    image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, crop: CropSpec
+) -> dict:
     """One image's row for the crops (`pipelines.augment.image_rows`' columns) from person
     boxes (N, 4) COCO x, y, w, h and their scores; `boxes` kept for the boxes file."""
-    h, w = cfg.model.input_size
-    cs = [box_to_center_scale(b, w / h, cfg.data.box_padding) for b in boxes]
+    h, w = crop.input_size
+    cs = [box_to_center_scale(b, w / h, crop.box_padding) for b in boxes]
     n = len(boxes)
     return {
         "image_id": image_id,
@@ -225,7 +227,7 @@ def box_row(image_id: int, path: str, boxes: np.ndarray, scores: np.ndarray, cfg
 
 
 def detect_and_crop(
-    images: Mapping[str, Sequence], session, layout: Layout, cfg: Config
+    images: Mapping[str, Sequence], session, layout: Layout, crop: CropSpec, det: DetectorConfig
 ) -> dict[str, np.ndarray]:
     """A batch of image rows (image_id, path) -> the crops of every person the detector finds
     (`pipelines.eval_crops.eval_batch` columns), plus each crop's detector box (`box`, COCO x, y,
@@ -237,16 +239,16 @@ def detect_and_crop(
     rows, decoded = [], []
     for image_id, path in zip(images["image_id"], images["path"], strict=True):
         try:
-            image = decode_image(path, cfg.data.max_image_pixels)
-            boxes, scores = detect_people(session, layout, image, cfg.infer.detector)
+            image = decode_image(path, crop.max_pixels)
+            boxes, scores = detect_people(session, layout, image, det)
         except ImageError as e:
             image, boxes, scores = e, np.zeros((0, 4)), np.zeros(0)
-        rows.append(box_row(int(image_id), str(path), boxes, scores, cfg))
+        rows.append(box_row(int(image_id), str(path), boxes, scores, crop))
         decoded.append(image)
     out = eval_batch(
         rows_to_columns(rows),
-        input_size=cfg.model.input_size,
-        max_pixels=cfg.data.max_image_pixels,
+        input_size=crop.input_size,
+        max_pixels=crop.max_pixels,
         no_person_rows=True,
         decoded=decoded,
     )
@@ -262,17 +264,17 @@ def detect_and_crop(
 
 class Detector:
     """Ray Data callable class: the detector session built once per actor (`model` is an object
-    ref of the .onnx bytes), then `detect_and_crop` per batch of image rows."""
+    ref of `det.model`'s .onnx bytes), then `detect_and_crop` per batch of image rows."""
 
-    def __init__(self, cfg: Config, model, source: str) -> None:
+    def __init__(self, crop: CropSpec, det: DetectorConfig, model) -> None:
         import ray
 
         data = ray.get(model)  # Ray call: Ray Data passes constructor kwargs unresolved
         keep_freed_memory()  # decoded images and crops: no page faults for each
         cv2.setNumThreads(1)  # the resize threads would fight the session's for the actor's CPUs
-        threads = max(1, int(cfg.infer.detector.cpus_per_worker))
-        self.session, self.layout = detector_session(data, source, threads)
-        self.cfg = cfg
+        threads = max(1, int(det.cpus_per_worker))
+        self.session, self.layout = detector_session(data, det.model, threads)
+        self.crop, self.det = crop, det
 
     def __call__(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return detect_and_crop(images, self.session, self.layout, self.cfg)
+        return detect_and_crop(images, self.session, self.layout, self.crop, self.det)

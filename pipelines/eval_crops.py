@@ -23,8 +23,8 @@ from pipelines.augment import (
     sample_dicts,
 )
 from pipelines.images import ImageError, decode_image
-from psm_model.config import Config
 from psm_model.geometry import affine_matrix, transform_points, warp_crop
+from psm_model.recipe import CropSpec
 
 if TYPE_CHECKING:
     import ray
@@ -90,17 +90,16 @@ def eval_samples(row: dict, *, input_size: tuple[int, int], max_pixels: int) -> 
 
 def eval_crops(
     rows: Sequence[dict],
-    cfg: Config,
+    crop: CropSpec,
+    cpus: float,
     *,
     num_blocks: int | None = None,
     concurrency: int | None = None,
     batch_images: int = BATCH_IMAGES,
 ) -> ray.data.Dataset:
     """Unaugmented crops of every box (ground truth or detections) for evaluation and inference;
-    blocks and tasks as `train_crops` (`eval_batch` per block)."""
+    blocks and tasks as `train_crops` (`eval_batch` per block), `cpus` each (data.cpus_per_task)."""
     from pipelines.datasets import crops_graph  # Ray Data: imported here only (module docstring)
 
-    make = functools.partial(
-        eval_batch, input_size=cfg.model.input_size, max_pixels=cfg.data.max_image_pixels
-    )
-    return crops_graph(rows, make, num_blocks, concurrency, cfg.data.cpus_per_task, batch_images)
+    make = functools.partial(eval_batch, input_size=crop.input_size, max_pixels=crop.max_pixels)
+    return crops_graph(rows, make, num_blocks, concurrency, cpus, batch_images)

@@ -29,8 +29,8 @@ from pipelines.eval_crops import NO_PERSON
 from pipelines.leases import Lease
 from pipelines.uris import filesystem, write_bytes
 from pipelines.validate import pose_results
-from psm_model.config import Config
 from psm_model.files import sha256
+from psm_model.recipe import EvalRecipe, PoseActors, Rescoring
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,11 @@ class _Part:
             if not self.due[image_id]:
                 del self.due[image_id]
 
-    def finish(self, cfg: Config) -> dict:
+    def finish(self, rescoring: Rescoring) -> dict:
         """The part file: its image ids, skips by reason and final results (rescored, OKS-NMS),
         and what its box source adds (the detector's boxes)."""
         persons = sum(int((p["skip"] == "").sum()) for p in self.poses)
-        results = pose_results(self.poses, cfg)
+        results = pose_results(self.poses, rescoring)
         return {
             "image_ids": self.image_ids,
             "persons": persons,
@@ -192,7 +192,8 @@ class _Part:
 def infer_parts(
     parts: Sequence[list[dict]],
     todo: Iterable[int],
-    cfg: Config,
+    recipe: EvalRecipe,
+    actors: PoseActors,
     weights: dict[str, torch.Tensor],
     store: PartStore,
     source: BoxSource,
@@ -216,7 +217,7 @@ def infer_parts(
 
     def close(k: int) -> None:
         nonlocal written
-        store.write(k, open_parts.pop(k).finish(cfg))
+        store.write(k, open_parts.pop(k).finish(recipe.rescoring))
         written += len(parts[k])
         rate = written / max(time.perf_counter() - started, 1e-9)
         log.info("part %d written (%d images this run, %.1f images/s)", k, written, rate)
@@ -225,7 +226,7 @@ def infer_parts(
         close(k)
     if rows_with_boxes:
         # Ray call: one streaming graph; only pose rows come back to this driver
-        poses = source.predictions(rows_with_boxes, cfg, weights)
+        poses = source.predictions(rows_with_boxes, recipe, actors, weights)
         batches = poses.iter_batches(batch_size=None, batch_format="numpy")
         for batch in batches:
             owner = np.array([part_of[int(i)] for i in batch["image_id"]])

@@ -25,7 +25,6 @@ from pipelines.validate import load_gt_at, read_detections_at, val_records, writ
 from psm_model.coco_eval import coco_eval, make_results
 from psm_model.coco_keypoints import NUM_JOINTS
 from psm_model.codec import HeatmapCodec
-from psm_model.config import Config
 from psm_model.geometry import (
     PIXEL_STD,
     affine_matrix,
@@ -33,6 +32,7 @@ from psm_model.geometry import (
     flip_keypoints,
     transform_points,
 )
+from psm_model.recipe import EvalRecipe, ValSet
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +88,25 @@ def _drop_joints_outside_crops(coco: COCO, ann_ids: list[int], outside: np.ndarr
 
 
 def oracle_eval(
-    cfg: Config,
+    recipe: EvalRecipe,
+    val: ValSet,
     *,
     results_file: str | os.PathLike | None = None,
     gt_in_crop_only: bool = False,
 ) -> dict[str, float]:
     """COCO keypoint metrics of the GT round trip on the val set (GT boxes, or eval.detections)
-    with the test recipe of `cfg` (flip test, decode, rescoring, OKS-NMS).
+    with the test `recipe` (flip test, decode, rescoring, OKS-NMS).
 
     `gt_in_crop_only` (GT boxes only) also unlabels, for COCOeval, the GT joints that lie outside
     their person's crop: no heatmap can hold them, so this isolates the chain's own error from
     annotations that reach beyond the padded box (the recipe's ceiling, not a chain error).
     """
-    detections = cfg.eval.detections
+    detections, codec = val.detections, recipe.codec
     if gt_in_crop_only and detections:
         raise ValueError("gt_in_crop_only: only defined with GT boxes (eval.detections is set)")
-    records = val_records(cfg)
-    ann_file = join(cfg.data.root, cfg.data.val_annotations)
-    h, w = cfg.model.input_size
-    codec = HeatmapCodec.from_config(cfg)
+    records = val_records(val, recipe.crop)
+    ann_file = join(val.root, val.annotations)
+    h, w = recipe.crop.input_size
 
     # one row per crop: (image id, centre, scale, GT keypoints (17, 3), box score, GT ann id)
     if not detections:  # GT boxes, box score 1 (the official GT-box validation)
@@ -118,7 +118,7 @@ def oracle_eval(
     else:
         by_image = {r.image_id: r for r in records}
         sizes = {i: (r.width, r.height) for i, r in by_image.items()}
-        dets, skips = read_detections_at(detections, sizes, cfg.eval.box_score_threshold)
+        dets, skips = read_detections_at(detections, sizes, recipe.box_score_threshold)
         log.info("%s: %d detections; skipped: %s", detections, len(dets), dict(skips) or "none")
         persons = []
         for image_id, box, score in zip(dets.image_ids, dets.boxes, dets.scores, strict=True):
@@ -128,7 +128,7 @@ def oracle_eval(
                 iou = _box_iou(box, np.array([p.box for p in gt]))
                 if iou.max() >= MATCH_IOU:
                     kpts = gt[int(iou.argmax())].keypoints
-            center, scale = box_to_center_scale(box, aspect=w / h, padding=cfg.data.box_padding)
+            center, scale = box_to_center_scale(box, aspect=w / h, padding=recipe.crop.box_padding)
             persons.append((int(image_id), center, scale, kpts, float(score), -1))
 
     coco = load_gt_at(ann_file)
@@ -139,18 +139,18 @@ def oracle_eval(
         scales = np.stack([p[2] for p in persons]).astype(np.float64)
         keypoints = np.stack([p[3] for p in persons]).astype(np.float64)
         box_scores = np.array([p[4] for p in persons])
-        crop_xy = _crop_keypoints(keypoints, centers, scales, cfg.model.input_size)
+        crop_xy = _crop_keypoints(keypoints, centers, scales, recipe.crop.input_size)
         visible = keypoints[..., 2] > 0
         if gt_in_crop_only:
             x, y = crop_xy[..., 0], crop_xy[..., 1]
             outside = (x < 0) | (x >= w) | (y < 0) | (y >= h)
             n = _drop_joints_outside_crops(coco, [p[5] for p in persons], outside)
             log.info("%s: %d labelled joints outside their crop left out of COCOeval", ann_file, n)
-        coords, maxvals, batch = [], [], cfg.eval.batch_size
+        coords, maxvals, batch = [], [], recipe.batch_size
         for i in range(0, len(persons), batch):  # bounded memory: 17 maps per person
             sl = slice(i, i + batch)
-            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, cfg.eval.flip_test)
-            c, m = codec.decode(hm, centers[sl], scales[sl], method=cfg.eval.decode)
+            hm = _oracle_heatmaps(crop_xy[sl], visible[sl], codec, w, recipe.flip_test)
+            c, m = codec.decode(hm, centers[sl], scales[sl], method=recipe.decode)
             coords.append(c)
             maxvals.append(m)
         areas = np.prod(scales * PIXEL_STD, axis=1)  # the official NMS area: the crop box
@@ -160,8 +160,8 @@ def oracle_eval(
             np.concatenate(maxvals),
             box_scores,
             areas,
-            cfg.eval.keypoint_score_threshold,
-            cfg.eval.oks_nms_threshold,
+            recipe.rescoring.keypoint_score_threshold,
+            recipe.rescoring.oks_nms_threshold,
         )
     if results_file is not None:
         write_results(results, results_file)

@@ -25,9 +25,9 @@ from pipelines.detect import box_row
 from pipelines.eval_crops import eval_batch
 from pipelines.images import ImageError, decode_image_bytes
 from psm_model.coco_eval import kept_poses
-from psm_model.config import Config
 from psm_model.errors import PsmError
 from psm_model.geometry import PIXEL_STD, box_problem
+from psm_model.recipe import CropSpec, Rescoring
 
 IMAGE_FIELD, BOXES_FIELD = "image", "boxes"  # the multipart fields (and the query parameter)
 
@@ -138,15 +138,15 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def crop_persons(
-    image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, cfg: Config
+    image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, crop: CropSpec
 ) -> dict[str, np.ndarray]:
     """One image's person crops, exactly as `psm infer` cuts them (`box_row`, then `eval_batch`
     on the decoded image): the sample columns (pipelines.augment.SAMPLE_COLUMNS)."""
-    row = box_row(0, "request", boxes, scores, cfg)
+    row = box_row(0, "request", boxes, scores, crop)
     return eval_batch(
         rows_to_columns([row]),
-        input_size=cfg.model.input_size,
-        max_pixels=cfg.data.max_image_pixels,
+        input_size=crop.input_size,
+        max_pixels=crop.max_pixels,
         decoded=[image],
     )
 
@@ -167,7 +167,7 @@ def persons(
     boxes: np.ndarray,
     crops: Mapping[str, np.ndarray],
     poses: Mapping[str, np.ndarray],
-    cfg: Config,
+    rescoring: Rescoring,
 ) -> list[dict]:
     """One image's poses (POSE_COLUMNS rows of its crops, in box order) -> the response's persons:
     rescored and OKS-NMS'd as `psm infer`'s results, best first, each with its box."""
@@ -180,8 +180,8 @@ def persons(
         poses["maxvals"],
         crops["score"],
         areas,
-        cfg.eval.keypoint_score_threshold,
-        cfg.eval.oks_nms_threshold,
+        rescoring.keypoint_score_threshold,
+        rescoring.oks_nms_threshold,
     )
     out = []
     for i, score in sorted(zip(keep, scores, strict=True), key=lambda p: -p[1]):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import count_skips, image_rows
-from pipelines.coco import load_split
+from pipelines.coco import load_coco_persons
 from pipelines.datasets import iter_chunked
 from pipelines.detect import box_row
 from pipelines.eval_crops import eval_crops
@@ -35,12 +35,9 @@ from psm_model.coco_eval import (
     read_detections,
 )
 from psm_model.coco_keypoints import NUM_JOINTS, SKELETON
-from psm_model.codec import HeatmapCodec
-from psm_model.config import Config
 from psm_model.errors import redact_secrets
-from psm_model.geometry import (
-    PIXEL_STD,
-)
+from psm_model.geometry import PIXEL_STD
+from psm_model.recipe import CropSpec, EvalRecipe, PoseActors, Rescoring, ValSet
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +48,12 @@ SaveDrawings = Callable[[str], object]
 # ----------------------------------------------------------------------------------------------
 
 
-def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
+def detection_rows(
+    records: list, detections: str, score_threshold: float, crop: CropSpec
+) -> list[dict]:
     """Image rows whose boxes are a detector's (COCO results format), with their scores."""
     dets, skips = read_detections_at(
-        detections, {r.image_id: (r.width, r.height) for r in records}, cfg.eval.box_score_threshold
+        detections, {r.image_id: (r.width, r.height) for r in records}, score_threshold
     )
     log.info("%s: %d person boxes; skipped: %s", detections, len(dets), dict(skips) or "none")
     # the box indices of each image, grouped once (a scan per image is quadratic: test-dev has
@@ -65,7 +64,7 @@ def detection_rows(records: list, detections: str, cfg: Config) -> list[dict]:
     rows = []
     for rec in records:
         mine = groups.get(rec.image_id, np.zeros(0, np.int64))
-        rows.append(box_row(rec.image_id, rec.path, dets.boxes[mine], dets.scores[mine], cfg))
+        rows.append(box_row(rec.image_id, rec.path, dets.boxes[mine], dets.scores[mine], crop))
     return rows
 
 
@@ -82,21 +81,27 @@ def read_detections_at(location: str, image_sizes: dict, score_threshold: float)
     return read_detections(redact_secrets(location), image_sizes, score_threshold, data)
 
 
-def val_records(cfg: Config) -> list:
-    return load_split(cfg, "val")[0]
+def val_records(val: ValSet, crop: CropSpec) -> list:
+    """The val split's image records (`pipelines.coco.load_split`'s, images without persons
+    kept) for this crop."""
+    images, annotations = join(val.root, val.images), join(val.root, val.annotations)
+    return load_coco_persons(images, annotations, crop.input_size, crop.box_padding, False)[0]
 
 
-def _val_rows(cfg: Config) -> tuple[list, list[dict]]:
+def _val_rows(val: ValSet, recipe: EvalRecipe) -> tuple[list, list[dict]]:
     """The val records and their image rows: ground-truth boxes, or eval.detections."""
-    records = val_records(cfg)
-    if cfg.eval.detections:
-        return records, detection_rows(records, cfg.eval.detections, cfg)
+    records = val_records(val, recipe.crop)
+    if val.detections:
+        rows = detection_rows(records, val.detections, recipe.box_score_threshold, recipe.crop)
+        return records, rows
     return records, image_rows(records)
 
 
 def evaluate_model(
     model: torch.nn.Module,
-    cfg: Config,
+    recipe: EvalRecipe,
+    val: ValSet,
+    crop_cpus: float,
     *,
     device: str | torch.device = "cpu",
     results_file: str | os.PathLike | None = None,
@@ -105,40 +110,42 @@ def evaluate_model(
     """COCO keypoint metrics of `model` on the val set (GT boxes, or eval.detections), the model
     running in this process (validation inside training: rank 0 of a Ray Train worker).
 
-    Crops come from the Ray Data graph; with `save_drawings`, it gets a folder of eval.visualize
+    Crops come from the Ray Data graph, `crop_cpus` per task (data.cpus_per_task); with
+    `save_drawings`, it gets a folder of eval.visualize
     val images with the predicted poses drawn on them (jobs log it to their MLflow run).
     """
-    records, rows = _val_rows(cfg)
+    records, rows = _val_rows(val, recipe)
     was_training = model.training
     model.eval()
     batches = iter_chunked(
-        lambda chunk: eval_crops(chunk, cfg),
+        lambda chunk: eval_crops(chunk, recipe.crop, crop_cpus),
         rows,
-        cfg.data.chunk_images,
-        cfg.eval.batch_size,
+        val.chunk_images,
+        recipe.batch_size,
     )
     try:
-        codec = HeatmapCodec.from_config(cfg)
-        poses = (predict_poses(model, batch, cfg, device, codec) for batch in batches)
-        return _score(poses, records, cfg, results_file, save_drawings)
+        poses = (predict_poses(model, batch, recipe, device) for batch in batches)
+        return _score(poses, records, recipe, val, results_file, save_drawings)
     finally:
         model.train(was_training)
 
 
 def evaluate_on_actors(
     weights: dict[str, torch.Tensor],
-    cfg: Config,
+    recipe: EvalRecipe,
+    val: ValSet,
+    actors: PoseActors,
     *,
     results_file: str | os.PathLike | None = None,
     save_drawings: SaveDrawings | None = None,
 ) -> dict[str, float]:
-    """`evaluate_model` with the model on eval.workers Ray Data actors (`psm eval`): `weights` is
-    a CPU state_dict for `cfg.model`. Only pose rows come back; scoring stays here."""
-    records, rows = _val_rows(cfg)
-    poses = pose_predictions(rows, cfg, weights, cfg.eval.pose_runtime).iter_batches(
+    """`evaluate_model` with the model on `actors` (`psm eval`): `weights` is a CPU state_dict
+    for `recipe.model`. Only pose rows come back; scoring stays here."""
+    records, rows = _val_rows(val, recipe)
+    poses = pose_predictions(rows, recipe, actors, weights).iter_batches(
         batch_size=None, batch_format="numpy"
     )
-    return _score(poses, records, cfg, results_file, save_drawings)
+    return _score(poses, records, recipe, val, results_file, save_drawings)
 
 
 def write_results(results: list[dict], location: str | os.PathLike) -> None:
@@ -147,7 +154,7 @@ def write_results(results: list[dict], location: str | os.PathLike) -> None:
     write_bytes(os.fspath(location), json.dumps(results).encode())
 
 
-def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[dict]:
+def pose_results(poses: Iterable[dict[str, np.ndarray]], rescoring: Rescoring) -> list[dict]:
     """Batches of pose rows (POSE_COLUMNS; skip rows are left out) -> COCO results: rescoring
     and OKS-NMS per image, with the crop box as the NMS area (as the official code)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("image_id", "coords", "maxvals", "score")}
@@ -166,15 +173,16 @@ def pose_results(poses: Iterable[dict[str, np.ndarray]], cfg: Config) -> list[di
         maxvals,
         scores,
         np.concatenate(areas),
-        cfg.eval.keypoint_score_threshold,
-        cfg.eval.oks_nms_threshold,
+        rescoring.keypoint_score_threshold,
+        rescoring.oks_nms_threshold,
     )
 
 
 def _score(
     poses: Iterable[dict[str, np.ndarray]],
     records: list,
-    cfg: Config,
+    recipe: EvalRecipe,
+    val: ValSet,
     results_file: str | os.PathLike | None,
     save_drawings: SaveDrawings | None,
 ) -> dict[str, float]:
@@ -183,13 +191,13 @@ def _score(
     for batch in poses:
         skipped += count_skips(batch["skip"])
         batches.append(batch)
-    results = pose_results(batches, cfg)
+    results = pose_results(batches, recipe.rescoring)
     if results_file is not None:
         write_results(results, results_file)
-    metrics = coco_eval(load_gt_at(join(cfg.data.root, cfg.data.val_annotations)), results)
+    metrics = coco_eval(load_gt_at(join(val.root, val.annotations)), results)
     metrics["skipped_images"] = float(sum(skipped.values()))
-    if save_drawings and cfg.eval.visualize:
-        draw_results(records[: cfg.eval.visualize], results, cfg, save_drawings)
+    if save_drawings and val.visualize:
+        draw_results(records[: val.visualize], results, recipe, save_drawings)
     return metrics
 
 
@@ -208,7 +216,7 @@ def draw_poses(image: np.ndarray, poses: list[np.ndarray], threshold: float = 0.
 
 
 def draw_results(
-    records: list, results: list[dict], cfg: Config, save_drawings: SaveDrawings
+    records: list, results: list[dict], recipe: EvalRecipe, save_drawings: SaveDrawings
 ) -> None:
     """The images of `records` with their poses from `results` drawn, as JPEGs in a temporary
     folder handed to `save_drawings` (an image that does not decode is left out)."""
@@ -220,9 +228,9 @@ def draw_results(
                 if r["image_id"] == rec.image_id
             ]
             try:
-                image = decode_image(rec.path, cfg.data.max_image_pixels)
+                image = decode_image(rec.path, recipe.crop.max_pixels)
             except ImageError:
                 continue
-            drawn = draw_poses(image, poses, cfg.eval.keypoint_score_threshold)
+            drawn = draw_poses(image, poses, recipe.rescoring.keypoint_score_threshold)
             cv2.imwrite(f"{d}/{rec.image_id}.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         save_drawings(d)

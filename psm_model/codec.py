@@ -1,7 +1,7 @@
 """The heatmap codec of evaluation and inference: heatmap size, stride and sigma in one object,
-built from the config once per job, actor or replica, for decoding and the flip test
-(`psm_model.decode`), and for the targets of the oracle (`psm_model.loss.render_targets`, which
-training calls with the same three config values).
+built from the config once per job or replica (`psm_model.recipe.EvalRecipe`), for decoding and
+the flip test (`psm_model.decode`), and for the targets of the oracle
+(`psm_model.loss.render_targets`, which training calls with the same three config values).
 
 Pixel convention, shared by targets, decoder and flip test: heatmap pixel u <-> input-crop pixel
 u * stride (the target peak sits at int(x / stride + 0.5)), input pixel centres at integers;

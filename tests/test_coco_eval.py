@@ -22,6 +22,7 @@ from psm_model.coco_eval import (
     rescore,
 )
 from psm_model.config_yaml import load_config
+from psm_model.recipe import EvalRecipe, ValSet
 
 VAL = "annotations/person_keypoints_val2017.json"
 MMPOSE4 = "annotations/person_keypoints_val2017_mmpose4.json"
@@ -280,11 +281,12 @@ def test_empty_or_malformed_detections_file(tmp_path):
 def test_gt_round_trip_on_real_val(coco_root, input_hw, stride, sigma, goal, decode):
     cfg = _oracle_cfg(coco_root, VAL, input_hw, stride, sigma, f"eval.decode={decode}")
     # the chain's own error: GT joints that lie outside their crop left out of COCOeval
-    chain = oracle_eval(cfg, gt_in_crop_only=True)
+    recipe, val = EvalRecipe.of(cfg), ValSet.of(cfg)
+    chain = oracle_eval(recipe, val, gt_in_crop_only=True)
     assert chain["AP"] >= goal and chain["AP50"] == 1.0
     # the full recipe: 4 of the 68 persons have 6 labelled joints outside their x1.25 GT box,
     # which no heatmap can hold: AP about 0.98 at most on this sample (0.978 to 0.985)
-    full = oracle_eval(cfg)
+    full = oracle_eval(recipe, val)
     assert 0.975 <= full["AP"] <= chain["AP"]
 
 
@@ -309,9 +311,8 @@ def _oracle_cfg(coco_root, ann, input_hw, stride, sigma, *overrides):
 def test_detections_round_trip_on_mmpose_sample(coco_root, tmp_path):
     out = tmp_path / "keypoints.json"
     dets = f"eval.detections={coco_root / DETS4}"
-    metrics = oracle_eval(
-        _oracle_cfg(coco_root, MMPOSE4, (256, 192), 4, 2.0, dets), results_file=out
-    )
+    cfg = _oracle_cfg(coco_root, MMPOSE4, (256, 192), 4, 2.0, dets)
+    metrics = oracle_eval(EvalRecipe.of(cfg), ValSet.of(cfg), results_file=out)
     results = json.loads(out.read_text())
     # 118 boxes; duplicates of a person carry the same GT pose: OKS-NMS keeps one of each
     assert 12 <= len(results) < 118
@@ -321,9 +322,10 @@ def test_detections_round_trip_on_mmpose_sample(coco_root, tmp_path):
     partial = tmp_path / "dets.json"
     partial.write_text(json.dumps(dets))
     cfg = _oracle_cfg(coco_root, MMPOSE4, (256, 192), 4, 2.0, f"eval.detections={partial}")
-    metrics = oracle_eval(cfg, results_file=out)
+    recipe, val = EvalRecipe.of(cfg), ValSet.of(cfg)
+    metrics = oracle_eval(recipe, val, results_file=out)
     assert 785 not in {r["image_id"] for r in json.loads(out.read_text())}
     assert 0.0 < metrics["AR"] < 1.0
     partial.write_text("[]")
-    empty = oracle_eval(cfg)
+    empty = oracle_eval(recipe, val)
     assert empty["AP"] == 0.0

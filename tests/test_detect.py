@@ -25,6 +25,7 @@ from pipelines.detect import (
 from pipelines.eval_crops import eval_batch
 from pipelines.images import decode_image
 from psm_model.config_yaml import load_config
+from psm_model.recipe import CropSpec
 
 SIZE = (160, 160)  # the test detectors' input (height, width)
 
@@ -122,7 +123,7 @@ def test_an_image_without_a_person_gives_no_boxes_and_a_no_person_row(toy, tmp_p
     cv2.imwrite(str(person), plain_image((120, 90), (10, 20, 50, 100)))
     paths = [str(empty), str(person), str(tmp_path / "gone.png")]
     images = {"image_id": np.array([5, 6, 7]), "path": np.array(paths)}
-    crops = detect_and_crop(images, session, layout, cfg)
+    crops = detect_and_crop(images, session, layout, CropSpec.of(cfg), cfg.infer.detector)
     assert crops["skip"].tolist() == ["no_person", "", "missing_image"]
     assert crops["image_id"].tolist() == [5, 6, 7] and crops["image_boxes"].tolist() == [0, 1, 0]
     np.testing.assert_allclose(crops["box"][1], [10, 20, 40, 80], atol=2.0)
@@ -131,7 +132,7 @@ def test_an_image_without_a_person_gives_no_boxes_and_a_no_person_row(toy, tmp_p
     boxes, scores = detect_people(
         session, layout, decode_image(str(person), 1 << 26), cfg.infer.detector
     )
-    row = box_row(6, str(person), boxes, scores, cfg)
+    row = box_row(6, str(person), boxes, scores, CropSpec.of(cfg))
     alone = eval_batch(rows_to_columns([row]), input_size=(128, 96), max_pixels=1 << 26)
     np.testing.assert_array_equal(crops["image"][1], alone["image"][0])
     np.testing.assert_array_equal(crops["center"][1], alone["center"][0])

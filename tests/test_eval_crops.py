@@ -10,6 +10,7 @@ from pipelines.augment import rows_to_columns
 from pipelines.eval_crops import eval_batch, eval_crops, eval_samples, make_eval_crop
 from psm_model.config_yaml import load_config
 from psm_model.geometry import affine_matrix, box_to_center_scale, transform_points
+from psm_model.recipe import CropSpec
 
 
 def test_eval_crop_centre_pixel_and_matrix():
@@ -62,7 +63,7 @@ def test_eval_batch_gives_exactly_the_per_row_samples(synthetic_root):
 def test_eval_crops_cover_every_ground_truth_person(ray_local, synthetic_root):
     cfg = load_config(None, ["model.input_size=[128,96]", "model.width=8"])
     records, rows = _rows(synthetic_root, "val2017", for_training=False)
-    out = eval_crops(rows, cfg, concurrency=2).take_all()
+    out = eval_crops(rows, CropSpec.of(cfg), cfg.data.cpus_per_task, concurrency=2).take_all()
     assert [(s["image_id"], s["ann_id"]) for s in out] == [
         (r.image_id, p.ann_id) for r in records for p in r.persons
     ]

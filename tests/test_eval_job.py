@@ -20,6 +20,7 @@ from psm_model.checkpoint import TrainState, save_checkpoint
 from psm_model.coco_eval import METRIC_NAMES
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
+from psm_model.recipe import EvalRecipe, ValSet
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -119,7 +120,10 @@ def test_eval_on_actors_scores_as_in_process(ray_local, synthetic_root, tmp_path
     torch.manual_seed(0)
     model = build_model(cfg.model)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    expected = evaluate_model(model, cfg, results_file=tmp_path / "in_process.json")
+    recipe, val = EvalRecipe.of(cfg), ValSet.of(cfg)
+    expected = evaluate_model(
+        model, recipe, val, cfg.data.cpus_per_task, results_file=tmp_path / "in_process.json"
+    )
     ids, keypoints, scores = _poses(tmp_path / "in_process.json")
     assert len(ids) > 0
     # the same weights registered in MLflow: `--checkpoint models:/NAME/VERSION` (issue 25, 8a)

@@ -20,6 +20,7 @@ from pipelines.predict import predict, predict_poses
 from psm_model.config_yaml import load_config
 from psm_model.export import check_depth_to_space, export_onnx
 from psm_model.hrnet import build_model, normalize_images
+from psm_model.recipe import EvalRecipe
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -105,12 +106,13 @@ def test_onnx_poses_equal_torch_poses_on_real_crops(synthetic_root):
     rows = image_rows(records[:2])
     batch = eval_batch(rows_to_columns(rows), input_size=(128, 96), max_pixels=1 << 26)
     onnx_model = OnnxPoseModel(export_onnx(model, (128, 96)), "test model")
-    expected = predict_poses(model, batch, cfg, "cpu")
-    got = predict_poses(onnx_model, batch, cfg, "cpu")
+    recipe = EvalRecipe.of(cfg)
+    expected = predict_poses(model, batch, recipe, "cpu")
+    got = predict_poses(onnx_model, batch, recipe, "cpu")
     assert len(got["coords"]) == sum(len(r["ann_ids"]) for r in rows) >= 2
     np.testing.assert_allclose(got["maxvals"], expected["maxvals"], atol=1e-4)
     # the same keypoints wherever the (flip-averaged) peak is defined beyond float error
-    top2 = predict(model, batch["image"], cfg, "cpu").flatten(2).topk(2, -1).values
+    top2 = predict(model, batch["image"], recipe, "cpu").flatten(2).topk(2, -1).values
     distinct = (top2[..., 0] - top2[..., 1] > 1e-5).numpy()
     assert distinct.mean() > 0.3
     np.testing.assert_allclose(got["coords"][distinct], expected["coords"][distinct], atol=1e-3)

@@ -25,6 +25,7 @@ from psm_model.coco_eval import EvalError, check_submission, validate_results
 from psm_model.config_inference import DetectorConfig
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
+from psm_model.recipe import Rescoring
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 DETS = "person_detection_results/COCO_val2017_detections_AP_H_56_person_mmpose4.json"
@@ -84,7 +85,7 @@ def test_a_part_is_complete_when_every_box_or_a_skip_came_back():
     assert part.due == {1: 1}
     part.add(_poses([1], [""]), np.arange(1))
     assert not part.due
-    out = part.finish(cfg)
+    out = part.finish(Rescoring.of(cfg))
     assert list(out) == ["image_ids", "persons", "skipped", "results"]  # the boxes are the input's
     assert out["image_ids"] == [1, 2, 3, 4] and out["persons"] == 3
     assert out["skipped"] == {"corrupt_image": 1}
@@ -108,7 +109,7 @@ def test_a_detector_part_learns_its_box_counts_from_the_rows_and_keeps_the_boxes
     last["image_boxes"] = np.array([2])
     part.add(last, np.arange(1))
     assert not part.due
-    out = part.finish(cfg)
+    out = part.finish(Rescoring.of(cfg))
     assert list(out) == ["image_ids", "persons", "skipped", "results", "no_person", "boxes"]
     assert out["persons"] == 2 and out["no_person"] == 1
     assert out["skipped"] == {"corrupt_image": 1}

@@ -33,6 +33,7 @@ from psm_model.coco_keypoints import SKELETON
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
+from psm_model.recipe import EvalRecipe
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 DETECTOR = ["infer.detector.input_size=[160,160]", "infer.detector.pad_value=20"]
@@ -131,10 +132,11 @@ def test_a_requests_persons_are_the_infer_recipe_on_its_crops():
     assert len(boxes) == 1
     boxes = np.concatenate([boxes, boxes + [2, 1, 0, 0]])  # a near copy for OKS-NMS
     scores = np.array([0.9, 0.6])
-    crops = serving.crop_persons(image, boxes, scores, cfg)
-    poses = predict_poses(model, crops, cfg, "cpu")
-    found = serving.persons(boxes, crops, poses, cfg)
-    expected = sorted(pose_results([poses], cfg), key=lambda r: -r["score"])
+    recipe = EvalRecipe.of(cfg)
+    crops = serving.crop_persons(image, boxes, scores, recipe.crop)
+    poses = predict_poses(model, crops, recipe, "cpu")
+    found = serving.persons(boxes, crops, poses, recipe.rescoring)
+    expected = sorted(pose_results([poses], recipe.rescoring), key=lambda r: -r["score"])
     assert len(found) == len(expected) >= 1
     for person, result in zip(found, expected, strict=True):
         keypoints = np.array(person["keypoints"]).reshape(-1)
