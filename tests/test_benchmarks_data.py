@@ -86,11 +86,14 @@ def test_ray_part_reads_an_s3_root_with_one_head_and_one_get_per_image(
     assert ray["workers"] == 1 and ray["images"] == e["images"] > 0
     assert ray["samples"] == e["persons"] and ray["samples_per_s"] > 0
     # the warm-up epoch and the timed one each read every image once: a HEAD (its size, checked
-    # before the body) and a GET, as docs/operations.md prices them
+    # before the body) and a GET, as docs/operations.md prices them. The AWS SDK's own retry of
+    # a GET is the same request twice in a row (seen once at a load average of 15: a second GET
+    # 3 s after the HEAD, the same second as the first): one read
     log = (tmp_path / "moto" / "moto.log").read_text()
+    requests = re.findall(r"(HEAD|GET) (/coco-data/coco/train2017/\S+\.jpg)", log)
+    reads = [r for i, r in enumerate(requests) if i == 0 or r != requests[i - 1]]
     for method in ("HEAD", "GET"):
-        reads = re.findall(rf"{method} /coco-data/coco/train2017/\S+\.jpg", log)
-        assert len(reads) == 2 * e["images"], method
+        assert sum(m == method for m, _ in reads) == 2 * e["images"], (method, requests)
     assert absent["datasets"] == []
     out = capsys.readouterr().out
     assert "in-process passes skipped" in out and "| 1 | " in out and "no COCO train split" in out
