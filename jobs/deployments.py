@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from jobs.tracking import Tracker
 from pipelines import serving
+from pipelines.detect import fit
 from psm_model.config import Config
 from psm_model.config_inference import DetectorConfig, ReplicaConfig, ServeConfig
 from psm_model.recipe import CropSpec, Rescoring
@@ -77,8 +78,10 @@ class WhenFree:
 
 @serve.deployment
 class Detector:
-    """The person detector of infer.detector, batched: a batch of decoded images -> each one's
-    person boxes (COCO x, y, w, h) and scores, by `pipelines.detect.detect_people`."""
+    """The person detector of infer.detector, batched: a batch of decoded images, each fitted to
+    the detector's input by the HTTP replica (`pipelines.detect.fit`) and sent with its original
+    height and width -> each one's person boxes (COCO x, y, w, h) in the original's pixels and
+    scores, by `pipelines.detect.detect_people`, as `psm infer`'s detector actors find them."""
 
     def __init__(self, det: DetectorConfig, replica: ReplicaConfig) -> None:
         import cv2
@@ -94,19 +97,20 @@ class Detector:
         self.det = det
         self.free = WhenFree(self._batch, replica)  # and the batch bounds
 
-    async def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def __call__(self, fitted: tuple[np.ndarray, tuple[int, int]]) -> tuple:
         await self.free.wait()
-        return await self._batch(image)
+        return await self._batch(fitted)
 
     @serve.batch
-    async def _batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _batch(self, fitted: list[tuple[np.ndarray, tuple[int, int]]]) -> list[tuple]:
         from pipelines.detect import detect_people
+
+        def detect() -> list[tuple[np.ndarray, np.ndarray]]:
+            return [detect_people(self.session, self.layout, im, self.det, hw) for im, hw in fitted]
 
         # a thread: the replica's event loop goes on taking the next batch's requests
         async with self.free.running():
-            return await asyncio.to_thread(
-                lambda: [detect_people(self.session, self.layout, im, self.det) for im in images]
-            )
+            return await asyncio.to_thread(detect)
 
     def ready(self) -> bool:
         return True
@@ -221,8 +225,10 @@ class PoseService:
         crop: CropSpec,
         rescoring: Rescoring,
         model_info: dict,
+        detector_size: tuple[int, int],
     ) -> None:
         self.detector, self.pose, self.info = detector, pose, model_info
+        self.detector_size = detector_size  # infer.detector.input_size
         self.settings, self.crop, self.rescoring = settings, crop, rescoring
         self.page = page(rescoring.keypoint_score_threshold)
 
@@ -264,7 +270,10 @@ class PoseService:
                 422,
             )
         else:
-            boxes, scores = await self._call(self.detector, image, "detector", started)
+            # the image fitted to the detector's input here: a tenth of the bytes to send
+            fitted = await asyncio.to_thread(fit, image, self.detector_size)
+            request = (fitted, (height, width))
+            boxes, scores = await self._call(self.detector, request, "detector", started)
         crops = await asyncio.to_thread(serving.crop_persons, image, boxes, scores, self.crop)
         found = []
         if len(boxes):
@@ -378,4 +387,12 @@ def application(
         ray_actor_options={"num_cpus": cfg.serve.ingress_cpus},
     )
     # the ingress gets the few values it reads: no codec, so no torch in its process
-    return ingress.bind(detector, pose, cfg.serve, CropSpec.of(cfg), Rescoring.of(cfg), model_info)
+    return ingress.bind(
+        detector,
+        pose,
+        cfg.serve,
+        CropSpec.of(cfg),
+        Rescoring.of(cfg),
+        model_info,
+        cfg.infer.detector.input_size,
+    )

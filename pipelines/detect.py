@@ -70,18 +70,34 @@ class Letterbox:
         return out
 
 
-def letterbox(
-    image: np.ndarray, size_hw: tuple[int, int], pad_value: float, center: bool
-) -> tuple[np.ndarray, Letterbox]:
-    """The image resized to fit `size_hw` keeping its aspect, on a `pad_value` canvas (top left,
-    or centred as ultralytics), and the map between the two."""
+def fit(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """The image resized to fit `size_hw` keeping its aspect: the letterbox's resize, apart so
+    that `psm serve`'s HTTP replica sends the detector replica this, not the whole image (a
+    480x640 image fitted to 160x160 is 58 KB against 922 KB: a call took 1.2 against 4.8 ms of
+    the machine's CPU, docs/benchmarks.md)."""
     h, w = image.shape[:2]
     out_h, out_w = size_hw
     scale = min(out_h / h, out_w / w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def letterbox(
+    image: np.ndarray,
+    size_hw: tuple[int, int],
+    pad_value: float,
+    center: bool,
+    image_hw: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, Letterbox]:
+    """The image fitted to `size_hw` (`fit`; already fitted when `image_hw`, the original's
+    height and width, is given) on a `pad_value` canvas (top left, or centred as ultralytics),
+    and the map between the original and the canvas."""
+    h, w = image_hw or image.shape[:2]
+    resized = image if image_hw else fit(image, size_hw)
+    new_h, new_w = resized.shape[:2]
+    out_h, out_w = size_hw
     pad_x, pad_y = ((out_w - new_w) // 2, (out_h - new_h) // 2) if center else (0, 0)
     canvas = np.full((out_h, out_w, 3), pad_value, np.uint8)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
     return canvas, Letterbox(new_w / w, new_h / h, pad_x, pad_y, h, w)
 
@@ -153,13 +169,18 @@ def decode_outputs(
 
 
 def preprocess(
-    image_rgb: np.ndarray, layout: Layout, det: DetectorConfig
+    image_rgb: np.ndarray,
+    layout: Layout,
+    det: DetectorConfig,
+    image_hw: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, Letterbox]:
-    """RGB uint8 image -> the model input (1, 3, H, W) float32 and its letterbox."""
+    """RGB uint8 image (already `fit` when `image_hw` is given) -> the model input (1, 3, H, W)
+    float32 and its letterbox."""
     order, mean, std, placement = DEFAULTS[layout]
     order = order if det.channel_order == "auto" else det.channel_order
     placement = placement if det.letterbox == "auto" else det.letterbox
-    canvas, box = letterbox(image_rgb, det.input_size, det.pad_value, placement == "center")
+    center = placement == "center"
+    canvas, box = letterbox(image_rgb, det.input_size, det.pad_value, center, image_hw)
     if order == "bgr":
         canvas = canvas[..., ::-1]
     x = (canvas.astype(np.float32) - np.float32(det.mean or mean)) / np.float32(det.std or std)
@@ -167,11 +188,16 @@ def preprocess(
 
 
 def detect_people(
-    session, layout: Layout, image_rgb: np.ndarray, det: DetectorConfig
+    session,
+    layout: Layout,
+    image_rgb: np.ndarray,
+    det: DetectorConfig,
+    image_hw: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image -> person boxes (N, 4) COCO x, y, w, h in image pixels (clipped; boxes below
-    min_box_size dropped) and their scores."""
-    x, box = preprocess(image_rgb, layout, det)
+    min_box_size dropped) and their scores. With `image_hw`, `image_rgb` is the image already
+    `fit` to det.input_size and `image_hw` the original's size, which the boxes are in."""
+    x, box = preprocess(image_rgb, layout, det, image_hw)
     outputs = session.run(None, {session.get_inputs()[0].name: x})
     boxes, scores = decode_outputs(outputs, layout, det)
     xyxy = box.to_image(boxes)

@@ -18,6 +18,7 @@ from pipelines.detect import (
     detect_and_crop,
     detect_people,
     detector_session,
+    fit,
     letterbox,
     load_detector,
     nms,
@@ -62,6 +63,19 @@ def test_letterbox_inverse_maps_input_boxes_back_to_image_pixels(center):
     np.testing.assert_allclose(back[1], [0, 0, 130, 75])  # clipped to the image
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_a_letterbox_of_the_image_fitted_elsewhere_is_the_same(center):
+    """`psm serve` fits the image in its HTTP replica and letterboxes it in the detector's:
+    the same canvas and map as the letterbox of the whole image."""
+    image = np.random.default_rng(0).integers(0, 255, (75, 130, 3), np.uint8)
+    fitted = fit(image, (64, 96))
+    assert fitted.shape == (55, 96, 3)
+    canvas, box = letterbox(fitted, (64, 96), 114, center, image_hw=(75, 130))
+    whole_canvas, whole_box = letterbox(image, (64, 96), 114, center)
+    np.testing.assert_array_equal(canvas, whole_canvas)
+    assert box == whole_box
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10.0]])
     scores = np.array([0.5, 0.9, 0.7, 0.1])
@@ -87,6 +101,11 @@ def test_detector_boxes_equal_the_drawn_box_after_the_letterbox_round_trip(toy, 
     assert scores.tolist() == pytest.approx([0.9])
     corners = np.concatenate([boxes[0, :2], boxes[0, :2] + boxes[0, 2:]])  # COCO xywh -> xyxy
     np.testing.assert_allclose(corners, box, atol=1.0)  # each edge to a pixel
+    # fitted to the detector's input first (psm serve's HTTP replica): the same boxes
+    image, det = plain_image(size, box), _det().infer.detector
+    fitted = detect_people(session, layout, fit(image, det.input_size), det, image.shape[:2])
+    np.testing.assert_array_equal(fitted[0], boxes)
+    np.testing.assert_array_equal(fitted[1], scores)
 
 
 def test_thresholds_nms_and_sizes_act_as_configured(toy):
