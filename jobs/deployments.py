@@ -272,8 +272,8 @@ class PoseService:
         else:
             # the image fitted to the detector's input here: a tenth of the bytes to send
             fitted = await asyncio.to_thread(fit, image, self.detector_size)
-            request = (fitted, (height, width))
-            boxes, scores = await self._call(self.detector, request, "detector", started)
+            asked_for = (fitted, (height, width))
+            boxes, scores = await self._call(self.detector, asked_for, "detector", started)
         crops = await asyncio.to_thread(serving.crop_persons, image, boxes, scores, self.crop)
         found = []
         if len(boxes):
