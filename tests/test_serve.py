@@ -308,6 +308,26 @@ def test_the_service_answers_the_persons_psm_infer_writes(service):
 
 
 @pytest.mark.slow
+def test_the_load_benchmark_counts_what_the_service_answers(service):
+    """`psm bench serve`'s request loop and replica census, on this service: 6 requests from 2
+    clients cycle through the images (one person each on 1 and 2, none on 3)."""
+    from benchmarks.serve import load, replicas, rss_mb
+
+    images = [_image(service, k) for k in (1, 2, 3)]
+    level = load(service["port"], images, requests=6, concurrency=2, deadline_s=120)
+    assert level["statuses"] == {"200": 6} and level["requests"] == 6 and level["errors"] == 0
+    assert level["persons_s"] * level["seconds"] == pytest.approx(4)
+    assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
+    live = replicas()
+    assert {name: len(pids) for name, pids in live.items()} == {
+        "PoseService": 1,
+        "Detector": 1,
+        "PoseModel": 1,
+    }
+    assert all(mb > 50 for mb in rss_mb(live).values())  # each a Python process with numpy
+
+
+@pytest.mark.slow
 def test_bad_input_is_a_clear_4xx_json_error_and_the_service_goes_on(service):
     port, png = service["port"], _image(service, 1)
     image = {"Content-Type": "image/png"}
