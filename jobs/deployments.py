@@ -349,6 +349,8 @@ def _replica_options(replica: ReplicaConfig, gpus: int = 0) -> dict:
             "min_replicas": replica.min_replicas,
             "max_replicas": replica.max_replicas,
             "target_ongoing_requests": replica.target_ongoing,
+            "upscale_delay_s": replica.upscale_delay_s,
+            "downscale_delay_s": replica.downscale_delay_s,
         }
     return options
 

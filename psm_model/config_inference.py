@@ -122,6 +122,10 @@ class ReplicaConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing: float = 2.0  # the autoscaler's target of ongoing requests per replica
+    # how long the load must stay above / below target before the autoscaler adds / removes a
+    # replica (Serve's defaults); a burst shorter than the upscale delay meets min_replicas only
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
     max_ongoing: int = 32  # requests a replica takes at once (>= max_batch_size to fill one)
     cpus: float = 1.0  # CPUs each replica reserves (the pose model: a GPU too where there is one)
 
@@ -129,6 +133,7 @@ class ReplicaConfig:
         finite_floats(self)
         positive(self, "max_batch_size", "max_replicas", "target_ongoing", "max_ongoing")
         at_least(self, 0, "batch_wait_s", "min_replicas", "cpus")
+        at_least(self, 0, "upscale_delay_s", "downscale_delay_s")
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas/max_replicas: need min <= max, got {self.min_replicas}, "

@@ -149,14 +149,31 @@ def test_a_requests_persons_are_the_infer_recipe_on_its_crops():
 
 
 def test_the_serve_section_is_checked():
-    cfg = load_config(TINY, ["serve.pose.max_replicas=3", "serve.pose.min_replicas=0"])
+    from jobs.deployments import _replica_options
+
+    scaled = ["serve.pose.max_replicas=3", "serve.pose.min_replicas=0", "serve.pose.cpus=0.5"]
+    cfg = load_config(TINY, [*scaled, "serve.pose.upscale_delay_s=5"])
     assert (cfg.serve.pose.min_replicas, cfg.serve.pose.max_replicas) == (0, 3)
+    # what Serve is given: the autoscaler's bounds and delays, or a fixed count
+    assert _replica_options(cfg.serve.pose, gpus=1) == {
+        "max_ongoing_requests": 32,
+        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1},
+        "autoscaling_config": {
+            "min_replicas": 0,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2.0,
+            "upscale_delay_s": 5.0,
+            "downscale_delay_s": 600.0,
+        },
+    }
+    assert _replica_options(cfg.serve.detector)["num_replicas"] == 1
     for override, message in [
         ("serve.port=70000", r"serve.port: must be within \[1, 65535\]"),
         ("serve.pose.min_replicas=2", "serve.pose.min_replicas/max_replicas: need min <= max"),
         ("serve.detector.max_ongoing=4", "serve.detector.max_ongoing: 4 is below max_batch_size"),
         ("serve.max_body_bytes=0", "serve.max_body_bytes: must be positive"),
         ("serve.pose.batch_wait_s=-1", "serve.pose.batch_wait_s: must be >= 0"),
+        ("serve.pose.upscale_delay_s=-1", "serve.pose.upscale_delay_s: must be >= 0"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(TINY, [override])
