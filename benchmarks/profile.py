@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from psm_model.compiling import CompileScope, compile_model
 from psm_model.config import Config, DataConfig, ModelConfig, TrainConfig
-from psm_model.hrnet import build_model
+from psm_model.hrnet import STAGE_MODULES, build_model
 from psm_model.loss import adam, train_step
 
 
@@ -49,7 +49,9 @@ def summarize(cfg: ModelConfig, name: str = "") -> Summary:
 def describe(cfg: ModelConfig) -> str:
     h, w = cfg.input_size
     widths = f"W{cfg.width}" if cfg.widths is None else "W" + "-".join(map(str, cfg.widths))
-    return f"{cfg.fusion} {widths} {h}x{w} stride {cfg.heatmap_stride}"
+    modules = "-".join(map(str, cfg.stage_modules))
+    depth = "" if cfg.stage_modules == STAGE_MODULES else f" modules {modules}"
+    return f"{cfg.fusion} {widths}{depth} {h}x{w} stride {cfg.heatmap_stride}"
 
 
 def cpu_latency(

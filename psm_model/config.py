@@ -41,6 +41,8 @@ class ModelConfig:
     input_size: tuple[int, int] = (384, 288)  # (height, width) of the person crop
     num_joints: int = NUM_JOINTS  # the data side reads COCO's 17 person keypoints: only 17 fits
     final_conv_kernel: Literal[1, 3] = 1
+    # exchange modules in stages 2, 3, 4 (HRNet's); fewer: a shallower net, same resolutions
+    stage_modules: tuple[int, int, int] = (1, 4, 3)
     pretrained: str = ""  # ImageNet HRNet classification checkpoint (official key layout)
 
     def __post_init__(self) -> None:
@@ -51,6 +53,8 @@ class ModelConfig:
             )
         if self.widths is not None and len(self.widths) != 4:
             raise ValueError(f"widths: expected 4 branch widths, got {len(self.widths)}")
+        if len(self.stage_modules) != 3 or min(self.stage_modules) < 1:
+            raise ValueError(f"stage_modules: expected 3 counts >= 1, got {self.stage_modules}")
         if any(w <= 0 for w in self.branch_widths):
             raise ValueError(f"width(s): must be positive, got {self.branch_widths}")
         h, w = self.input_size

@@ -16,7 +16,7 @@ from psm_model.config import ModelConfig
 
 BN_MOMENTUM = 0.1
 STEM_WIDTH = 64  # stem and stage-1 input channels, fixed in HRNet
-STAGE_MODULES = (1, 4, 3)  # exchange modules in stages 2, 3, 4
+STAGE_MODULES = (1, 4, 3)  # exchange modules in stages 2, 3, 4 (ModelConfig.stage_modules)
 BLOCKS_PER_BRANCH = 4
 
 
@@ -165,6 +165,7 @@ class PoseHRNet(nn.Module):
         heatmap_stride: int = 4,
         num_joints: int = 17,
         final_conv_kernel: int = 1,
+        stage_modules: tuple[int, int, int] = STAGE_MODULES,
     ):
         super().__init__()
         if fusion not in ("hrnet", "psm") or heatmap_stride not in (2, 4):
@@ -190,7 +191,7 @@ class PoseHRNet(nn.Module):
                 nn.Sequential(conv_bn(stage1_out, widths[1], 3, 2, relu=True)),
             ]
         )
-        for s, modules in zip((2, 3, 4), STAGE_MODULES, strict=True):
+        for s, modules in zip((2, 3, 4), stage_modules, strict=True):
             if s > 2:
                 new = nn.Sequential(conv_bn(widths[s - 2], widths[s - 1], 3, 2, relu=True))
                 self.add_module(
@@ -249,7 +250,12 @@ def build_model(cfg: ModelConfig) -> PoseHRNet:
     """The one place that turns config into a model: freshly initialised (training loads
     `cfg.pretrained` with `psm_model.weights.load_pretrained`)."""
     return PoseHRNet(
-        cfg.branch_widths, cfg.fusion, cfg.heatmap_stride, cfg.num_joints, cfg.final_conv_kernel
+        cfg.branch_widths,
+        cfg.fusion,
+        cfg.heatmap_stride,
+        cfg.num_joints,
+        cfg.final_conv_kernel,
+        cfg.stage_modules,
     )
 
 

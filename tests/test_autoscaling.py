@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.local_cluster import REPO, RayCluster
+from tests.local_cluster import REPO, SHALLOW, RayCluster
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,7 @@ def _common(work: Path) -> list[str]:
         f"train.storage_path={work / 'runs'}",
         "train.epochs=1",
         "eval.visualize=0",
+        SHALLOW,
     ]
 
 

@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks import gpu_run
 from benchmarks.train_start import LEAN_ENV
@@ -61,12 +62,18 @@ def test_the_fastest_rung_of_the_model_whose_compilation_fits_the_training_part(
 
 
 def _gpu_run(out: Path, work: Path, **env: str) -> subprocess.CompletedProcess:
+    # configs/tiny.yaml's model at one exchange module per stage, as tests.local_cluster.SHALLOW
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["model"]["stage_modules"] = [1, 1, 1]
+    shallow = out.parent / "tiny_shallow.yaml"
+    shallow.parent.mkdir(parents=True, exist_ok=True)
+    shallow.write_text(yaml.safe_dump(config))
     tiny = {
         "BUNDLE": "",  # the venv's packages
         "PY": sys.executable,
         "WORK": str(work),
-        "CONFIG": "configs/tiny.yaml",
-        "BASE": "configs/tiny.yaml",
+        "CONFIG": str(shallow),
+        "BASE": str(shallow),
         "BATCH": "2",
         "AMP": "none",
         "CL": "false",

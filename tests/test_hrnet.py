@@ -309,3 +309,25 @@ def test_config_rejects_input_size_not_multiple_of_32(size):
 def test_config_rejects_wrong_number_of_widths():
     with pytest.raises(ValueError, match="widths"):
         ModelConfig(widths=(8, 16, 32))
+
+
+def test_fewer_stage_modules_drop_whole_modules_and_keep_the_rest_of_the_layout():
+    """stage_modules (1, 1, 1): stage 3 keeps its first module, stage 4 only its last (the
+    single-output one); every key left is the full model's, with its shape."""
+    cfg = ModelConfig(width=8, input_size=(64, 64))
+    full = build_model(cfg).state_dict()
+    shallow_model = build_model(ModelConfig(width=8, input_size=(64, 64), stage_modules=(1, 1, 1)))
+    shallow = shallow_model.state_dict()
+    assert [len(getattr(shallow_model, f"stage{s}")) for s in (2, 3, 4)] == [1, 1, 1]
+    dropped = re.compile(r"^(stage3\.[123]\.|stage4\.[12]\.|stage4\.0\.fuse_layers\.[123]\.)")
+    assert set(shallow) == {k for k in full if not dropped.match(k)}
+    assert all(shallow[k].shape == full[k].shape for k in shallow)
+    with torch.no_grad():
+        out = shallow_model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 17, 32, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("modules", [(1, 0, 1), (1, 4), (1, 4, 3, 1)])
+def test_config_rejects_stage_modules_other_than_three_positive_counts(modules):
+    with pytest.raises(ValueError, match="stage_modules"):
+        ModelConfig(stage_modules=modules)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_cluster import MlflowServer, RayCluster
+from tests.local_cluster import SHALLOW, MlflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,7 @@ def test_training_resumes_on_the_remaining_node(cluster):
         f"train.mlflow_uri={cluster['mlflow'].uri}",
         f"train.storage_path={run_dir.parent}",
         "train.name=node-loss",
+        SHALLOW,
         "train.epochs=3",
         "train.num_workers=1",
         "train.cpus_per_worker=0.5",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobs import provenance
-from tests.local_cluster import MlflowServer, RayCluster, S3Server
+from tests.local_cluster import SHALLOW, MlflowServer, RayCluster, S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def services(tmp_path_factory):
 def _common(services) -> list[str]:
     """COCO on S3 (the fixture's synthetic root uploaded), as on a cluster without a shared
     file system: annotations read by the drivers, images by the Ray Data tasks."""
-    return [f"data.root=s3://{BUCKET}/coco", f"train.mlflow_uri={services['mlflow'].uri}"]
+    return [f"data.root=s3://{BUCKET}/coco", f"train.mlflow_uri={services['mlflow'].uri}", SHALLOW]
 
 
 def _client(services):
@@ -109,12 +109,14 @@ def _wait_until(predicate, timeout: float, what: str, cluster=None, job: str = "
 
 @pytest.fixture(scope="module")
 def trained(services):
-    """`python -m jobs.train` as a Ray job, 3 epochs of the demo model on 2 gloo workers with
+    """`python -m jobs.train` as a Ray job, 4 epochs of the demo model on 2 gloo workers with
     its checkpoints on S3 (moto's server): the module's one training, whose checkpoints the eval
     and infer jobs read. Its tracking server is stopped once epoch 0's metrics are in (its port
     held), so epoch 1's are held; once epoch 1's checkpoint is recorded, the job is stopped, the
     server comes back (same port and store), and the same command resumes the run from S3 to its
-    end."""
+    end. An epoch may end between the wait and the stop taking effect (a few seconds): the
+    resume is checked against the epoch recorded once the job stopped, with one epoch or more
+    still to train."""
     cluster, server, s3 = services["cluster"], services["mlflow"], services["s3"]
     prefix = "runs/e2e-train/"
     # the client's own retries (minutes by default) off: the run's held metrics do the retrying;
@@ -127,7 +129,7 @@ def trained(services):
         "jobs.train",
         CONFIG,
         *_common(services),
-        "train.epochs=3",
+        "train.epochs=4",
         "train.name=e2e-train",
         f"train.storage_path=s3://{BUCKET}/runs",
     )
@@ -158,9 +160,11 @@ def trained(services):
         )
         cluster.ray("job", "stop", first, check=False)
         assert cluster.wait(first) in ("STOPPED", "FAILED")
+    stopped_at = _recorded_epoch(s3, prefix)
+    assert 2 <= stopped_at < 4, f"the stopped job recorded {stopped_at} of 4 epochs"
     resumed = cluster.submit(*train, options=options)
     _succeeded(resumed)
-    return {"prefix": prefix, "jobs": [first, cluster.job_id(resumed)]}
+    return {"prefix": prefix, "jobs": [first, cluster.job_id(resumed)], "stopped_at": stopped_at}
 
 
 def _newest_checkpoint(services, trained) -> str:
@@ -233,10 +237,10 @@ def test_outputs_inside_the_jobs_temporary_working_dir_are_refused(refused):
 def test_training_job_writes_checkpoints_and_its_mlflow_run(services, trained):
     keys = services["s3"].keys(BUCKET, trained["prefix"])
     assert any(k.endswith("/model.pt") for k in keys)
-    assert _recorded_epoch(services["s3"], trained["prefix"]) == 3
+    assert _recorded_epoch(services["s3"], trained["prefix"]) == 4
     (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["train.epochs"] == "4"
     assert 0.0 <= run.data.metrics["val_AP"] <= 1.0
     versions = _client(services).search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1
@@ -254,10 +258,10 @@ def test_training_survives_its_tracking_server_going_away_and_a_stop(services, t
     (a rerun would log its epoch twice)."""
     first, resumed = trained["jobs"]
     assert "metric batches held" in services["cluster"].logs(first)
-    assert "resumes at epoch 2" in services["cluster"].logs(resumed)
+    assert f"resumes at epoch {trained['stopped_at']}" in services["cluster"].logs(resumed)
     (run,) = _runs(services, "tags.`psm.run_name` = 'e2e-train'")
     history = _client(services).get_metric_history(run.info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
 
 
 def test_eval_job_scores_the_checkpoint_like_training_validated_it(services, trained):

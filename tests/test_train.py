@@ -24,6 +24,7 @@ from psm_model.checkpoint import load_checkpoint
 from psm_model.config import ConfigError
 from psm_model.config_yaml import load_config
 from psm_model.hrnet import build_model
+from tests.local_cluster import SHALLOW
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -38,6 +39,7 @@ STILL = [
     "data.half_body_prob=0",
     "model.width=16",
     "model.input_size=[96,64]",
+    SHALLOW,
 ]
 
 
@@ -218,7 +220,8 @@ def test_trains_and_validates_on_the_real_coco_layout(
     ray_local, coco_root, tmp_path, config, recipe
 ):
     """The shipped 256x192 / 384x288 configs on the official COCO layout (width cut to 8, the
-    epoch to 16 or 8 of the 80 train images, so it fits a 2-core machine): train, validate, log
+    stages to a module each, the epoch to 16 or 8 of the 80 train images, so it fits a 2-core
+    machine): train, validate, log
     the pose drawings. At 256x192 with the full recipe (flip test) on the whole val sample; at
     384x288, where each crop costs 2.25 times as much, without the flip test on 20 val images
     (their annotations in a file of their own, as `data.val_annotations` may name one)."""
@@ -234,6 +237,7 @@ def test_trains_and_validates_on_the_real_coco_layout(
         [
             f"data.root={coco_root}",
             "model.width=8",
+            SHALLOW,
             "train.epochs=1",
             "train.batch_size=8",
             "train.num_workers=1",
