@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from psm_model.compiling import CompileScope, compile_model
 from psm_model.config import Config, DataConfig, ModelConfig, TrainConfig
-from psm_model.hrnet import STAGE_MODULES, build_model
+from psm_model.hrnet import build_model
 from psm_model.loss import adam, train_step
 
 
@@ -50,7 +50,7 @@ def describe(cfg: ModelConfig) -> str:
     h, w = cfg.input_size
     widths = f"W{cfg.width}" if cfg.widths is None else "W" + "-".join(map(str, cfg.widths))
     modules = "-".join(map(str, cfg.stage_modules))
-    depth = "" if cfg.stage_modules == STAGE_MODULES else f" modules {modules}"
+    depth = "" if cfg.stage_modules == ModelConfig.stage_modules else f" modules {modules}"
     return f"{cfg.fusion} {widths}{depth} {h}x{w} stride {cfg.heatmap_stride}"
 
 

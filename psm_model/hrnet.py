@@ -16,7 +16,6 @@ from psm_model.config import ModelConfig
 
 BN_MOMENTUM = 0.1
 STEM_WIDTH = 64  # stem and stage-1 input channels, fixed in HRNet
-STAGE_MODULES = (1, 4, 3)  # exchange modules in stages 2, 3, 4 (ModelConfig.stage_modules)
 BLOCKS_PER_BRANCH = 4
 
 
@@ -165,7 +164,7 @@ class PoseHRNet(nn.Module):
         heatmap_stride: int = 4,
         num_joints: int = 17,
         final_conv_kernel: int = 1,
-        stage_modules: tuple[int, int, int] = STAGE_MODULES,
+        stage_modules: tuple[int, int, int] = ModelConfig.stage_modules,
     ):
         super().__init__()
         if fusion not in ("hrnet", "psm") or heatmap_stride not in (2, 4):

@@ -12,11 +12,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from benchmarks import gpu_run
 from benchmarks.train_start import LEAN_ENV
-from tests.local_cluster import QUIET_RAY_ENV
+from psm_model.config_yaml import load_config
+from tests.local_cluster import QUIET_RAY_ENV, SHALLOW
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "psm W8 128x96 stride 2"  # describe() of configs/tiny.yaml's model
@@ -62,12 +62,10 @@ def test_the_fastest_rung_of_the_model_whose_compilation_fits_the_training_part(
 
 
 def _gpu_run(out: Path, work: Path, **env: str) -> subprocess.CompletedProcess:
-    # configs/tiny.yaml's model at one exchange module per stage, as tests.local_cluster.SHALLOW
-    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    config["model"]["stage_modules"] = [1, 1, 1]
+    # configs/tiny.yaml with the e2e tests' shallow net: the script takes a config file
     shallow = out.parent / "tiny_shallow.yaml"
     shallow.parent.mkdir(parents=True, exist_ok=True)
-    shallow.write_text(yaml.safe_dump(config))
+    shallow.write_text(load_config(REPO / "configs" / "tiny.yaml", [SHALLOW]).to_yaml())
     tiny = {
         "BUNDLE": "",  # the venv's packages
         "PY": sys.executable,

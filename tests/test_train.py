@@ -221,10 +221,10 @@ def test_trains_and_validates_on_the_real_coco_layout(
 ):
     """The shipped 256x192 / 384x288 configs on the official COCO layout (width cut to 8, the
     stages to a module each, the epoch to 16 or 8 of the 80 train images, so it fits a 2-core
-    machine): train, validate, log
-    the pose drawings. At 256x192 with the full recipe (flip test) on the whole val sample; at
-    384x288, where each crop costs 2.25 times as much, without the flip test on 20 val images
-    (their annotations in a file of their own, as `data.val_annotations` may name one)."""
+    machine): train, validate, log the pose drawings. At 256x192 with the full recipe (flip
+    test) on the whole val sample; at 384x288, where each crop costs 2.25 times as much, without
+    the flip test on 20 val images (their annotations in a file of their own, as
+    `data.val_annotations` may name one)."""
     if config.startswith("psm"):
         val = json.loads((coco_root / "annotations/person_keypoints_val2017.json").read_text())
         val["images"] = sorted(val["images"], key=lambda i: i["id"])[:20]
