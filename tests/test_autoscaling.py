@@ -81,6 +81,14 @@ def _run(head: RayCluster, jobs: list[str], timeout: float) -> list[float]:
     return seen
 
 
+def _wait_for_log(head: RayCluster, job: str, line: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in head.logs(job):
+        ended = head.job(job)["status"] not in ("PENDING", "RUNNING")
+        assert not ended and time.monotonic() < deadline, f"no {line!r}\n" + head.diagnose(job)
+        time.sleep(1)
+
+
 def _runs(values: list[float]) -> str:
     """[0, 0, 2, 2, 2] -> "0 x2, 2 x3": a long sample in a short failure line."""
     runs: list[list] = []
@@ -111,25 +119,15 @@ def test_the_node_types_are_cluster_yamls():
 
 
 def test_a_training_job_and_a_sweep_bring_up_their_nodes_which_go_once_idle(cluster):
-    """Both submitted at once to a cluster of a head alone (one autoscaling run serves both):
-    the training job's worker needs a gpu_worker node, the sweep asks for its two concurrent
-    trials' nodes; both finish, then every node goes after the idle timeout."""
+    """Both submitted to a cluster of a head alone (one autoscaling run serves both): the sweep
+    asks for its two concurrent trials' nodes, the training job's worker needs a gpu_worker
+    node; both finish, then every node goes after the idle timeout. The training job goes in
+    once the sweep has asked: a sweep that finds a node big enough for a trial (the training
+    job's, had it come first) asks for none."""
     import mlflow
 
     head, work = cluster["head"], cluster["work"]
     assert head.worker_nodes() == []  # min_workers 0: the head alone
-    train = head.submit(
-        "python",
-        "-m",
-        "jobs.train",
-        CONFIG,
-        *_common(work),
-        "train.name=autoscaled",
-        "train.num_workers=1",
-        "train.cpus_per_worker=2",  # more than the head has: a gpu_worker node's
-        wait=False,
-        working_dir=False,
-    )
     space = work / "space.yaml"
     space.write_text(
         "searcher: grid\n"
@@ -145,7 +143,21 @@ def test_a_training_job_and_a_sweep_bring_up_their_nodes_which_go_once_idle(clus
     sweep = head.submit(
         *argv, *_common(work), "--wait-resources", "300", wait=False, working_dir=False
     )
-    train, sweep = head.job_id(train), head.job_id(sweep)
+    sweep = head.job_id(sweep)
+    _wait_for_log(head, sweep, "waiting up to 300 s for nodes", 300)
+    train = head.submit(
+        "python",
+        "-m",
+        "jobs.train",
+        CONFIG,
+        *_common(work),
+        "train.name=autoscaled",
+        "train.num_workers=1",
+        "train.cpus_per_worker=2",  # more than the head has: a gpu_worker node's
+        wait=False,
+        working_dir=False,
+    )
+    train = head.job_id(train)
     seen = _run(head, [train, sweep], 540)
     # nodes that were not there: the training worker's 2 CPUs fit no 1-CPU head. How many at
     # once depends on how the autoscaler packs the trials' bundles and on timing (under the
