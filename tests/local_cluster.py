@@ -40,6 +40,19 @@ QUIET_RAY_ENV = {
 SHALLOW = "model.stage_modules=[1,1,1]"
 
 
+def wait_until(predicate, timeout: float, what: str, cluster=None, job: str = "") -> None:
+    """Polls `predicate`; with a cluster and a job, fails at once when the job has ended, and a
+    failure shows what the job and its trials were doing."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        ended = bool(job) and cluster.job(job)["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
+        if ended or time.monotonic() > deadline:
+            why = "the job ended" if ended else f"timed out after {timeout:.0f} s"
+            state = cluster.diagnose(job) if job else ""
+            raise AssertionError(f"{why} waiting for {what}\n{state}")
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.local_cluster import REPO, SHALLOW, RayCluster
+from tests.local_cluster import REPO, SHALLOW, RayCluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +81,6 @@ def _run(head: RayCluster, jobs: list[str], timeout: float) -> list[float]:
     return seen
 
 
-def _wait_for_log(head: RayCluster, job: str, line: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while line not in head.logs(job):
-        ended = head.job(job)["status"] not in ("PENDING", "RUNNING")
-        assert not ended and time.monotonic() < deadline, f"no {line!r}\n" + head.diagnose(job)
-        time.sleep(1)
-
-
 def _runs(values: list[float]) -> str:
     """[0, 0, 2, 2, 2] -> "0 x2, 2 x3": a long sample in a short failure line."""
     runs: list[list] = []
@@ -144,7 +136,8 @@ def test_a_training_job_and_a_sweep_bring_up_their_nodes_which_go_once_idle(clus
         *argv, *_common(work), "--wait-resources", "300", wait=False, working_dir=False
     )
     sweep = head.job_id(sweep)
-    _wait_for_log(head, sweep, "waiting up to 300 s for nodes", 300)
+    asked = "waiting up to 300 s for nodes"
+    wait_until(lambda: asked in head.logs(sweep), 300, "the sweep's request for nodes", head, sweep)
     train = head.submit(
         "python",
         "-m",

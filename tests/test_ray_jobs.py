@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobs import provenance
-from tests.local_cluster import SHALLOW, MlflowServer, RayCluster, S3Server
+from tests.local_cluster import SHALLOW, MlflowServer, RayCluster, S3Server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -94,19 +94,6 @@ def _recorded_epoch(s3, prefix: str) -> int:
     return max(epochs)
 
 
-def _wait_until(predicate, timeout: float, what: str, cluster=None, job: str = "") -> None:
-    """Polls `predicate`; with a cluster and a job, fails at once when the job has ended, and a
-    failure shows what the job and its trials were doing."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        ended = bool(job) and cluster.job(job)["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
-        if ended or time.monotonic() > deadline:
-            why = "the job ended" if ended else f"timed out after {timeout:.0f} s"
-            state = cluster.diagnose(job) if job else ""
-            raise AssertionError(f"{why} waiting for {what}\n{state}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def trained(services):
     """`python -m jobs.train` as a Ray job, 4 epochs of the demo model on 2 gloo workers with
@@ -147,11 +134,11 @@ def trained(services):
     # one budget for both waits: on a loaded machine the job's start and epoch 0 alone took
     # 4.5 min (beside a CPU hog and the demo), while the later epochs are short
     deadline = time.monotonic() + 480
-    _wait_until(
+    wait_until(
         epoch_0_logged, deadline - time.monotonic(), "epoch 0's metrics in MLflow", cluster, first
     )
     with server.outage():  # back on the same port and store, also when a wait fails
-        _wait_until(
+        wait_until(
             epoch_1_held_and_recorded,
             deadline - time.monotonic(),
             "epoch 1's held metrics and checkpoint",
@@ -392,7 +379,7 @@ def test_a_killed_sweep_job_resumes_without_rerunning_its_finished_trial(service
         statuses = _tune_statuses(work / "sweeps" / "e2e-sweep")
         return "TERMINATED" in statuses and "RUNNING" in statuses
 
-    _wait_until(one_finished_one_running, 420, "a finished and a running trial", cluster, first)
+    wait_until(one_finished_one_running, 420, "a finished and a running trial", cluster, first)
     driver = cluster.job(first)["driver_info"]
     os.kill(int(driver["pid"]), signal.SIGKILL)
     assert cluster.wait(first) == "FAILED"
